@@ -1,0 +1,234 @@
+"""The `hybridmim` command: one entry point, one sub-command per workflow step.
+
+Every Snakemake rule and DVC stage calls a sub-command here. Training and evaluation commands take
+a job spec (JSON, built by hybridmim.config from the validated config); data commands take the
+config file (as DVC does) or the dataset's config block as JSON (as Snakemake does). Heavy
+libraries are imported inside the commands so that `hybridmim --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("hybridmim")
+
+
+def _read_spec(args: argparse.Namespace) -> dict[str, Any]:
+    if args.spec_file:
+        path = Path(args.spec_file)
+        if not path.exists():
+            raise SystemExit(f"error: spec file {path} does not exist")
+        return json.loads(path.read_text())
+    if args.spec:
+        try:
+            return json.loads(args.spec)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: --spec is not valid JSON ({exc})") from exc
+    raise SystemExit("error: give the job spec with --spec JSON or --spec-file PATH "
+                     "(`hybridmim spec ...` prints one from a config)")
+
+
+def _add_spec_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--spec", help="job spec as a JSON string (what Snakemake passes)")
+    group.add_argument("--spec-file", help="job spec as a JSON file")
+
+
+def _dataset_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """A config dict holding at least this dataset's block, and the dataset name."""
+    if args.dataset_json:
+        return {"datasets": {args.dataset: json.loads(args.dataset_json)}}, args.dataset
+    if not args.config:
+        raise SystemExit("error: give --config FILE (or --dataset-json) with --dataset")
+    from hybridmim.config import load_config
+
+    config = load_config(args.config)
+    if args.dataset not in config["datasets"]:
+        raise SystemExit(f"error: dataset {args.dataset!r} is not under datasets: in "
+                         f"{args.config} (known: {sorted(config['datasets'])})")
+    return config, args.dataset
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
+def cmd_data_acquire(args: argparse.Namespace) -> None:
+    from hybridmim.data.pipeline import acquire_dataset
+
+    config, name = _dataset_config(args)
+    print(acquire_dataset(config, name, data_root=args.data_root))
+
+
+def cmd_data_preprocess(args: argparse.Namespace) -> None:
+    from hybridmim.data.pipeline import preprocess_and_split
+
+    config, name = _dataset_config(args)
+    print(preprocess_and_split(config, name, data_root=args.data_root))
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from hybridmim.data.pipeline import acquire_dataset, preprocess_and_split
+
+    config, name = _dataset_config(args)
+    acquire_dataset(config, name, data_root=args.data_root)
+    print(preprocess_and_split(config, name, data_root=args.data_root))
+
+
+def cmd_data_version(args: argparse.Namespace) -> None:
+    from hybridmim.data.versioning import version_dataset
+
+    result = version_dataset(args.dataset, args.out, args.project_root)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_tracking_init(args: argparse.Namespace) -> None:
+    from hybridmim.tracking.store import init_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.uri)
+    init_store(uri, args.artifact_root)
+    if args.marker:
+        from hybridmim.atomic import write_json
+
+        write_json(args.marker, {"tracking_uri": uri, "artifact_root": args.artifact_root})
+    print(uri)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from hybridmim.pretrain.train import run_pretraining
+
+    print(json.dumps(run_pretraining(_read_spec(args)), indent=2, default=str))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from hybridmim.finetune.train import run_finetuning
+
+    print(json.dumps(run_finetuning(_read_spec(args)), indent=2, default=str))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from hybridmim.evaluate.run import run_evaluation
+
+    print(json.dumps(run_evaluation(_read_spec(args)), indent=2, default=str))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from hybridmim.report import build_report
+    from hybridmim.tracking.store import resolve_tracking_uri
+
+    written = build_report(resolve_tracking_uri(args.tracking_uri), args.metrics,
+                           args.pretrain_metrics or [], args.out)
+    for path in (written.values() if isinstance(written, dict) else written):
+        print(path)
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from hybridmim.report.audit import main as audit_main
+
+    sys.exit(audit_main(results_dir=args.results, tracking_uri=args.tracking_uri,
+                        project_root=args.project_root))
+
+
+def cmd_spec(args: argparse.Namespace) -> None:
+    from hybridmim import config as cfg
+
+    config = cfg.load_config(args.config)
+    builders: dict[str, Callable[..., dict]] = {
+        "pretrain": lambda: cfg.pretrain_spec(config, args.backbone, args.method, args.corpus),
+        "finetune": lambda: cfg.finetune_spec(config, args.dataset, args.backbone, args.init,
+                                              args.fraction, args.seed),
+        "evaluate": lambda: cfg.evaluate_spec(config, args.dataset, args.backbone, args.init,
+                                              args.fraction, args.seed),
+    }
+    print(json.dumps(builders[args.stage](), indent=2, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybridmim",
+        description="HybridMIM reproduction: data, pretraining, fine-tuning, evaluation, report "
+                    "and audit. The Snakemake workflow (workflow/Snakefile) calls these.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="acquire, preprocess and split datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="STEP")
+    for name, func, text in [
+        ("acquire", cmd_data_acquire, "download/locate/generate, convert and check → data/raw/<ds>"),
+        ("preprocess", cmd_data_preprocess, "preprocess and split → data/processed/<ds>"),
+        ("prepare", cmd_data_prepare, "acquire + preprocess"),
+    ]:
+        p = data_sub.add_parser(name, help=text, description=text)
+        p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
+        p.add_argument("--config", help="experiment config YAML (e.g. config/config.yaml)")
+        p.add_argument("--dataset-json", help="the dataset's config block as JSON")
+        p.add_argument("--data-root", default="data", help="root of raw/ and processed/")
+        p.set_defaults(func=func)
+
+    p = data_sub.add_parser("version", help="record the dataset's hashes in dvc.lock (dvc commit)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True, help="JSON file that receives the recorded hashes")
+    p.add_argument("--project-root", default=".")
+    p.set_defaults(func=cmd_data_version)
+
+    track = sub.add_parser("tracking", help="MLflow store management")
+    track_sub = track.add_subparsers(dest="tracking_command", required=True, metavar="STEP")
+    p = track_sub.add_parser("init", help="create the MLflow store and experiments once")
+    p.add_argument("--uri", default=None, help="tracking URI (default: env or sqlite results DB)")
+    p.add_argument("--artifact-root", default="results/mlflow/artifacts")
+    p.add_argument("--marker", help="write a JSON marker file when done (for Snakemake)")
+    p.set_defaults(func=cmd_tracking_init)
+
+    for name, func, text in [
+        ("pretrain", cmd_pretrain, "HybridMIM / SimMIM pretraining of one backbone on a corpus"),
+        ("finetune", cmd_finetune, "segmentation fine-tuning from scratch or a pretrained model"),
+        ("evaluate", cmd_evaluate, "test-split evaluation (Dice, HD95) with sliding windows"),
+    ]:
+        p = sub.add_parser(name, help=text, description=text)
+        _add_spec_args(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("report", help="tables and figures from MLflow")
+    p.add_argument("--metrics", nargs="+", required=True, help="evaluate metrics.json files")
+    p.add_argument("--pretrain-metrics", nargs="*", help="pretrain metrics.json files")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", default="results")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("audit", help="re-verify every reported number's provenance")
+    p.add_argument("--results", default="results")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--project-root", default=".")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("spec", help="print the job spec a config gives for one job")
+    p.add_argument("stage", choices=["pretrain", "finetune", "evaluate"])
+    p.add_argument("--config", default="config/config.yaml")
+    for opt in ("backbone", "method", "corpus", "dataset", "init"):
+        p.add_argument(f"--{opt}")
+    p.add_argument("--fraction", default="1")
+    p.add_argument("--seed", default="0")
+    p.set_defaults(func=cmd_spec)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hybridmim.progress import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        # Bad input: one clear line naming the file/key, no traceback unless --verbose.
+        if args.verbose:
+            raise
+        log.error("%s: %s", type(exc).__name__, exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Source → canonical layout (``imagesTr/ labelsTr/ imagesTs/ dataset.json``, see layout.py).
+
+One converter per source: ``convert_msd`` (a Decathlon task folder), ``convert_folder`` (a user's
+folder that already has the layout) here; ``convert_btcv`` and ``convert_brats`` in their own
+modules. ``CONVERTERS`` maps the registry's converter names to them.
+
+Every converter builds the dataset in a temporary sibling of ``out_dir`` and renames it into
+place only after the optional ``verify`` callback (acquire passes the integrity check) accepted the
+temporary folder — a failed or interrupted conversion never leaves a dataset under its final name.
+Unchanged NIfTI files are hard-linked from the extracted source instead of copied (MSD Liver is
+~28 GB), with a copy as fallback across file systems.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+from hybridmim.data.layout import LayoutError, atomic_directory, read_index, write_json
+
+log = logging.getLogger("hybridmim.data.convert")
+
+Verify = Callable[[Path], None]
+
+
+class ConversionError(ValueError):
+    """The source does not look like the dataset it should be; the message names what is wrong."""
+
+
+def is_junk(path: Path | str) -> bool:
+    """macOS resource forks (``._name``), ``.DS_Store``, ``__MACOSX/`` and other hidden files."""
+    parts = Path(path).parts
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copy2(src, dst)
+
+
+def find_dirs(root: Path, accept: Callable[[Path], bool], max_depth: int = 5) -> list[Path]:
+    """Folders under ``root`` (``root`` included) accepted by ``accept``, shallowest first; hidden
+    and ``__MACOSX`` folders are skipped."""
+    found, level = [], [Path(root)]
+    for _ in range(max_depth + 1):
+        next_level = []
+        for folder in level:
+            if accept(folder):
+                found.append(folder)
+                continue
+            try:
+                children = sorted(p for p in folder.iterdir() if p.is_dir() and not is_junk(p.name))
+            except OSError:
+                continue
+            next_level.extend(children)
+        level = next_level
+    return found
+
+
+def publish(out_dir: Path, build: Callable[[Path], None], verify: Verify | None) -> Path:
+    """Run ``build(temp)``, then ``verify(temp)``; only then rename ``temp`` onto ``out_dir``."""
+    with atomic_directory(Path(out_dir)) as temp:
+        build(temp)
+        if verify is not None:
+            verify(temp)
+    return Path(out_dir)
+
+
+def _relative_entry(path: str) -> str:
+    return "./" + path.replace("\\", "/").removeprefix("./")
+
+
+# ---------------------------------------------------------------------------------------------
+# Medical Segmentation Decathlon
+def find_msd_root(extracted: Path, archive_root: str | None = None) -> Path:
+    """The task folder (``TaskXX_Name/``, holding dataset.json and imagesTr/) inside ``extracted``."""
+    def is_task(folder: Path) -> bool:
+        return (folder / "dataset.json").is_file() and (folder / "imagesTr").is_dir()
+
+    candidates = find_dirs(Path(extracted), is_task)
+    if archive_root:
+        named = [c for c in candidates if c.name == archive_root]
+        candidates = named or candidates
+    if len(candidates) != 1:
+        raise ConversionError(
+            f"{extracted}: expected exactly one Decathlon task folder "
+            f"({archive_root or 'TaskXX_Name'}/ with dataset.json and imagesTr/), found "
+            f"{[str(c) for c in candidates] or 'none'}. Is this the right archive?")
+    return candidates[0]
+
+
+def convert_msd(source: Path, out_dir: Path, archive_root: str | None = None,
+                verify: Verify | None = None) -> Path:
+    """An extracted Decathlon task → canonical layout. The task is already in this layout, so this
+    keeps exactly the files its dataset.json lists (which drops the macOS ``._*`` resource forks
+    some copies of the tars carry) and fails, naming them, if listed files are missing."""
+    root = find_msd_root(Path(source), archive_root)
+    index_path = root / "dataset.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConversionError(f"{index_path}: unreadable ({err}); the archive is corrupt — delete "
+                              "it and download again.") from None
+    training = index.get("training")
+    if not isinstance(training, list) or not training:
+        raise ConversionError(f"{index_path}: has no 'training' list; not a Decathlon task.")
+    test = [t if isinstance(t, str) else t["image"] for t in index.get("test", [])]
+    listed = [e["image"] for e in training] + [e["label"] for e in training] + test
+    missing = [p for p in listed if not (root / p).is_file()]
+    if missing:
+        raise ConversionError(
+            f"{root}: {len(missing)} file(s) listed in dataset.json are missing from the archive, "
+            f"e.g. {missing[:5]}. The download is incomplete or corrupt: delete it and run again.")
+    unlisted = [p.relative_to(root).as_posix() for sub in ("imagesTr", "labelsTr", "imagesTs")
+                if (root / sub).is_dir() for p in sorted((root / sub).iterdir())
+                if not is_junk(p.name) and _relative_entry(p.relative_to(root).as_posix())
+                not in {_relative_entry(x) for x in listed}]
+    if unlisted:
+        log.warning("%s: %d file(s) not listed in dataset.json are left out, e.g. %s", root,
+                    len(unlisted), unlisted[:3])
+
+    def build(temp: Path) -> None:
+        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+            (temp / sub).mkdir()
+        for rel in listed:
+            link_or_copy(root / rel, temp / rel.removeprefix("./"))
+        out = dict(index)
+        out["training"] = [{"image": _relative_entry(e["image"]),
+                            "label": _relative_entry(e["label"])} for e in training]
+        out["test"] = [_relative_entry(t) for t in test]
+        out["numTraining"], out["numTest"] = len(out["training"]), len(out["test"])
+        write_json(temp / "dataset.json", out)
+
+    log.info("Converting Decathlon task %s (%d labelled, %d test cases) into %s", root.name,
+             len(training), len(test), out_dir)
+    return publish(out_dir, build, verify)
+
+
+# ---------------------------------------------------------------------------------------------
+# A user's own folder, already canonical
+def listed_files(folder: Path, index: dict) -> list[str]:
+    """Every file path dataset.json refers to (images may be lists of channel files)."""
+    paths: list[str] = []
+    for entry in index.get("training", []):
+        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        paths += images + [entry["label"]]
+    for entry in index.get("test", []):
+        image = entry["image"] if isinstance(entry, dict) else entry
+        paths += image if isinstance(image, list) else [image]
+    return paths
+
+
+def convert_folder(folder: Path, out_dir: Path, verify: Verify | None = None) -> Path:
+    """A folder that already has the canonical layout → ``out_dir`` (hard links). When ``folder``
+    is ``out_dir`` itself it is only checked."""
+    folder, out_dir = Path(folder), Path(out_dir)
+    try:
+        index = read_index(folder)
+    except LayoutError as err:
+        raise ConversionError(f"{err}. A dataset of your own must be a folder with imagesTr/, "
+                              "labelsTr/ (and optionally imagesTs/) and dataset.json in the "
+                              "Medical Segmentation Decathlon layout.") from None
+    files = listed_files(folder, index)
+    absolute = [p for p in files if Path(p).is_absolute() or ".." in Path(p).parts]
+    if absolute:
+        raise ConversionError(f"{folder / 'dataset.json'}: paths must be relative to the folder "
+                              f"and stay inside it; offending entries: {absolute[:5]}")
+    missing = [p for p in files if not (folder / p).is_file()]
+    if missing:
+        raise ConversionError(f"{folder / 'dataset.json'}: {len(missing)} listed file(s) are "
+                              f"missing, e.g. {missing[:5]}; fix the folder or dataset.json.")
+    if folder.resolve() == out_dir.resolve():
+        if verify is not None:
+            verify(folder)
+        return out_dir
+
+    def build(temp: Path) -> None:
+        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+            (temp / sub).mkdir()
+        for rel in files:
+            link_or_copy(folder / rel, temp / rel.removeprefix("./"))
+        write_json(temp / "dataset.json", index)
+
+    return publish(out_dir, build, verify)
+
+
+def _converters() -> dict[str, Callable[..., Path]]:
+    from hybridmim.data.convert_brats import convert_brats
+    from hybridmim.data.convert_btcv import convert_btcv
+
+    return {"msd": convert_msd, "btcv": convert_btcv, "brats2020": convert_brats,
+            "folder": convert_folder}
+
+
+def get_converter(name: str) -> Callable[..., Path]:
+    converters = _converters()
+    if name not in converters:
+        raise ConversionError(f"unknown converter {name!r}; known: {sorted(converters)}")
+    return converters[name]
+
+
+def nifti_files(folder: Path) -> Iterable[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not is_junk(p.name) and p.name.endswith((".nii", ".nii.gz")))

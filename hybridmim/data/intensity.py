@@ -1,0 +1,92 @@
+"""Intensity windows applied by the stage that reads the preprocessed cache.
+
+The cache keeps CT in Hounsfield units and MRI as per-channel z-scores (docs/contracts.md), because
+pretraining and fine-tuning want different windows of the same voxels (method.md): fine-tuning maps
+CT -175..250 HU to [0, 1]; pretraining maps -1000..1000 HU to [0.001, 1] so that a real voxel is
+never exactly 0 and 0 can only mean "masked" or "padding".
+
+A window is a plain JSON dict so it can travel inside a job spec:
+- ``{"kind": "ct", "a_min", "a_max", "b_min", "b_max", "clip": true}`` — linear map a → b.
+- ``{"kind": "mri_pretrain", "z_min", "z_max", "b_min", "b_max"}`` — z-scores clipped to
+  [z_min, z_max] and mapped linearly to [b_min, b_max]; voxels that are exactly 0 (the background
+  that non-zero z-scoring leaves untouched) go to b_min, so the brain's surroundings look like the
+  CT air in the pretraining input instead of mid-grey.
+- ``{"kind": "identity"}`` — values as stored (MRI fine-tuning uses its z-scores directly).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+WINDOW_KEYS: dict[str, tuple[str, ...]] = {
+    "ct": ("a_min", "a_max", "b_min", "b_max", "clip"),
+    "mri_pretrain": ("z_min", "z_max", "b_min", "b_max"),
+    "identity": (),
+}
+
+CT_FINETUNE_WINDOW = {"kind": "ct", "a_min": -175.0, "a_max": 250.0, "b_min": 0.0, "b_max": 1.0,
+                      "clip": True}
+CT_PRETRAIN_WINDOW = {"kind": "ct", "a_min": -1000.0, "a_max": 1000.0, "b_min": 0.001,
+                      "b_max": 1.0, "clip": True}
+MRI_FINETUNE_WINDOW = {"kind": "identity"}
+MRI_PRETRAIN_WINDOW = {"kind": "mri_pretrain", "z_min": -3.0, "z_max": 3.0, "b_min": 0.001,
+                       "b_max": 1.0}
+
+
+def validate_window(window: Any, where: str = "window") -> dict:
+    """Return a checked copy of ``window``; raise ValueError naming ``where`` and the bad key."""
+    if not isinstance(window, dict) or "kind" not in window:
+        raise ValueError(f"{where}: expected a dict with a 'kind' key "
+                         f"({', '.join(WINDOW_KEYS)}), got {window!r}")
+    kind = window["kind"]
+    if kind not in WINDOW_KEYS:
+        raise ValueError(f"{where}: unknown window kind {kind!r}; use one of {sorted(WINDOW_KEYS)}")
+    expected = set(WINDOW_KEYS[kind]) | {"kind"}
+    missing = expected - set(window)
+    unknown = set(window) - expected
+    if missing or unknown:
+        raise ValueError(f"{where}: window of kind {kind!r} needs exactly the keys "
+                         f"{sorted(expected)}; missing {sorted(missing)}, unknown {sorted(unknown)}")
+    checked = dict(window)
+    for key in WINDOW_KEYS[kind]:
+        if key == "clip":
+            checked[key] = bool(window[key])
+        else:
+            checked[key] = float(window[key])
+    low, high = {"ct": ("a_min", "a_max"), "mri_pretrain": ("z_min", "z_max")}.get(kind, (None, None))
+    if low and checked[low] >= checked[high]:
+        raise ValueError(f"{where}: {low} ({checked[low]}) must be below {high} ({checked[high]})")
+    return checked
+
+
+def _linear(image, src_min: float, src_max: float, dst_min: float, dst_max: float, clip: bool):
+    scaled = (image - src_min) / (src_max - src_min) * (dst_max - dst_min) + dst_min
+    if clip:
+        if isinstance(scaled, torch.Tensor):
+            return scaled.clamp(dst_min, dst_max)
+        return np.clip(scaled, dst_min, dst_max)
+    return scaled
+
+
+def apply_window(image, window: dict):
+    """Map stored intensities to network input. Works on numpy arrays and torch tensors, returns
+    float32 of the same kind; the input is never modified in place."""
+    kind = window["kind"]
+    if isinstance(image, torch.Tensor):
+        image = image.to(torch.float32)
+    else:
+        image = np.asarray(image, dtype=np.float32)
+    if kind == "identity":
+        return image.clone() if isinstance(image, torch.Tensor) else image.copy()
+    if kind == "ct":
+        return _linear(image, window["a_min"], window["a_max"], window["b_min"], window["b_max"],
+                       window["clip"])
+    if kind == "mri_pretrain":
+        mapped = _linear(image, window["z_min"], window["z_max"], window["b_min"], window["b_max"],
+                         True)
+        mapped[image == 0] = window["b_min"]
+        return mapped
+    raise ValueError(f"unknown window kind {kind!r}; use one of {sorted(WINDOW_KEYS)}")

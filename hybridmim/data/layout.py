@@ -1,0 +1,155 @@
+"""The canonical dataset layout on disk (the Medical Segmentation Decathlon's):
+
+    <raw_dir>/imagesTr/  labelsTr/  imagesTs/  dataset.json
+
+``dataset.json`` holds name, description, reference, licence, tensorImageSize, modality
+({"0": channel name, ...}), labels ({"0": "background", ...}), numTraining, numTest, training
+([{"image": ..., "label": ...}]) and test ([image, ...]). A multi-channel image is either one 4D
+NIfTI (channels last, as MSD stores BraTS) or a list of 3D files, one per channel, in channel
+order. An entry may carry an explicit ``"case"`` id; otherwise the id is the image file name
+without ``.nii.gz`` (for a list of channel files: the label's file name).
+
+Every producer of this layout (demo generator, converters, extraction) publishes it through
+``atomic_directory`` so that a half-written dataset never exists under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+
+REQUIRED_INDEX_FIELDS = ("name", "description", "reference", "licence", "tensorImageSize",
+                         "modality", "labels", "numTraining", "numTest", "training", "test")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class LayoutError(ValueError):
+    """The raw folder does not follow the canonical layout; the message names the file."""
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    case: str
+    images: tuple[Path, ...]  # one 4D file, or one 3D file per channel
+    label: Path | None
+
+
+def strip_nifti_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_index(raw_dir: Path) -> dict:
+    path = Path(raw_dir) / "dataset.json"
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LayoutError(f"{path}: missing; a raw dataset folder needs dataset.json next to "
+                          f"imagesTr/ and labelsTr/ (MSD layout)") from None
+    except json.JSONDecodeError as error:
+        raise LayoutError(f"{path}: not valid JSON ({error}); re-create it with the converter "
+                          f"or the demo generator") from None
+    missing = [key for key in ("labels", "modality", "training") if key not in index]
+    if missing:
+        raise LayoutError(f"{path}: lacks {missing}; see hybridmim/data/layout.py for the fields")
+    return index
+
+
+def list_cases(raw_dir: Path, index: dict, include_unlabelled: bool) -> list[CaseFiles]:
+    """Labelled training cases (and, when asked, the unlabelled imagesTs ones), paths resolved
+    and checked to exist."""
+    raw_dir = Path(raw_dir)
+    entries = [(entry, True) for entry in index["training"]]
+    if include_unlabelled:
+        entries += [({"image": e} if isinstance(e, (str, list)) else e, False)
+                    for e in index.get("test", [])]
+    cases, seen = [], set()
+    for entry, labelled in entries:
+        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        image_paths = tuple(_resolve(raw_dir, p) for p in images)
+        label_path = _resolve(raw_dir, entry["label"]) if labelled else None
+        case = entry.get("case") or _derive_case_id(image_paths, label_path)
+        if case in seen:
+            raise LayoutError(f"{raw_dir / 'dataset.json'}: case id {case!r} occurs twice; give "
+                              f"each entry a distinct file name or an explicit 'case' key")
+        seen.add(case)
+        cases.append(CaseFiles(case=case, images=image_paths, label=label_path))
+    return cases
+
+
+def _resolve(raw_dir: Path, relative: str) -> Path:
+    path = (raw_dir / relative).resolve() if not Path(relative).is_absolute() else Path(relative)
+    if not path.is_file():
+        raise LayoutError(f"{path}: listed in {raw_dir / 'dataset.json'} but missing; re-run the "
+                          f"download/convert step for this dataset")
+    return path
+
+
+def _derive_case_id(images: tuple[Path, ...], label: Path | None) -> str:
+    if len(images) == 1:
+        return strip_nifti_suffix(images[0].name)
+    if label is not None:
+        return strip_nifti_suffix(label.name)
+    prefix = os.path.commonprefix([strip_nifti_suffix(p.name) for p in images])
+    return prefix.rstrip("_-.") or strip_nifti_suffix(images[0].name)
+
+
+def make_index(*, name: str, description: str, reference: str, licence: str,
+               channels: tuple[str, ...], labels: dict[int, str], training: list[dict],
+               test: list[str]) -> dict:
+    """A dataset.json dict with every MSD field (MONAI's DecathlonDataset refuses fewer)."""
+    return {"name": name, "description": description, "reference": reference, "licence": licence,
+            "tensorImageSize": "4D" if len(channels) > 1 else "3D",
+            "modality": {str(i): channel for i, channel in enumerate(channels)},
+            "labels": {str(value): label for value, label in sorted(labels.items())},
+            "numTraining": len(training), "numTest": len(test), "training": training,
+            "test": test}
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write a .nii.gz whose bytes depend only on the data: gzip's header timestamp is pinned to 0
+    (nibabel would stamp the current time), so identical inputs give identical files and hashes."""
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    with open(path, "wb") as handle:
+        handle.write(gzip.compress(image.to_bytes(), compresslevel=4, mtime=0))
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir: Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``final_dir``; when the block succeeds it replaces
+    ``final_dir`` (any previous content is removed only after the new one is in place), when it
+    fails the temporary folder is deleted and ``final_dir`` is left as it was."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    temp_dir = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
+    old_dir = final_dir.parent / f".{final_dir.name}.old-{os.getpid()}"
+    for leftover in (temp_dir, old_dir):
+        shutil.rmtree(leftover, ignore_errors=True)
+    temp_dir.mkdir()
+    try:
+        yield temp_dir
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    if final_dir.exists():
+        os.replace(final_dir, old_dir)
+    os.replace(temp_dir, final_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""Segmentation metrics: Dice and HD95 (millimetres) per class, per case, and their aggregates.
+
+Both metrics come from MONAI (``DiceMetric``, ``compute_hausdorff_distance`` with percentile 95 and
+the voxel spacing). Empty-class conventions follow MONAI's defaults, which are what the MONAI
+research-contributions BTCV validation (the source of the public reference Dice numbers we compare
+against) uses — ``DiceMetric(ignore_empty=True)`` with ``get_not_nans`` aggregation:
+
+==========================  ===========  ===========  ===========================================
+ground truth / prediction   Dice         HD95         in the class mean?
+==========================  ===========  ===========  ===========================================
+both non-empty              computed     computed     yes
+GT non-empty, pred empty    0            NaN          Dice yes; HD95 no (counted, ``hd95_undefined``)
+GT empty (pred any)         NaN          NaN          no (counted, ``gt_empty``)
+==========================  ===========  ===========  ===========================================
+
+(The BTCV *test script* of that repository scores an absent organ as Dice 0 instead; we follow
+the DiceMetric convention because the published numbers come from it.) A missed structure still
+costs Dice; its HD95 is undefined — there is no surface to measure from — so it is recorded as NaN
+rather than invented, and the number of such cases is reported next to the mean.
+
+Aggregation: the value of a class is the mean over the cases where it is defined; the ``mean``
+is the mean over classes of those class values (the "mean" column of a per-class table).
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, compute_hausdorff_distance
+
+
+def class_names(labels: dict[str, str], regions: dict[str, Sequence[int]] | None) -> list[str]:
+    """The evaluated structures: region names for BraTS-style regions, else the foreground labels
+    in order of their label value (channel ``i + 1`` of a label-map network is ``names[i]``)."""
+    if regions:
+        return list(regions)
+    return [labels[key] for key in sorted(labels, key=int) if int(key) != 0]
+
+
+def label_values(labels: dict[str, str]) -> list[int]:
+    """Label values in channel order (0 = background first). ``labels`` maps value → name."""
+    try:
+        values = sorted(int(key) for key in labels)
+    except ValueError as exc:
+        raise ValueError(f"dataset.labels keys must be integer label values, got {list(labels)}: "
+                         f"fix the dataset's label map") from exc
+    if not values or values[0] != 0:
+        raise ValueError(f"dataset.labels must contain 0 (background), got {list(labels)}")
+    return values
+
+
+def label_lookup(labels: dict[str, str]) -> torch.Tensor:
+    """Table mapping a stored label value to its channel index (identity for 0..K-1 label maps;
+    needed when a label map skips values). Unknown values map to -1 so they can be detected."""
+    values = label_values(labels)
+    table = torch.full((max(values) + 1,), -1, dtype=torch.long)
+    table[torch.tensor(values)] = torch.arange(len(values))
+    return table
+
+
+def labels_to_channels(label: torch.Tensor, labels: dict[str, str]) -> torch.Tensor:
+    """Stored label values → channel indices, failing clearly on values outside the label map."""
+    table = label_lookup(labels)
+    label = label.long()
+    if label.numel() and (label.min() < 0 or label.max() >= len(table)
+                          or (table[label.clamp(0, len(table) - 1)] < 0).any()):
+        found = sorted(int(v) for v in torch.unique(label))
+        raise ValueError(f"label values {found} are not all in dataset.labels "
+                         f"{label_values(labels)}; fix the label map in the config or the label "
+                         "files")
+    return table[label]
+
+
+def one_hot(index_map: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(X, Y, Z) channel indices → (num_classes, X, Y, Z) bool."""
+    classes = torch.arange(num_classes, device=index_map.device).view(-1, *([1] * index_map.ndim))
+    return index_map.unsqueeze(0) == classes
+
+
+def foreground_masks(prediction: torch.Tensor, truth: torch.Tensor, regions: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the background channel of label-map one-hots; region masks have none."""
+    if regions:
+        return prediction.bool(), truth.bool()
+    return prediction[1:].bool(), truth[1:].bool()
+
+
+def case_metrics(prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float],
+                 names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Dice and HD95 (mm) of one case.
+
+    ``prediction`` and ``truth`` are binary (K, X, Y, Z) masks, one channel per evaluated
+    structure (no background); ``spacing`` is the voxel size in mm along X, Y, Z.
+    Returns ``{name: {"dice", "hd95", "gt_empty", "pred_empty"}}`` with NaN where undefined.
+    """
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and ground truth "
+                         f"{tuple(truth.shape)} differ in shape")
+    if prediction.shape[0] != len(names):
+        raise ValueError(f"{prediction.shape[0]} channels but {len(names)} class names {list(names)}")
+    if len(spacing) != prediction.ndim - 1:
+        raise ValueError(f"spacing {list(spacing)} must have one value per spatial axis")
+    y_pred = prediction.unsqueeze(0).float()
+    y = truth.unsqueeze(0).float()
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(y_pred, y)[0]
+    with warnings.catch_warnings():
+        # MONAI warns for every empty mask; the table above says what we do with them.
+        warnings.simplefilter("ignore")
+        hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95,
+                                          spacing=[float(s) for s in spacing])[0]
+    out: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(names):
+        gt_empty = not bool(truth[index].any())
+        pred_empty = not bool(prediction[index].any())
+        hd = float(hd95[index])
+        if gt_empty or pred_empty or not math.isfinite(hd):
+            hd = float("nan")
+        out[name] = {"dice": float(dice[index]), "hd95": hd,
+                     "gt_empty": gt_empty, "pred_empty": pred_empty}
+    return out
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def aggregate(per_case: list[dict[str, dict[str, Any]]], names: Sequence[str]) -> dict[str, Any]:
+    """Class means over the cases where a value is defined, the mean over classes, and how many
+    cases each class excluded and why (see the module docstring)."""
+    if not per_case:
+        raise ValueError("no cases to aggregate: the evaluated split is empty")
+    dice = {n: _nanmean([case[n]["dice"] for case in per_case]) for n in names}
+    hd95 = {n: _nanmean([case[n]["hd95"] for case in per_case]) for n in names}
+    excluded = {n: {"gt_empty": sum(case[n]["gt_empty"] for case in per_case),
+                    "hd95_undefined": sum(math.isnan(case[n]["hd95"]) for case in per_case)}
+                for n in names}
+    return {"dice": dice, "hd95": hd95,
+            "dice_mean": _nanmean(list(dice.values())), "hd95_mean": _nanmean(list(hd95.values())),
+            "cases": len(per_case), "excluded": excluded}
+
+
+def metric_key(name: str) -> str:
+    """A class name as an MLflow-safe, table-friendly metric suffix ("Right kidney" → right_kidney)."""
+    key = re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+    return key or "class"
+
+
+def json_number(value: float) -> float | None:
+    """NaN is not JSON: undefined values are written as null."""
+    return None if value is None or math.isnan(value) else float(value)

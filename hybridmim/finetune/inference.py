@@ -1,0 +1,48 @@
+"""Whole-volume prediction with MONAI's sliding-window inference (crop-sized windows, Gaussian
+blending), shared by validation during fine-tuning and by the test-set evaluation."""
+from __future__ import annotations
+
+import torch
+from monai.inferers import sliding_window_inference
+
+from hybridmim.runtime import autocast
+
+
+@torch.no_grad()
+def predict_volume(network: torch.nn.Module, image: torch.Tensor, crop: int,
+                   overlap: float = 0.5, mode: str = "gaussian", sw_batch_size: int = 2,
+                   device: torch.device | str = "cpu", precision: str = "fp32",
+                   regions: bool = False) -> torch.Tensor:
+    """Class probabilities (K, X, Y, Z) on the CPU for one image (C, X, Y, Z).
+
+    Windows are ``crop``³ (the training crop); volumes smaller than a window are padded by MONAI
+    and the output is cropped back, so the output always has the image's spatial shape. Logits are
+    blended first and turned into probabilities afterwards (softmax for label maps, sigmoid for
+    overlapping regions), as MONAI's reference pipelines do. The caller sets ``network.eval()``.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"predict_volume expects an image of shape (C, X, Y, Z), got "
+                         f"{tuple(image.shape)}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"sliding-window overlap must be in [0, 1), got {overlap}")
+    device = torch.device(device)
+    inputs = image.unsqueeze(0).to(device=device, dtype=torch.float32)
+    with autocast(device, precision):
+        logits = sliding_window_inference(inputs, roi_size=(crop,) * 3,
+                                          sw_batch_size=sw_batch_size, predictor=network,
+                                          overlap=overlap, mode=mode, sw_device=device,
+                                          device=device)
+    # Blending under autocast may leave half precision; probabilities are computed in fp32.
+    logits = torch.as_tensor(logits).float()[0]
+    probs = torch.sigmoid(logits) if regions else torch.softmax(logits, dim=0)
+    return probs.cpu()
+
+
+def probabilities_to_masks(probabilities: torch.Tensor, regions: bool) -> torch.Tensor:
+    """Binary (K, X, Y, Z) masks: argmax one-hot for label maps (channel 0 = background),
+    ``p > 0.5`` per channel for overlapping regions (BraTS TC/WT/ET)."""
+    if regions:
+        return probabilities > 0.5
+    winner = probabilities.argmax(dim=0)
+    classes = torch.arange(probabilities.shape[0]).view(-1, 1, 1, 1)
+    return winner.unsqueeze(0) == classes

@@ -1,0 +1,354 @@
+"""Segmentation fine-tuning: one job spec (docs/contracts.md, "Finetune spec") → ``model.pt``.
+
+Step-based training of a stock MONAI network with Dice + cross-entropy, validated every
+``val_every`` steps with sliding-window inference on the split's ``val`` cases. The published
+``model.pt`` holds the weights of the BEST validation Dice (``meta.weights`` says so), not the
+last step's. The full training state is saved to ``state/latest.pt`` every ``checkpoint_every``
+steps and on SIGTERM; re-running the same spec resumes from it, continuing the same MLflow run.
+A resume starts a fresh shuffle epoch (the sample order is seeded by seed and epoch; random crops
+are seeded by seed and the step the loader started at), so it is reproducible but not identical to
+an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from monai.losses import DiceCELoss
+
+from hybridmim import checkpoints, runtime
+from hybridmim.atomic import write_json
+from hybridmim.evaluate.metrics import (class_names, foreground_masks, labels_to_channels,
+                                        metric_key, one_hot)
+from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
+from hybridmim.hashing import spec_hash as compute_spec_hash
+from hybridmim.preemption import Preempted, TerminationGuard
+from hybridmim.progress import StepProgress
+
+log = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("run_name", "seed", "out", "tracking", "backbone.name", "backbone.in_channels",
+                 "geometry.crop", "dataset.name", "dataset.processed_dir", "dataset.window",
+                 "dataset.labels", "init.name", "label_fraction", "optim.lr",
+                 "optim.weight_decay", "optim.steps", "batch_size", "val_every", "sw_overlap",
+                 "checkpoint_every", "log_every")
+
+
+def spec_value(spec: dict[str, Any], dotted: str) -> Any:
+    node: Any = spec
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"finetune spec is missing '{dotted}' (docs/contracts.md, Finetune "
+                           "spec); rebuild the spec with hybridmim.config")
+        node = node[part]
+    return node
+
+
+def check_finetune_spec(spec: dict[str, Any]) -> None:
+    """Fail before any work with a message naming the bad key."""
+    for key in REQUIRED_KEYS:
+        spec_value(spec, key)
+    fraction = float(spec["label_fraction"])
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+    for key in ("optim.steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
+        if int(spec_value(spec, key)) < 1:
+            raise ValueError(f"{key} must be a positive integer, got {spec_value(spec, key)}")
+    if spec["init"].get("first_layer", "keep") not in ("keep", "reinit"):
+        raise ValueError(f"init.first_layer must be 'keep' or 'reinit', got "
+                         f"{spec['init']['first_layer']!r}")
+    if spec["init"]["name"] != "scratch" and not spec["init"].get("checkpoint"):
+        raise ValueError(f"init.name is {spec['init']['name']!r} but init.checkpoint is empty; "
+                         "point it at a pretrained model.pt or use init.name 'scratch'")
+
+
+def dataset_spacing(processed_dir: str | Path) -> list[float] | None:
+    """Voxel spacing of the preprocessed data (the recipe's target spacing, else the first
+    case's), recorded in model.pt so inference knows the resolution the model expects."""
+    path = Path(processed_dir) / "dataset.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path} ({exc}); run the preprocess step first") from exc
+    spacing = (info.get("recipe") or {}).get("spacing")
+    if spacing is None and info.get("cases"):
+        spacing = info["cases"][0].get("spacing")
+    return [float(s) for s in spacing] if spacing is not None else None
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR factor per step: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def initialise_network(network: torch.nn.Module, init: dict[str, Any]) -> dict[str, Any]:
+    """Random init (``scratch``) or a transfer from a published model file. Returns counts and
+    key lists of what was (not) transferred, for the log and MLflow."""
+    checkpoint = init.get("checkpoint")
+    if not checkpoint:
+        return {"source": "random", "counts": {}, "keys": {}}
+    from hybridmim.models.transfer import load_into
+
+    result = load_into(network, checkpoint, reinit_first_layer=init.get("first_layer") == "reinit")
+    keys = {name: sorted(result.get(name, [])) for name in ("loaded", "missing", "unexpected",
+                                                             "shape_mismatched", "reinitialised")}
+    counts = {name: len(value) for name, value in keys.items()}
+    if counts["loaded"] == 0:
+        raise ValueError(f"init.checkpoint {checkpoint}: no tensor matched the fine-tuning "
+                         "network; was it pretrained with the same backbone settings?")
+    log.info("initialised from %s: %s", checkpoint, counts)
+    return {"source": str(checkpoint), "counts": counts, "keys": keys}
+
+
+class FinetuneJob:
+    """Everything one fine-tuning job needs, built from its spec."""
+
+    def __init__(self, spec: dict[str, Any]):
+        check_finetune_spec(spec)
+        self.spec = spec
+        self.spec_hash = compute_spec_hash(spec)
+        self.out = Path(spec["out"])
+        self.state_dir = checkpoints.state_dir_for(self.out)
+        ds = spec["dataset"]
+        self.processed_dir = ds["processed_dir"]
+        self.regions = ds.get("regions") or None
+        self.names = class_names(ds["labels"], self.regions)
+        self.out_channels = len(self.regions) if self.regions else len(ds["labels"])
+        self.crop = int(spec["geometry"]["crop"])
+        self.optim = spec["optim"]
+        self.steps = int(self.optim["steps"])
+        runtime.configure_threads(spec.get("threads"))
+        self.device = runtime.select_device()
+        self.precision = runtime.resolve_precision(spec.get("precision", "auto"), self.device)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def datasets(self):
+        from hybridmim.data.loading import SegmentationDataset
+        from hybridmim.data.splits import load_splits
+
+        splits = load_splits(self.processed_dir)
+        train_ids = label_subset(splits["train"], float(self.spec["label_fraction"]),
+                                 int(self.spec["seed"]))
+        val_ids = list(splits.get("val") or [])
+        if not val_ids:
+            raise ValueError(f"{self.processed_dir}/splits.json has no 'val' cases; fine-tuning "
+                             "selects its best checkpoint on them — regenerate the splits")
+        ds = self.spec["dataset"]
+        common = {"window": ds["window"], "crop": self.crop, "regions": self.regions}
+        train = SegmentationDataset(self.processed_dir, train_ids,
+                                    num_samples=int(self.spec.get("crops_per_volume", 2)),
+                                    train=True, **common)
+        val = SegmentationDataset(self.processed_dir, val_ids, num_samples=1, train=False, **common)
+        return train_ids, val_ids, train, val
+
+    def batches(self, dataset, epoch: int, loader_seed: int) -> Iterator[tuple[int, dict]]:
+        """Endless (epoch, batch) stream; each epoch is a seeded shuffle of the training cases."""
+        from monai.data import DataLoader
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True,
+                                     seed=int(self.spec["seed"]))
+        workers = int(self.spec.get("num_workers", 0))
+        loader = DataLoader(dataset, batch_size=int(self.spec["batch_size"]), sampler=sampler,
+                            num_workers=workers, persistent_workers=workers > 0,
+                            pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(loader_seed))
+        while True:
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                yield epoch, batch
+            epoch += 1
+
+    def target(self, label: torch.Tensor) -> torch.Tensor:
+        """Label-map values → channel indices (1 channel); region masks pass through as float."""
+        if self.regions:
+            if label.shape[1] != len(self.regions):
+                raise ValueError(f"expected {len(self.regions)} region channels "
+                                 f"({list(self.regions)}), got label shape {tuple(label.shape)}")
+            return label.float()
+        return labels_to_channels(label, self.spec["dataset"]["labels"]).float()
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self, network: torch.nn.Module, val_dataset) -> dict[str, float]:
+        """Mean Dice per class over the validation cases (sliding window, Gaussian blending)."""
+        network.eval()
+        per_case = []
+        for index in range(len(val_dataset)):
+            item = val_dataset[index]
+            probs = predict_volume(network, torch.as_tensor(item["image"]), self.crop,
+                                   overlap=float(self.spec["sw_overlap"]), device=self.device,
+                                   precision=self.precision, regions=bool(self.regions))
+            pred = probabilities_to_masks(probs, bool(self.regions))
+            label = torch.as_tensor(item["label"])
+            truth = (label.bool() if self.regions else
+                     one_hot(self.target(label[None])[0, 0].long(), self.out_channels))
+            pred, truth = foreground_masks(pred, truth, bool(self.regions))
+            # HD95 is not needed to pick the best checkpoint; Dice alone keeps validation cheap.
+            per_case.append(_dice_only(pred, truth, self.names))
+        network.train()
+        dice = {name: _nanmean([case[name] for case in per_case]) for name in self.names}
+        return {**{f"val_dice_{metric_key(n)}": v for n, v in dice.items()},
+                "val_dice_mean": _nanmean(list(dice.values()))}
+
+
+def _dice_only(pred, truth, names) -> dict[str, float]:
+    from monai.metrics import DiceMetric
+
+    values = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(
+        pred.unsqueeze(0).float(), truth.unsqueeze(0).float())[0]
+    return {name: float(values[i]) for i, name in enumerate(names)}
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train, validate, checkpoint and publish one fine-tuning job; return its metrics.json."""
+    from hybridmim.models.backbones import build_segmentation_network
+    from hybridmim.tracking.runs import tracked_run
+
+    job = FinetuneJob(spec)
+    runtime.seed_everything(int(spec["seed"]))
+    network, class_path, kwargs = build_segmentation_network(spec["backbone"], job.out_channels,
+                                                             job.crop)
+    train_ids, val_ids, train_ds, val_ds = job.datasets()
+    state = checkpoints.load_state(job.state_dir, job.spec_hash)
+    init_report = None
+    if state is None:
+        init_report = initialise_network(network, spec["init"])
+    network.to(job.device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=float(job.optim["lr"]),
+                                  weight_decay=float(job.optim["weight_decay"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(int(job.optim.get("warmup_steps", 0)), job.steps))
+    scaler = runtime.make_grad_scaler(job.device, job.precision)
+    step, epoch, seconds, history = 0, 0, 0.0, []
+    best = {"val_dice_mean": -1.0, "step": -1}
+    run_id = None
+    if state is not None:
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        runtime.set_rng_state(state["rng"])
+        step, epoch, seconds = state["step"], state["epoch"], state["seconds"]
+        history, best, run_id = state["history"], state["best"], state["mlflow_run_id"]
+    loss_fn = (DiceCELoss(sigmoid=True) if job.regions
+               else DiceCELoss(to_onehot_y=True, softmax=True))
+
+    with TerminationGuard() as guard, tracked_run(
+            "finetune", spec, data_dirs=[job.processed_dir],
+            upstream_model=spec["init"].get("checkpoint"),
+            device=runtime.device_name(job.device), resume_run_id=run_id) as run:
+        if init_report is not None:
+            run.set_tags({"init.source": init_report["source"],
+                          "train_cases": len(train_ids), "val_cases": len(val_ids),
+                          **{f"init.{k}": v for k, v in init_report["counts"].items()}})
+            run.log_dict({"train_ids": train_ids, "val_ids": val_ids, "init": init_report},
+                         "finetune_setup.json")
+
+        def save_latest() -> None:
+            checkpoints.save_state(job.state_dir, {
+                "model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "epoch": epoch, "seconds": seconds, "rng": runtime.rng_state(),
+                "history": history, "best": best, "mlflow_run_id": run.run_id}, job.spec_hash)
+
+        network.train()
+        stream = job.batches(train_ds, epoch, loader_seed=int(spec["seed"]) * 1_000_003 + step)
+        progress = StepProgress(job.steps, f"finetune {spec.get('run_name', '')}", start=step)
+        log_every, val_every = int(spec["log_every"]), int(spec["val_every"])
+        checkpoint_every = int(spec["checkpoint_every"])
+        t_last = time.monotonic()
+        while step < job.steps:
+            epoch, batch = next(stream)
+            image = batch["image"].to(job.device, non_blocking=True)
+            target = job.target(batch["label"].to(job.device, non_blocking=True))
+            with runtime.autocast(job.device, job.precision):
+                loss = loss_fn(network(image).float(), target)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower "
+                                         "optim.lr or use precision fp32/bf16")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if job.optim.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(network.parameters(), float(job.optim["grad_clip"]))
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            now = time.monotonic()
+            seconds, t_last = seconds + (now - t_last), now
+            if step % log_every == 0 or step == job.steps:
+                run.log_metrics({"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]},
+                                step)
+            if step % val_every == 0 or step == job.steps:
+                scores = job.validate(network, val_ds)
+                run.log_metrics(scores, step)
+                history.append({"step": step, **scores})
+                if scores["val_dice_mean"] > best["val_dice_mean"]:
+                    best = {"val_dice_mean": scores["val_dice_mean"], "step": step}
+                    checkpoints.save_state(job.state_dir, {"model": network.state_dict(),
+                                                           "step": step, "scores": scores},
+                                           job.spec_hash, name="best")
+                log.info("step %d validation: %s (best %.4f at step %d)", step,
+                         json.dumps({k: round(v, 4) for k, v in scores.items()}),
+                         best["val_dice_mean"], best["step"])
+                t_last = time.monotonic()  # validation time is not training time
+            progress.update(step, loss=loss.item())
+            if step % checkpoint_every == 0 or step == job.steps:
+                save_latest()
+            if guard.requested and step < job.steps:
+                save_latest()
+                run.flush()
+                raise Preempted()
+        progress.close()
+        return publish(job, run, class_path, kwargs, best, seconds, init_report)
+
+
+def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], best: dict[str, Any],
+            seconds: float, init_report: dict[str, Any] | None) -> dict[str, Any]:
+    """Write model.pt (best validation weights) and metrics.json beside it."""
+    from hybridmim.tracking.provenance import data_hash, git_state
+
+    spec = job.spec
+    best_state = checkpoints.load_state(job.state_dir, job.spec_hash, name="best")
+    if best_state is None:
+        raise RuntimeError(f"{job.state_dir}/best.pt is missing although training finished; "
+                           "delete the state folder and re-run the job")
+    ds = spec["dataset"]
+    meta = {"stage": "finetune", "method": spec["init"].get("name"), "crop": job.crop,
+            "spacing": dataset_spacing(job.processed_dir), "modality": ds.get("modality"),
+            "channels": int(spec["backbone"]["in_channels"]), "labels": ds["labels"],
+            "regions": job.regions, "window": ds["window"], "init": copy.deepcopy(spec["init"]),
+            "data_hash": data_hash(job.processed_dir)["hash"], **git_state(),
+            "mlflow_run_id": run.run_id, "spec_hash": job.spec_hash, "steps": job.steps,
+            "weights": "best_validation", "best_step": best["step"],
+            "best_val_dice": best["val_dice_mean"]}
+    checkpoints.publish_model(job.out, class_path, kwargs, best_state["model"], meta)
+    metrics = {"best_val_dice_mean": best["val_dice_mean"], "best_step": float(best["step"]),
+               "steps": float(job.steps), "train_seconds": seconds}
+    run.log_metrics({"best_val_dice_mean": best["val_dice_mean"]}, job.steps)
+    result = {"run_id": run.run_id, "stage": "finetune", "metrics": metrics,
+              "best_scores": best_state.get("scores", {}), "spec_hash": job.spec_hash}
+    metrics_path = job.out.parent / "metrics.json"
+    write_json(metrics_path, result)
+    run.log_artifact(metrics_path)
+    log.info("published %s (best validation Dice %.4f at step %d of %d)", job.out,
+             best["val_dice_mean"], best["step"], job.steps)
+    return result

@@ -1,0 +1,172 @@
+"""Backbones: stock MONAI segmentation networks built from a spec's `backbone` dict.
+
+A backbone dict (docs/contracts.md) names the architecture and its widths; this module turns it
+into an instance of the stock MONAI class plus the JSON-serialisable kwargs that rebuild it
+(`hybridmim.checkpoints.build_network`), so a published model.pt loads without this package's
+pretraining code. Keys a backbone does not know are refused rather than ignored, so a typo in the
+config cannot silently train the default architecture.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from hybridmim.checkpoints import import_class
+
+# Paper defaults (method.md); a resolved job spec normally sets every key explicitly.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unet": {"filters": [64, 64, 128, 256, 512], "dropout": 0.1},
+    "swinunetr": {"feature_size": 48, "drop_rate": 0.1, "depths": [2, 2, 2, 2],
+                  "num_heads": [3, 6, 12, 24], "attn_drop_rate": 0.0, "dropout_path_rate": 0.0,
+                  "use_checkpoint": False},
+    "unetr": {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12,
+              "dropout_rate": 0.0},
+}
+_CLASS_PATHS = {
+    "unet": "monai.networks.nets.DynUNet",
+    "swinunetr": "monai.networks.nets.SwinUNETR",
+    "unetr": "monai.networks.nets.UNETR",
+}
+# Three 2x poolings and a last stage without pooling (method.md): total stride 8.
+UNET_STRIDES = [1, 2, 2, 2, 1]
+# SwinUNETR: patch embedding (2) then four 2x patch mergings; UNETR: 16^3 ViT patches.
+_ENCODER_STRIDE = {"unet": math.prod(UNET_STRIDES), "swinunetr": 32, "unetr": 16}
+
+
+def backbone_names() -> list[str]:
+    return sorted(_DEFAULTS)
+
+
+def _backbone_name(backbone: dict[str, Any]) -> str:
+    if not isinstance(backbone, dict) or "name" not in backbone:
+        raise ValueError(f"backbone must be a dict with a 'name' key (one of {backbone_names()}), "
+                         f"got {backbone!r}")
+    name = backbone["name"]
+    if name not in _DEFAULTS:
+        raise ValueError(f"backbone.name {name!r} is not supported; use one of {backbone_names()}")
+    return name
+
+
+def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults and check every key and width; returns a new dict (name, in_channels, ...)."""
+    name = _backbone_name(backbone)
+    allowed = {"name", "in_channels", *_DEFAULTS[name]}
+    unknown = sorted(set(backbone) - allowed)
+    if unknown:
+        raise ValueError(f"backbone {name!r}: unknown key(s) {unknown}; allowed keys are "
+                         f"{sorted(allowed)}")
+    resolved = {**_DEFAULTS[name], **backbone}
+    resolved.setdefault("in_channels", 1)
+    _check_positive_int(resolved, name, "in_channels")
+    if name == "unet":
+        filters = resolved["filters"]
+        if (not isinstance(filters, (list, tuple)) or len(filters) != len(UNET_STRIDES)
+                or not all(isinstance(f, int) and f > 0 for f in filters)):
+            raise ValueError(f"backbone 'unet': filters must be {len(UNET_STRIDES)} positive ints "
+                             f"(one per stage, e.g. [64, 64, 128, 256, 512]), got {filters!r}")
+        resolved["filters"] = list(filters)
+        _check_rate(resolved, name, "dropout")
+    elif name == "swinunetr":
+        _check_positive_int(resolved, name, "feature_size")
+        if resolved["feature_size"] % 12:
+            raise ValueError(f"backbone 'swinunetr': feature_size must be a multiple of 12 "
+                             f"(MONAI SwinUNETR), got {resolved['feature_size']}")
+        for key in ("depths", "num_heads"):
+            value = resolved[key]
+            if (not isinstance(value, (list, tuple)) or len(value) != 4
+                    or not all(isinstance(v, int) and v > 0 for v in value)):
+                raise ValueError(f"backbone 'swinunetr': {key} must be 4 positive ints (one per "
+                                 f"Swin stage), got {value!r}")
+            resolved[key] = list(value)
+        for stage, heads in enumerate(resolved["num_heads"]):
+            if (resolved["feature_size"] * 2 ** stage) % heads:
+                raise ValueError(f"backbone 'swinunetr': stage {stage} width "
+                                 f"{resolved['feature_size'] * 2 ** stage} is not divisible by "
+                                 f"num_heads[{stage}]={heads}")
+        for key in ("drop_rate", "attn_drop_rate", "dropout_path_rate"):
+            _check_rate(resolved, name, key)
+        resolved["use_checkpoint"] = bool(resolved["use_checkpoint"])
+    else:
+        for key in ("feature_size", "hidden_size", "mlp_dim", "num_heads"):
+            _check_positive_int(resolved, name, key)
+        if resolved["hidden_size"] % resolved["num_heads"]:
+            raise ValueError(f"backbone 'unetr': hidden_size {resolved['hidden_size']} must be "
+                             f"divisible by num_heads {resolved['num_heads']}")
+        _check_rate(resolved, name, "dropout_rate")
+    return resolved
+
+
+def _check_positive_int(d: dict[str, Any], name: str, key: str) -> None:
+    if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] <= 0:
+        raise ValueError(f"backbone {name!r}: {key} must be a positive int, got {d[key]!r}")
+
+
+def _check_rate(d: dict[str, Any], name: str, key: str) -> None:
+    value = d[key]
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"backbone {name!r}: {key} must be a number in [0, 1), got {value!r}")
+    d[key] = float(value)
+
+
+def encoder_stride(backbone: dict[str, Any]) -> int:
+    """Total downsampling of the encoder: 8 (unet), 32 (swinunetr), 16 (unetr)."""
+    return _ENCODER_STRIDE[_backbone_name(backbone)]
+
+
+def check_crop(backbone: dict[str, Any], crop: int) -> None:
+    """A crop must tile into encoder tokens, with at least 2 per axis: InstanceNorm layers at the
+    bottleneck refuse a single spatial element in training mode."""
+    stride = encoder_stride(backbone)
+    if not isinstance(crop, int) or isinstance(crop, bool) or crop <= 0:
+        raise ValueError(f"crop must be a positive int, got {crop!r}")
+    if crop % stride or crop < 2 * stride:
+        raise ValueError(f"crop {crop} does not fit backbone {backbone['name']!r}: it must be a "
+                         f"multiple of the encoder stride {stride} and at least {2 * stride}")
+
+
+def network_kwargs(backbone: dict[str, Any], out_channels: int, crop: int) -> tuple[str, dict]:
+    """(class path, JSON-serialisable kwargs) of the stock MONAI network for this backbone."""
+    spec = resolve_backbone(backbone)
+    if not isinstance(out_channels, int) or out_channels <= 0:
+        raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
+    check_crop(spec, crop)
+    name = spec["name"]
+    common = {"spatial_dims": 3, "in_channels": spec["in_channels"], "out_channels": out_channels}
+    if name == "unet":
+        kwargs = {
+            **common,
+            "kernel_size": [3] * len(UNET_STRIDES),
+            "strides": list(UNET_STRIDES),
+            # DynUNet's transposed convs undo strides[1:]; the last (stride-1) stage needs kernel 1.
+            "upsample_kernel_size": list(UNET_STRIDES[1:]),
+            "filters": spec["filters"],
+            "dropout": spec["dropout"],
+            # Lists, not tuples, so the kwargs survive a JSON round trip (MONAI accepts both).
+            "norm_name": ["INSTANCE", {"affine": True}],
+            "act_name": ["leakyrelu", {"inplace": True, "negative_slope": 0.1}],
+            "res_block": False,
+        }
+    elif name == "swinunetr":
+        kwargs = {**common, **{k: spec[k] for k in _DEFAULTS["swinunetr"]}}
+    else:
+        kwargs = {**common, "img_size": [crop] * 3, **{k: spec[k] for k in _DEFAULTS["unetr"]}}
+    return _CLASS_PATHS[name], kwargs
+
+
+def build_segmentation_network(backbone: dict[str, Any], out_channels: int,
+                               crop: int) -> tuple[nn.Module, str, dict[str, Any]]:
+    """Build the stock MONAI network; returns (network, class path, kwargs) for model files."""
+    class_path, kwargs = network_kwargs(backbone, out_channels, crop)
+    return import_class(class_path)(**kwargs), class_path, kwargs
+
+
+def bottleneck_channels(backbone: dict[str, Any]) -> int:
+    """Channels of the encoder output the region and projection heads read."""
+    spec = resolve_backbone(backbone)
+    if spec["name"] == "unet":
+        return spec["filters"][-1]
+    if spec["name"] == "swinunetr":
+        return 16 * spec["feature_size"]
+    return spec["hidden_size"]

@@ -1,0 +1,126 @@
+"""The pretraining model: a stock MONAI network (reconstruction head) plus the HybridMIM heads.
+
+`forward(x)` returns, for a masked crop x of shape (B, C_in, crop, crop, crop):
+  recon        (B, C_in, *box_shape) logits of the decoder run on the box only
+  box          tuple of 3 spatial slices in crop voxel coordinates; the loss slices the target
+               and the voxel mask with `t[(..., *box)]`
+  count_logits (B, N_regions, P_per_region + 1)
+  loc_logits   (B, N_regions, P_per_region)
+  proj         (B, proj_dim)
+Regions are in raster order of the region grid (see hybridmim.models.heads).
+
+`project(x)` runs the encoder and the projection head only: the second, dropout-only-different
+pass of the contrastive loss, which the loop runs under no_grad on the unwrapped module.
+
+DDP: `forward` uses every parameter of the network and the heads, so DistributedDataParallel
+needs no `find_unused_parameters` as long as the loss uses every output. A loss that switches
+off the count/location/projection terms (the SimMIM baseline, the ablations) leaves those head
+parameters without gradient: either wrap with `find_unused_parameters=True` or add the unused
+outputs multiplied by 0 to the loss.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybridmim.checkpoints import network_class_path
+from hybridmim.models.backbones import (bottleneck_channels, build_segmentation_network,
+                                        encoder_stride, resolve_backbone)
+from hybridmim.models.heads import HybridMIMHeads
+from hybridmim.models.partial_decoding import EncoderFeatures, adapter_for
+
+BOX_MODES = ("partial", "full")
+
+
+def check_geometry(backbone: dict[str, Any], geometry: dict[str, Any], box: str) -> None:
+    """Validate crop/region/patch against each other, the encoder stride and the box mode."""
+    for key in ("crop", "region", "patch"):
+        value = geometry.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"geometry.{key} must be a positive int, got {value!r}")
+    crop, region, patch = geometry["crop"], geometry["region"], geometry["patch"]
+    stride = encoder_stride(backbone)
+    if crop % region:
+        raise ValueError(f"geometry: crop {crop} must be a multiple of region {region}")
+    if region % patch:
+        raise ValueError(f"geometry: region {region} must be a multiple of patch {patch}")
+    # One token per region: a region must cover whole encoder tokens. Regions smaller than the
+    # stride would share a token and could not get distinct count/location predictions.
+    if region % stride:
+        raise ValueError(f"geometry: region {region} must be a multiple of the "
+                         f"{backbone['name']} encoder stride {stride} (one token per region)")
+    if box not in BOX_MODES:
+        raise ValueError(f"method.box must be one of {list(BOX_MODES)}, got {box!r}")
+    if box == "partial" and crop // region < 2:
+        raise ValueError(f"method.box 'partial' needs at least 2 regions per axis (the box starts "
+                         f"at region 1); crop {crop} / region {region} = {crop // region}")
+
+
+class HybridMIMModel(nn.Module):
+    def __init__(self, backbone: dict[str, Any], geometry: dict[str, Any], box: str = "partial",
+                 proj_dim: int = 384) -> None:
+        super().__init__()
+        spec = resolve_backbone(backbone)
+        check_geometry(spec, geometry, box)
+        self.backbone = spec
+        self.crop, self.region, self.patch = (geometry["crop"], geometry["region"],
+                                              geometry["patch"])
+        self.box_mode = box
+        # The reconstruction head predicts the input intensities: out_channels = in_channels.
+        self.network, self.network_class, self.network_kwargs = build_segmentation_network(
+            spec, out_channels=spec["in_channels"], crop=self.crop)
+        self._encode, self._decode = adapter_for(self.network)
+        stride = encoder_stride(spec)
+        self.grid = (self.crop // self.region,) * 3
+        self.patches_per_region = (self.region // self.patch) ** 3
+        self.heads = HybridMIMHeads(bottleneck_channels(spec), self.patches_per_region, proj_dim,
+                                    region_window=self.region // stride)
+        # Region index 1 on each axis to the crop end (method.md); region % stride == 0 makes the
+        # start a multiple of every skip level's stride.
+        self.box_start = self.region if box == "partial" else 0
+        self.box = (slice(self.box_start, self.crop),) * 3
+
+    @property
+    def n_regions(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def box_shape(self) -> tuple[int, int, int]:
+        return (self.crop - self.box_start,) * 3
+
+    def heads_record(self) -> dict[str, Any]:
+        """The `heads` entry of a published model file (docs/contracts.md)."""
+        return {"class": network_class_path(self.heads), "kwargs": dict(self.heads.kwargs),
+                "state_dict": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}}
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = (self.backbone["in_channels"],) + (self.crop,) * 3
+        if x.ndim != 5 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"HybridMIMModel expects input (B, {expected[0]}, {self.crop}, "
+                             f"{self.crop}, {self.crop}) (geometry.crop), got {tuple(x.shape)}")
+
+    def encode(self, x: torch.Tensor) -> EncoderFeatures:
+        self._check_input(x)
+        return self._encode(self.network, x)
+
+    def decode(self, feats: EncoderFeatures) -> torch.Tensor:
+        """Reconstruction logits on the box (the whole crop for `box: full`)."""
+        return self._decode(self.network, feats, self.box_start)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads.project(self.encode(x).tokens)
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        feats = self.encode(x)
+        return {"recon": self.decode(feats), "box": self.box, **self.heads(feats.tokens)}
+
+
+def build_pretrain_model(backbone: dict[str, Any], geometry: dict[str, Any],
+                         method: dict[str, Any]) -> HybridMIMModel:
+    """Build from the pretrain spec's `backbone`, `geometry` and `method` (uses box, proj_dim)."""
+    proj_dim = method.get("proj_dim", 384)
+    if not isinstance(proj_dim, int) or proj_dim <= 0:
+        raise ValueError(f"method.proj_dim must be a positive int, got {proj_dim!r}")
+    return HybridMIMModel(backbone, geometry, box=method.get("box", "partial"), proj_dim=proj_dim)

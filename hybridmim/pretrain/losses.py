@@ -1,0 +1,199 @@
+"""HybridMIM losses: pixel (partial region prediction), region (count, location, consistency) and
+sample level (contrastive), combined with config weights.
+
+A term whose weight is 0 is not computed at all (its inputs may then be absent), which is how the
+ablations and the SimMIM-style baseline (L_PR only) are built. Every term is computed in float32
+whatever the autocast precision, because squared errors and log-sum-exps lose too much in 16 bits.
+
+Why not ``monai.losses.ContrastiveLoss`` for L_CL: with ``target=z2.detach()`` it computes the
+same symmetric NT-Xent for one process (tests/test_losses.py checks the equality), but it cannot
+take negatives gathered from other DDP ranks (it requires input and target of equal shape and
+finds positives on a fixed diagonal), and it divides raw exponentials instead of using a
+log-sum-exp. The short cross-entropy form below does both.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_WEIGHTS = {"pr": 1.0, "num": 0.1, "loc": 0.1, "con": 0.01, "cl": 0.1}
+LOSS_TERMS = tuple(DEFAULT_WEIGHTS)
+
+
+def _crop_box(t: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
+    """Slice the spatial dims of a (B, C, *spatial) tensor with the model's voxel box."""
+    return t[(slice(None), slice(None), *box)]
+
+
+def partial_region_loss(recon_logits: torch.Tensor, target: torch.Tensor, box: tuple[slice, ...],
+                        voxel_mask: torch.Tensor, valid: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """MSE of sigmoid(recon) vs the original intensities over masked, real voxels in the box.
+
+    ``target`` (B, C, *crop) is the unmasked input; ``voxel_mask`` (B, 1, *crop) True where masked;
+    ``valid`` (B, 1|C, *crop) False on padding. Which voxels count comes from these boolean masks,
+    never from ``input == 0``. With no such voxel the loss is 0 (and still differentiable).
+    """
+    target_box = _crop_box(target, box)
+    if recon_logits.shape != target_box.shape:
+        raise ValueError(f"reconstruction {tuple(recon_logits.shape)} does not match the target "
+                         f"box {tuple(target_box.shape)} (box {box})")
+    selected = _crop_box(voxel_mask, box)
+    if valid is not None:
+        selected = selected & _crop_box(valid, box)
+    selected = selected.expand_as(target_box)
+    squared = (torch.sigmoid(recon_logits.float()) - target_box.float()).square()
+    # Multiply instead of boolean indexing: no host sync, and an empty selection gives 0/1 = 0.
+    count = selected.sum().clamp_min(1)
+    return (squared * selected).sum() / count
+
+
+def count_loss(count_logits: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, Nr, P_r+1) count logits against (B, Nr) masked-patch counts."""
+    return F.cross_entropy(count_logits.float().flatten(0, -2), count.long().flatten())
+
+
+def location_loss(loc_logits: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with logits of (B, Nr, P_r) location logits against 0/1 labels."""
+    return F.binary_cross_entropy_with_logits(loc_logits.float(), location.float())
+
+
+def consistency_loss(count_logits: torch.Tensor, loc_logits: torch.Tensor) -> torch.Tensor:
+    """Count head vs the count the location head implies (#sigmoid > 0.5); target is constant."""
+    with torch.no_grad():
+        implied = (loc_logits > 0).sum(-1)  # sigmoid(x) > 0.5  <=>  x > 0
+    return F.cross_entropy(count_logits.float().flatten(0, -2), implied.flatten())
+
+
+def _gather_with_local_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather (B, D) across DDP ranks; only the local slice keeps its gradient.
+
+    Returns the (world·B, D) tensor and the offset of the local rows. Needs equal batch sizes on
+    every rank (the samplers drop the last incomplete batch).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z, 0
+    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, z.detach().contiguous())
+    rank = dist.get_rank()
+    parts[rank] = z
+    return torch.cat(parts, dim=0), rank * z.shape[0]
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
+                 gather_negatives: bool = False) -> torch.Tensor:
+    """SimCLR NT-Xent over the 2B views; gradient through ``z1`` only (``z2`` is detached).
+
+    Every local view is an anchor; its positive is the other view of the same sample, its
+    negatives all other views of the batch (of all ranks if ``gather_negatives``), both views.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"projections must both be (B, D); got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
+    if z1.shape[0] < 2:
+        raise ValueError("the contrastive loss needs at least 2 samples per step for negatives; "
+                         "raise data.volumes_per_step × data.crops_per_volume or set "
+                         "method.loss_weights.cl to 0")
+    z1 = F.normalize(z1.float(), dim=1)
+    z2 = F.normalize(z2.detach().float(), dim=1)
+    b = z1.shape[0]
+    if gather_negatives:
+        all1, offset = _gather_with_local_grad(z1)
+        all2, _ = _gather_with_local_grad(z2)
+    else:
+        all1, all2, offset = z1, z2, 0
+    total = all1.shape[0]
+    anchors = torch.cat([z1, z2], dim=0)                       # (2b, D)
+    candidates = torch.cat([all1, all2], dim=0)                # (2·total, D)
+    logits = anchors @ candidates.T / temperature
+    local = torch.arange(b, device=z1.device) + offset
+    self_index = torch.cat([local, local + total])
+    positive = torch.cat([local + total, local])
+    rows = torch.arange(2 * b, device=z1.device)
+    logits = logits.index_put((rows, self_index), torch.tensor(float("-inf"), device=z1.device))
+    return F.cross_entropy(logits, positive)
+
+
+class HybridMIMLoss(nn.Module):
+    """L = w_pr L_PR + w_num L_Num + w_loc L_Loc + w_con L_Con + w_cl L_CL.
+
+    ``forward`` returns ``(total, terms)`` where ``terms`` holds, for every enabled term ``t``,
+    ``t`` (unweighted) and ``t_weighted`` (both detached), plus ``total``.
+    """
+
+    def __init__(self, weights: Mapping[str, float] | None = None, temperature: float = 0.5,
+                 gather_negatives: bool = False):
+        super().__init__()
+        weights = dict(weights if weights is not None else DEFAULT_WEIGHTS)
+        unknown = sorted(set(weights) - set(LOSS_TERMS))
+        if unknown:
+            raise ValueError(f"method.loss_weights has unknown term(s) {unknown}; "
+                             f"known terms: {list(LOSS_TERMS)}")
+        missing = [t for t in LOSS_TERMS if t not in weights]
+        if missing:
+            raise ValueError(f"method.loss_weights is missing {missing}; give every term a "
+                             f"weight (0 switches a term off)")
+        for term, w in weights.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+                raise ValueError(f"method.loss_weights.{term} must be a number >= 0, got {w!r}")
+        if not any(weights.values()):
+            raise ValueError("method.loss_weights are all 0: at least one term must be on")
+        if temperature <= 0:
+            raise ValueError(f"method.temperature must be > 0, got {temperature!r}")
+        self.weights = {t: float(w) for t, w in weights.items()}
+        self.temperature = float(temperature)
+        self.gather_negatives = bool(gather_negatives)
+
+    def enabled(self, term: str) -> bool:
+        return self.weights[term] > 0
+
+    @property
+    def needs_region_labels(self) -> bool:
+        return self.enabled("num") or self.enabled("loc")
+
+    @property
+    def needs_second_view(self) -> bool:
+        return self.enabled("cl")
+
+    def forward(self, outputs: Mapping[str, Any], target: torch.Tensor,
+                voxel_mask: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                count: torch.Tensor | None = None, location: torch.Tensor | None = None,
+                proj_second: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def need(name: str, value: Any, term: str) -> Any:
+            if value is None:
+                raise ValueError(f"loss term {term!r} is on (weight {self.weights[term]}) but "
+                                 f"{name!r} was not given; set its weight to 0 to switch it off")
+            return value
+
+        unweighted: dict[str, torch.Tensor] = {}
+        if self.enabled("pr"):
+            unweighted["pr"] = partial_region_loss(
+                need("recon", outputs.get("recon"), "pr"), target,
+                need("box", outputs.get("box"), "pr"), need("voxel_mask", voxel_mask, "pr"),
+                valid)
+        if self.enabled("num"):
+            unweighted["num"] = count_loss(need("count_logits", outputs.get("count_logits"), "num"),
+                                           need("count", count, "num"))
+        if self.enabled("loc"):
+            unweighted["loc"] = location_loss(need("loc_logits", outputs.get("loc_logits"), "loc"),
+                                              need("location", location, "loc"))
+        if self.enabled("con"):
+            unweighted["con"] = consistency_loss(
+                need("count_logits", outputs.get("count_logits"), "con"),
+                need("loc_logits", outputs.get("loc_logits"), "con"))
+        if self.enabled("cl"):
+            unweighted["cl"] = nt_xent_loss(need("proj", outputs.get("proj"), "cl"),
+                                            need("proj_second", proj_second, "cl"),
+                                            self.temperature, self.gather_negatives)
+        weighted = {t: self.weights[t] * v for t, v in unweighted.items()}
+        total = torch.stack(list(weighted.values())).sum()
+        terms = {t: v.detach() for t, v in unweighted.items()}
+        terms.update({f"{t}_weighted": v.detach() for t, v in weighted.items()})
+        terms["total"] = total.detach()
+        return total, terms

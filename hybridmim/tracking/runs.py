@@ -1,0 +1,143 @@
+"""The MLflow run context used by every pretrain / finetune / evaluate job.
+
+A run records: the resolved job spec as params, provenance as tags (provenance.py), metrics in
+batches (one SQLite write per batch, not per value), and artifacts. On rank != 0 of a DDP job the
+context is a no-op, so only one run exists per job. A resumed job continues its earlier run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from hybridmim.hashing import spec_hash as compute_spec_hash
+from hybridmim.preemption import Preempted
+from hybridmim.tracking.provenance import provenance_tags
+
+log = logging.getLogger(__name__)
+
+_PARAM_MAX = 6000
+
+
+def flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested spec → dotted MLflow params; lists stay JSON so they read back unambiguously."""
+    flat: dict[str, str] = {}
+    for key, value in spec.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            flat[name] = text[:_PARAM_MAX]
+    return flat
+
+
+class TrackedRun:
+    def __init__(self, client: Any, run_id: str, flush_every: int = 200):
+        self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self._buffer: list[Any] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        # MLflow caps a batch at 1000 metrics.
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.client.log_dict(self.run_id, obj, name)
+
+
+class NullRun(TrackedRun):
+    """Stand-in for non-zero DDP ranks: same interface, records nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(client=None, run_id="")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[str, ...] = (),
+                upstream_model: str | None = None, device: str = "cpu", enabled: bool = True,
+                resume_run_id: str | None = None) -> Iterator[TrackedRun]:
+    """Open (or continue) the MLflow run of one job; close it FINISHED, FAILED or KILLED."""
+    if not enabled:
+        yield NullRun()
+        return
+    from mlflow.tracking import MlflowClient
+
+    from hybridmim.tracking.store import get_or_create_experiment, init_store, resolve_tracking_uri
+
+    tracking = spec.get("tracking") or {}
+    uri = resolve_tracking_uri(tracking.get("uri"))
+    artifact_root = tracking.get("artifact_root", "results/mlflow/artifacts")
+    init_store(uri, artifact_root)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = get_or_create_experiment(stage, artifact_root, tracking_uri=uri)
+    shash = compute_spec_hash(spec)
+    run_id = None
+    if resume_run_id:
+        try:
+            client.get_run(resume_run_id)
+            run_id = resume_run_id
+            client.update_run(run_id, status="RUNNING")
+            log.info("continuing MLflow run %s", run_id)
+        except Exception:
+            log.warning("MLflow run %s not found in %s; opening a new run", resume_run_id, uri)
+    if run_id is None:
+        tags = provenance_tags(spec, shash, list(data_dirs), upstream_model, device)
+        tags["mlflow.runName"] = spec.get("run_name", stage)
+        tags["stage"] = stage
+        run = client.create_run(experiment_id, tags=tags, run_name=spec.get("run_name"))
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in flatten(spec).items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i:i + 100])
+        client.log_dict(run_id, spec, "spec.json")
+    tracked = TrackedRun(client, run_id)
+    status = "FAILED"
+    try:
+        yield tracked
+        status = "FINISHED"
+    except Preempted:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            tracked.flush()
+        finally:
+            client.set_terminated(run_id, status=status)

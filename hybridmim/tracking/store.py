@@ -1,0 +1,213 @@
+"""Where MLflow data lives, and creating it once, safely, from many processes at a time.
+
+The store is a tracking URI plus an artifact root:
+
+- default: ``sqlite:///results/mlflow/mlflow.db`` with artifacts under ``results/mlflow/artifacts``
+  (MLflow 3 refuses the old file store). Fine on one machine, also with many local writers.
+- on a cluster: an ``mlflow server`` (``scripts/mlflow_server.sh``) and
+  ``MLFLOW_TRACKING_URI=http://host:port`` in the jobs' environment. SQLite on NFS with writers on
+  several nodes is unsafe (file locks over NFS are unreliable), see docs/slurm.md.
+
+Precedence of the URI: ``$MLFLOW_TRACKING_URI`` > the config's ``tracking.uri`` > the default.
+Relative SQLite paths are made absolute against the current working directory, so a job that
+changes directory (or runs on a node with another cwd) still writes to the same file.
+
+Creating a fresh SQLite DB runs MLflow's alembic migrations; two processes doing that at the same
+time fail ("table ... already exists"). ``init_store`` therefore holds an exclusive ``flock`` on
+``<db>.lock`` while it creates the tables and the experiments.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///results/mlflow/mlflow.db"
+DEFAULT_ARTIFACT_ROOT = "results/mlflow/artifacts"
+STAGES = ("pretrain", "finetune", "evaluate")
+_SQLITE_PREFIX = "sqlite:///"
+
+
+class StoreError(RuntimeError):
+    """The tracking store cannot be reached or created; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------- URIs
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """The tracking URI to use: env ``MLFLOW_TRACKING_URI`` > ``configured`` > the default.
+
+    ``sqlite:///relative/path.db`` becomes ``sqlite:////<cwd>/relative/path.db``.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
+    uri = uri.strip()
+    if uri.startswith(_SQLITE_PREFIX):
+        path, sep, query = uri[len(_SQLITE_PREFIX):].partition("?")
+        if path and not path.startswith("/") and not path.startswith(":memory:"):
+            path = str(Path(path).absolute())
+            uri = f"{_SQLITE_PREFIX}{path}{sep}{query}"
+    elif uri.startswith(("http://", "https://", "sqlite:", "postgresql", "mysql", "mssql")):
+        pass
+    elif "://" not in uri:
+        raise StoreError(
+            f"tracking URI {uri!r} is a plain path; MLflow 3 no longer accepts a file store. "
+            f"Use {DEFAULT_TRACKING_URI!r} (SQLite) or http://host:port (a tracking server).")
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute after resolve), else None."""
+    if not uri.startswith(_SQLITE_PREFIX):
+        return None
+    path = uri[len(_SQLITE_PREFIX):].partition("?")[0]
+    if not path or path.startswith(":memory:"):
+        return None
+    return Path(path)
+
+
+def is_server_uri(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def artifact_location(artifact_root: str | os.PathLike[str], experiment: str) -> str:
+    """``file://`` URI of ``<artifact_root>/<experiment>`` (absolute); remote roots pass through."""
+    root = str(artifact_root)
+    if "://" in root:  # s3://, gs://, mlflow-artifacts:/, file:// …
+        return root.rstrip("/") + "/" + experiment
+    return (Path(root).absolute() / experiment).as_uri()
+
+
+# --------------------------------------------------------------------------------------- locking
+@contextmanager
+def _file_lock(lock_path: Path, timeout_s: float) -> Iterator[None]:
+    """Exclusive ``flock`` on ``lock_path``; gives up after ``timeout_s`` with a clear error."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        f"could not lock {lock_path} within {timeout_s:.0f} s: another process "
+                        "is initialising the MLflow store (or hangs holding the lock)") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------- store
+_INITIALISED: set[tuple[str, str]] = set()
+
+
+def init_store(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
+               experiments: Iterable[str] = STAGES, timeout_s: float = 120.0) -> dict[str, str]:
+    """Create the store (SQLite: DB file + tables) and the stage experiments, once.
+
+    Safe to call from many processes at the same time and idempotent; returns
+    ``{experiment name: experiment id}``. For http(s) URIs the server owns the database, so only
+    the experiments are created (after waiting up to ``timeout_s`` for the server).
+    """
+    uri = resolve_tracking_uri(uri)
+    names = tuple(experiments)
+    db = sqlite_path(uri)
+    if is_server_uri(uri):
+        wait_for_server(uri, timeout_s)
+        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
+    if db is None:  # postgresql://, mysql://, in-memory SQLite: the DB server serialises for us
+        _create_tables(uri, artifact_root)
+        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
+
+    key = (uri, str(artifact_root))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(db.with_name(db.name + ".lock"), timeout_s):
+        if key not in _INITIALISED:
+            _create_tables(uri, artifact_root)
+        ids = {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
+    _INITIALISED.add(key)
+    return ids
+
+
+def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
+    """Open the SQL store once; MLflow creates/migrates the tables on first open.
+
+    The store is opened directly (not through MlflowClient) so that MLflow's "Default"
+    experiment also gets its artifacts under ``artifact_root`` instead of ``./mlruns``.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(uri, artifact_location(artifact_root, "default"))
+    store.engine.dispose()
+
+
+def get_or_create_experiment(name: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
+                             tracking_uri: str | None = None, attempts: int = 5) -> str:
+    """Id of experiment ``name``, creating it (artifacts under ``artifact_root/name``) if needed.
+
+    Race-safe: when another process creates it first, the RESOURCE_ALREADY_EXISTS error is caught
+    and the experiment re-read. A deleted experiment of that name is restored. Transient
+    "database is locked" errors are retried ``attempts`` times.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    for attempt in range(1, attempts + 1):
+        try:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is not None:
+                if experiment.lifecycle_stage == "deleted":
+                    log.warning("restoring deleted MLflow experiment %r", name)
+                    client.restore_experiment(experiment.experiment_id)
+                return experiment.experiment_id
+            return client.create_experiment(name, artifact_location=artifact_location(artifact_root, name))
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_ALREADY_EXISTS":
+                continue  # someone else won the race: read theirs on the next pass
+            if "locked" in str(err).lower() and attempt < attempts:
+                time.sleep(0.2 * attempt)
+                continue
+            raise
+    raise StoreError(f"could not create or read MLflow experiment {name!r} in {tracking_uri}")
+
+
+# --------------------------------------------------------------------------------------- server
+def wait_for_server(uri: str, timeout_s: float = 60.0) -> None:
+    """Block until ``<uri>/health`` answers 200, or raise StoreError after ``timeout_s``.
+
+    Non-HTTP URIs return at once (there is no server to wait for).
+    """
+    if not is_server_uri(uri):
+        return
+    parts = urlsplit(uri)
+    health = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/health"
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(health, timeout=min(5.0, max(0.5, timeout_s))) as reply:
+                if reply.status == 200:
+                    return
+                last = f"HTTP {reply.status}"
+        except urllib.error.HTTPError as err:
+            last = f"HTTP {err.code}"
+        except (urllib.error.URLError, OSError) as err:
+            last = str(getattr(err, "reason", err))
+        if time.monotonic() >= deadline:
+            raise StoreError(
+                f"MLflow server {uri} did not answer {health} within {timeout_s:.0f} s ({last}). "
+                "Start it with scripts/mlflow_server.sh start, or unset MLFLOW_TRACKING_URI to "
+                "use the local SQLite store.")
+        time.sleep(0.25)

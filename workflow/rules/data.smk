@@ -1,0 +1,69 @@
+# Data: acquire (download / locate / generate, convert, check) and preprocess (+ splits) per
+# dataset, then record both folders' hashes in dvc.lock. Same CLI as the DVC stages in dvc.yaml.
+
+
+localrules:
+    init_tracking,
+    version_data,
+
+
+rule init_tracking:
+    # The SQLite store must exist before parallel jobs open it (parallel creation fails).
+    output:
+        STORE_MARKER,
+    params:
+        uri=config["tracking"]["uri"],
+        artifact_root=config["tracking"]["artifact_root"],
+    log:
+        "logs/init_tracking.log",
+    shell:
+        "hybridmim tracking init --uri {params.uri:q} --artifact-root {params.artifact_root:q}"
+        " --marker {output} > {log} 2>&1"
+
+
+rule acquire_data:
+    output:
+        "data/raw/{dataset}/dataset.json",
+    params:
+        block=lambda w: spec_arg(config["datasets"][w.dataset]),
+    log:
+        "logs/data/acquire_{dataset}.log",
+    resources:
+        mem_mb=4000,
+        runtime=240,
+    shell:
+        "hybridmim data acquire --dataset {wildcards.dataset} --dataset-json {params.block}"
+        " > {log} 2>&1"
+
+
+rule preprocess_data:
+    input:
+        "data/raw/{dataset}/dataset.json",
+    output:
+        "data/processed/{dataset}/splits.json",
+    params:
+        block=lambda w: spec_arg(config["datasets"][w.dataset]),
+    log:
+        "logs/data/preprocess_{dataset}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "hybridmim data preprocess --dataset {wildcards.dataset} --dataset-json {params.block}"
+        " > {log} 2>&1"
+
+
+rule version_data:
+    # One DVC command at a time: DVC holds a repository lock.
+    input:
+        "data/raw/{dataset}/dataset.json",
+        "data/processed/{dataset}/splits.json",
+    output:
+        "results/data_versions/{dataset}.json",
+    log:
+        "logs/data/version_{dataset}.log",
+    resources:
+        dvc=1,
+    shell:
+        "hybridmim data version --dataset {wildcards.dataset} --out {output} > {log} 2>&1"

@@ -1,0 +1,22 @@
+# Report: tables and figures built from the MLflow runs of exactly this grid's jobs.
+
+
+localrules:
+    report,
+
+
+rule report:
+    input:
+        metrics=evaluate_outputs(),
+        pretrain=hcfg.pretrain_targets(config),
+        store=STORE_MARKER,
+    output:
+        report_outputs(),
+    params:
+        uri=config["tracking"]["uri"],
+        pretrain_metrics=lambda w, input: [p.replace("model.pt", "metrics.json") for p in input.pretrain],
+    log:
+        "logs/report.log",
+    shell:
+        "hybridmim report --tracking-uri {params.uri:q} --metrics {input.metrics}"
+        " --pretrain-metrics {params.pretrain_metrics} --out results > {log} 2>&1"
