@@ -14,6 +14,8 @@ rule init_tracking:
     params:
         uri=config["tracking"]["uri"],
         artifact_root=config["tracking"]["artifact_root"],
+    conda:
+        "../envs/hybridmim.yaml"
     log:
         "logs/init_tracking.log",
     shell:
@@ -26,6 +28,8 @@ rule acquire_data:
         "data/raw/{dataset}/dataset.json",
     params:
         block=lambda w: spec_arg(config["datasets"][w.dataset]),
+    conda:
+        "../envs/hybridmim.yaml"
     log:
         "logs/data/acquire_{dataset}.log",
     resources:
@@ -43,6 +47,8 @@ rule preprocess_data:
         "data/processed/{dataset}/splits.json",
     params:
         block=lambda w: spec_arg(config["datasets"][w.dataset]),
+    conda:
+        "../envs/hybridmim.yaml"
     log:
         "logs/data/preprocess_{dataset}.log",
     threads: 2
@@ -61,6 +67,8 @@ rule version_data:
         "data/processed/{dataset}/splits.json",
     output:
         "results/data_versions/{dataset}.json",
+    conda:
+        "../envs/hybridmim.yaml"
     log:
         "logs/data/version_{dataset}.log",
     resources:

@@ -11,6 +11,8 @@ rule evaluate:
         spec=lambda w: spec_arg(
             hcfg.evaluate_spec(config, w.dataset, w.backbone, w.init, w.fraction, w.seed)
         ),
+    conda:
+        "../envs/hybridmim.yaml"
     log:
         "logs/evaluate/{dataset}_{backbone}_{init}_frac{fraction}_seed{seed}.log",
     threads: stage_res("evaluation", "cpus")

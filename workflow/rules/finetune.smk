@@ -12,6 +12,8 @@ rule finetune:
             hcfg.finetune_spec(config, w.dataset, w.backbone, w.init, w.fraction, w.seed)
         ),
         launcher=launcher("finetuning"),
+    conda:
+        "../envs/hybridmim.yaml"
     log:
         "logs/finetune/{dataset}_{backbone}_{init}_frac{fraction}_seed{seed}.log",
     threads: stage_res("finetuning", "cpus")

@@ -11,6 +11,8 @@ rule pretrain:
     params:
         spec=lambda w: spec_arg(hcfg.pretrain_spec(config, w.backbone, w.method, w.corpus)),
         launcher=launcher("pretraining"),
+    conda:
+        "../envs/hybridmim.yaml"
     log:
         "logs/pretrain/{backbone}_{method}_{corpus}.log",
     threads: stage_res("pretraining", "cpus")

@@ -15,6 +15,8 @@ rule report:
     params:
         uri=config["tracking"]["uri"],
         pretrain_metrics=lambda w, input: [p.replace("model.pt", "metrics.json") for p in input.pretrain],
+    conda:
+        "../envs/hybridmim.yaml"
     log:
         "logs/report.log",
     shell:

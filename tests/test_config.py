@@ -1,0 +1,111 @@
+"""The experiment config: schema validation, cross-key checks, spec builders, the DAG."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from hybridmim import config as hcfg
+from hybridmim.hashing import spec_hash
+
+from conftest import ROOT
+
+
+def _load(tmp_path, mutate):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    mutate(cfg)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_demo_config_validates_and_fills_defaults():
+    config = hcfg.load_config(ROOT / "config" / "config.yaml")
+    assert config["finetuning"]["seeds"] == [0]
+    assert config["pretraining"]["methods"]["hybridmim"]["loss_weights"]["con"] == 0.01
+    assert config["data_versioning"]["dvc"] is True
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c["pretraining"]["methods"]["hybridmim"].update(mask_ratio=1.5), "mask_ratio"),
+    (lambda c: c.update(bogus_key=1), "bogus_key"),
+    (lambda c: c["pretraining"]["optim"].pop("steps"), "steps"),
+    (lambda c: c["backbones"]["unet"].update(name="resnet"), "resnet"),
+])
+def test_schema_errors_name_the_key(tmp_path, mutate, key):
+    with pytest.raises(hcfg.ConfigError) as err:
+        hcfg.load_config(_load(tmp_path, mutate))
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c["finetuning"]["datasets"].append("nope"), "finetuning.datasets"),
+    (lambda c: c["finetuning"]["inits"].append("mae"), "finetuning.inits"),
+    (lambda c: c["pretraining"]["corpora"]["ct"]["datasets"].append("demo_brats"),
+     "mixes channel counts"),
+    (lambda c: c["pretraining"]["geometry"].update(crop=80), "pretraining.geometry"),
+])
+def test_cross_key_errors_name_the_key(tmp_path, mutate, key):
+    config_path = _load(tmp_path, mutate)
+    with pytest.raises(hcfg.ConfigError) as err:
+        config = hcfg.load_config(config_path)
+        hcfg.pretrain_spec(config, "unet", "hybridmim", "ct")
+    assert key in str(err.value)
+
+
+def test_specs_are_complete_and_stable():
+    config = hcfg.load_config(ROOT / "config" / "config.yaml")
+    pre = hcfg.pretrain_spec(config, "unet", "hybridmim", "ct")
+    assert pre["backbone"]["in_channels"] == 1
+    assert [d["name"] for d in pre["data"]["datasets"]] == ["demo_btcv", "demo_liver",
+                                                           "demo_spleen"]
+    assert pre["data"]["datasets"][0]["window"]["b_min"] == pytest.approx(0.001)
+    mri = hcfg.pretrain_spec(config, "unet", "hybridmim", "mri")
+    assert mri["backbone"]["in_channels"] == 4
+    ft = hcfg.finetune_spec(config, "demo_brats", "unet", "hybridmim", "1", "0")
+    assert ft["init"]["checkpoint"] == "results/pretrain/unet/hybridmim/mri/model.pt"
+    assert ft["init"]["first_layer"] == "keep"  # the MRI corpus has the same 4 channels
+    assert ft["dataset"]["regions"] == {"TC": [1, 4], "WT": [1, 2, 4], "ET": [4]}
+    scratch = hcfg.finetune_spec(config, "demo_btcv", "unet", "scratch", "1", "0")
+    assert scratch["init"]["checkpoint"] is None
+    assert json.loads(json.dumps(ft)) == ft  # JSON-serialisable
+    assert spec_hash(ft) == spec_hash(hcfg.finetune_spec(config, "demo_brats", "unet",
+                                                         "hybridmim", "1", "0"))
+    assert spec_hash(ft) != spec_hash(hcfg.finetune_spec(config, "demo_brats", "unet",
+                                                         "hybridmim", "1", "1"))
+
+
+def test_simmim_is_full_reconstruction_pr_only(tmp_path):
+    def add(c):
+        c["pretraining"]["methods"]["simmim"] = {"kind": "simmim"}
+    config = hcfg.load_config(_load(tmp_path, add))
+    spec = hcfg.pretrain_spec(config, "unet", "simmim", "ct")
+    assert spec["method"]["box"] == "full"
+    assert spec["method"]["loss_weights"] == {"pr": 1.0, "num": 0.0, "loc": 0.0, "con": 0.0,
+                                              "cl": 0.0}
+
+
+def _snakemake(*args, cwd=ROOT, timeout=300):
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_snakemake_lint_is_clean():
+    proc = _snakemake("--lint")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dry_run_plans_the_whole_grid():
+    proc = _snakemake("-n", "--cores", "2", "--quiet", "rules")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    for rule, count in [("pretrain", 2), ("finetune", 8), ("evaluate", 8), ("report", 1)]:
+        assert any(line.split()[:2] == [rule, str(count)] for line in text.splitlines()), text
+
+
+def test_invalid_config_fails_before_any_job(tmp_path):
+    bad = _load(tmp_path, lambda c: c["finetuning"].update(batch_size=0))
+    proc = _snakemake("-n", "--cores", "1", "--configfile", str(bad))
+    assert proc.returncode != 0
+    assert "batch_size" in proc.stdout + proc.stderr
