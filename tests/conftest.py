@@ -16,10 +16,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-@pytest.fixture
-def project_copy(tmp_path):
-    """A fresh git clone-like copy of the project's tracked files, committed, in tmp."""
-    dest = tmp_path / "project"
+def copy_project(dest: Path) -> Path:
+    """Copy the project's tracked (and not ignored) files to ``dest`` and commit them: what a
+    fresh clone of the current working tree looks like."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
@@ -34,3 +33,8 @@ def project_copy(tmp_path):
                 ["git", "commit", "-qm", "test copy"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
     return dest
+
+
+@pytest.fixture
+def project_copy(tmp_path):
+    return copy_project(tmp_path / "project")
