@@ -82,7 +82,7 @@ def _relative_entry(path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Medical Segmentation Decathlon
 def find_msd_root(extracted: Path, archive_root: str | None = None) -> Path:
-    """The task folder (``TaskXX_Name/``, holding dataset.json and imagesTr/) inside ``extracted``."""
+    """The task folder (``TaskXX_Name/`` with dataset.json and imagesTr/) inside ``extracted``."""
     def is_task(folder: Path) -> bool:
         return (folder / "dataset.json").is_file() and (folder / "imagesTr").is_dir()
 
@@ -161,7 +161,8 @@ def listed_files(folder: Path, index: dict) -> list[str]:
 
 def convert_folder(folder: Path, out_dir: Path, verify: Verify | None = None) -> Path:
     """A folder that already has the canonical layout → ``out_dir`` (hard links). When ``folder``
-    is ``out_dir`` itself it is only checked."""
+    is ``out_dir`` itself it is only checked. Without ``verify`` a listed file that is missing is
+    an error here; with it, the check reports it along with every other problem."""
     folder, out_dir = Path(folder), Path(out_dir)
     try:
         index = read_index(folder)
@@ -175,9 +176,9 @@ def convert_folder(folder: Path, out_dir: Path, verify: Verify | None = None) ->
         raise ConversionError(f"{folder / 'dataset.json'}: paths must be relative to the folder "
                               f"and stay inside it; offending entries: {absolute[:5]}")
     missing = [p for p in files if not (folder / p).is_file()]
-    if missing:
+    if missing and verify is None:
         raise ConversionError(f"{folder / 'dataset.json'}: {len(missing)} listed file(s) are "
-                              f"missing, e.g. {missing[:5]}; fix the folder or dataset.json.")
+                              f"missing: {missing}; fix the folder or dataset.json.")
     if folder.resolve() == out_dir.resolve():
         if verify is not None:
             verify(folder)
@@ -187,7 +188,10 @@ def convert_folder(folder: Path, out_dir: Path, verify: Verify | None = None) ->
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (temp / sub).mkdir()
         for rel in files:
-            link_or_copy(folder / rel, temp / rel.removeprefix("./"))
+            # A missing file is not linked; the integrity check then reports it with its case,
+            # together with every other problem.
+            if (folder / rel).is_file():
+                link_or_copy(folder / rel, temp / rel.removeprefix("./"))
         write_json(temp / "dataset.json", index)
 
     return publish(out_dir, build, verify)

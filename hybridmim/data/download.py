@@ -161,6 +161,7 @@ def _fetch_into_part(url: str, part: Path, headers: dict[str, str], timeout: flo
             check_free_space(part.parent, expected_total - have, f"downloading {name}")
         bar = _progress_bar(expected_total, have, name, progress)
         received = 0
+        started = last_log = time.monotonic()
         try:
             with open(part, mode) as fh:
                 while True:
@@ -171,6 +172,14 @@ def _fetch_into_part(url: str, part: Path, headers: dict[str, str], timeout: flo
                     received += len(block)
                     if bar is not None:
                         bar.update(len(block))
+                    now = time.monotonic()
+                    if progress and bar is not None and bar.disable and now - last_log > 30:
+                        # no terminal (Snakemake/SLURM log): one line every 30 s instead
+                        last_log = now
+                        rate = received / max(now - started, 1e-9)
+                        done = have + received
+                        log.info("%s: %s of %s (%.1f MiB/s)", name, _human(done),
+                                 _human(expected_total) if expected_total else "?", rate / 2**20)
                 fh.flush()
                 os.fsync(fh.fileno())
         finally:
@@ -258,7 +267,7 @@ def _synapse_json(url: str, token: str, timeout: float):
     try:
         with open_url(url, {"Authorization": f"Bearer {token}", "Accept": "application/json"},
                       timeout=timeout) as response:
-            return json.loads(response.read().decode()), response
+            return json.loads(response.read().decode())
     except urllib.error.HTTPError as err:
         raise DownloadError(
             f"Synapse refused {redact_url(url)}: HTTP {err.code} {err.reason}. Check that the "
@@ -276,8 +285,8 @@ def synapse_download(entity_id: str, dest: str | os.PathLike, token: str,
     the token (it carries its own signature). The token is only ever put in a request header.
     """
     base = endpoint.rstrip("/")
-    handles, _ = _synapse_json(f"{base}/entity/{entity_id}/filehandles", token, timeout)
-    entity, _ = _synapse_json(f"{base}/entity/{entity_id}", token, timeout)
+    handles = _synapse_json(f"{base}/entity/{entity_id}/filehandles", token, timeout)
+    entity = _synapse_json(f"{base}/entity/{entity_id}", token, timeout)
     handle_id = str(entity.get("dataFileHandleId", ""))
     handle = next((h for h in handles.get("list", []) if str(h.get("id")) == handle_id), None)
     if handle is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import lzma
 import os
 import shutil
 import stat
@@ -61,8 +62,9 @@ def _extract_tar(archive: Path, into: Path) -> int:
         for member in tar:
             rel = _safe_relative(member.name, archive)
             if member.issym() or member.islnk():
+                link_kind = "symbolic" if member.issym() else "hard"
                 raise UnsafeArchiveError(
-                    f"{archive}: member {member.name!r} is a {'symbolic' if member.issym() else 'hard'}"
+                    f"{archive}: member {member.name!r} is a {link_kind}"
                     f" link (to {member.linkname!r}); links are refused because they can redirect "
                     "writes outside the target folder.")
             if member.isdir():
@@ -133,6 +135,9 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
         raise ArchiveError(f"{archive} is neither a tar nor a zip archive (or it is truncated "
                            "before its first member). Delete it and download it again.")
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of an attempt that was killed (SIGKILL, power loss) before its cleanup ran.
+    for stale in target.parent.glob(f".{target.name}.extracting-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extracting-", dir=target.parent))
     try:
         log.info("Extracting %s into %s", archive, target)
@@ -140,7 +145,8 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
             count = extractor(archive, temp)
         except UnsafeArchiveError:
             raise
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as err:
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError,
+                OSError) as err:
             if isinstance(err, OSError) and not _looks_like_corruption(err):
                 raise
             raise ArchiveError(

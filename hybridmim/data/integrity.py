@@ -1,0 +1,223 @@
+"""Integrity check of a dataset in the canonical layout (in the spirit of nnU-Net's
+``verify_dataset_integrity``): every problem is collected, none stops the check, so one run tells
+the user everything that is wrong.
+
+Checked: dataset.json readable and complete; its ``modality`` and ``labels`` agree with the
+registry entry; counts agree with the lists; every listed file exists and is a readable NIfTI;
+image channel count; image/label shape and affine agree (and the channel files of a case agree);
+no NaN/Inf voxels; no constant (empty) image channel; label values integral and inside the label
+map; files lying in imagesTr/labelsTr/imagesTs that dataset.json does not list.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from hybridmim.data.layout import REQUIRED_INDEX_FIELDS, strip_nifti_suffix
+from hybridmim.progress import StepProgress
+
+log = logging.getLogger("hybridmim.data.integrity")
+
+# Image and label share a voxel grid when their affines agree to 1 µm / 1e-3 of a direction
+# cosine: NIfTI writers round differently, true mismatches are far larger.
+AFFINE_ATOL = 1e-3
+
+
+class DatasetIntegrityError(ValueError):
+    """A dataset with problems; ``problems`` lists each one, prefixed with its case."""
+
+    def __init__(self, raw_dir: Path, problems: Sequence[str]):
+        self.problems = list(problems)
+        shown = "\n  - ".join(self.problems)
+        super().__init__(
+            f"{raw_dir}: {len(self.problems)} problem(s) found by the integrity check:\n  - "
+            f"{shown}\nFix or remove these cases (or re-download/re-convert the dataset), "
+            "then run again.")
+
+
+def _load(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """(voxels, affine, None) or (None, None, reason)."""
+    try:
+        image = nib.load(str(path))
+        return np.asanyarray(image.dataobj), image.affine, None
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib, ...)
+        return None, None, f"unreadable NIfTI ({type(err).__name__}: {err})"
+
+
+def _resolve(raw_dir: Path, rel: str) -> tuple[Path | None, str | None]:
+    candidate = Path(rel)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        return None, f"path {rel!r} in dataset.json must be relative and stay inside the folder"
+    path = raw_dir / rel
+    if not path.is_file():
+        return None, f"{rel}: listed in dataset.json but missing"
+    return path, None
+
+
+def _channels_of(array: np.ndarray) -> list[np.ndarray]:
+    if array.ndim == 4:
+        return [array[..., c] for c in range(array.shape[3])]
+    return [array]
+
+
+def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
+                label_values: set[int], num_channels: int) -> list[str]:
+    problems: list[str] = []
+
+    def add(message: str) -> None:
+        problems.append(f"{case}: {message}")
+
+    channels: list[np.ndarray] = []
+    grid: tuple[tuple[int, ...], np.ndarray, str] | None = None  # (spatial shape, affine, file)
+    for rel in images:
+        path, error = _resolve(raw_dir, rel)
+        if error:
+            add(error)
+            continue
+        array, affine, error = _load(path)
+        if error:
+            add(f"{rel}: {error}")
+            continue
+        if array.ndim not in (3, 4):
+            add(f"{rel}: image has {array.ndim} dimensions, expected 3 (or 4 with channels last)")
+            continue
+        if grid is None:
+            grid = (array.shape[:3], affine, rel)
+        elif array.shape[:3] != grid[0]:
+            add(f"{rel}: shape {array.shape[:3]} differs from {grid[2]} {grid[0]}")
+        elif not np.allclose(affine, grid[1], atol=AFFINE_ATOL):
+            add(f"{rel}: affine differs from {grid[2]} (channels not on one grid)")
+        for channel in _channels_of(array):
+            where = f"{rel} channel {len(channels)}" if num_channels > 1 else rel
+            if np.issubdtype(channel.dtype, np.floating):
+                bad = int(np.count_nonzero(~np.isfinite(channel)))
+                if bad:
+                    add(f"{where}: {bad} NaN/Inf voxel(s)")
+                    channels.append(channel)
+                    continue
+            if channel.size == 0 or channel.min() == channel.max():
+                add(f"{where}: image is constant (empty) — value "
+                    f"{channel.flat[0] if channel.size else 'n/a'} everywhere")
+            channels.append(channel)
+    if grid is not None and len(channels) != num_channels and not any(
+            "unreadable" in p or "missing" in p for p in problems):
+        add(f"image has {len(channels)} channel(s), the dataset declares {num_channels}")
+    if label is None:
+        return problems
+    path, error = _resolve(raw_dir, label)
+    if error:
+        add(error)
+        return problems
+    array, affine, error = _load(path)
+    if error:
+        add(f"{label}: {error}")
+        return problems
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        add(f"{label}: label has shape {array.shape}, expected a 3D volume")
+        return problems
+    if grid is not None:
+        if array.shape != grid[0]:
+            add(f"{label}: label shape {array.shape} differs from image shape {grid[0]}")
+        elif not np.allclose(affine, grid[1], atol=AFFINE_ATOL):
+            add(f"{label}: label affine differs from the image's (not on the same grid); "
+                f"max difference {np.abs(affine - grid[1]).max():.4g}")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            add(f"{label}: {int(np.count_nonzero(~np.isfinite(array)))} NaN/Inf voxel(s) in label")
+            return problems
+        if not np.array_equal(np.rint(array), array):
+            add(f"{label}: label has non-integer values")
+            return problems
+    present = {int(v) for v in np.unique(array)}
+    outside = sorted(present - label_values)
+    if outside:
+        add(f"{label}: label values {outside} are not in the label map {sorted(label_values)}")
+    return problems
+
+
+def _entries(index: dict) -> Iterable[tuple[str, list[str], str | None]]:
+    for entry in index.get("training", []):
+        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        case = entry.get("case") or (strip_nifti_suffix(Path(images[0]).name) if len(images) == 1
+                                     else strip_nifti_suffix(Path(entry["label"]).name))
+        yield case, images, entry["label"]
+    for entry in index.get("test", []):
+        image = entry["image"] if isinstance(entry, dict) else entry
+        images = image if isinstance(image, list) else [image]
+        case = (entry.get("case") if isinstance(entry, dict) else None) or \
+            strip_nifti_suffix(Path(images[0]).name)
+        yield case, images, None
+
+
+def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Iterable[int],
+                  channels: Sequence[str] | int, workers: int = 2) -> list[str]:
+    """Every problem of the dataset at ``raw_dir``, each prefixed by its case (or dataset.json)."""
+    raw_dir = Path(raw_dir)
+    label_values = {int(k) for k in label_map}
+    num_channels = channels if isinstance(channels, int) else len(channels)
+    index_path = raw_dir / "dataset.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        return [f"dataset.json: missing in {raw_dir}"]
+    except (OSError, json.JSONDecodeError) as err:
+        return [f"dataset.json: unreadable ({err})"]
+    problems: list[str] = []
+    missing = [key for key in REQUIRED_INDEX_FIELDS if key not in index]
+    if missing:
+        problems.append(f"dataset.json: lacks field(s) {missing}")
+    if "training" not in index or not isinstance(index.get("training"), list):
+        return problems + ["dataset.json: no 'training' list"]
+    if isinstance(index.get("modality"), dict) and len(index["modality"]) != num_channels:
+        problems.append(f"dataset.json: declares {len(index['modality'])} channel(s) "
+                        f"{list(index['modality'].values())}, the registry {num_channels}")
+    if isinstance(index.get("labels"), dict):
+        declared = {int(k) for k in index["labels"]}
+        if declared != label_values:
+            problems.append(f"dataset.json: labels {sorted(declared)} differ from the registry's "
+                            f"label map {sorted(label_values)}")
+    for key, listed in (("numTraining", "training"), ("numTest", "test")):
+        if key in index and index[key] != len(index.get(listed, [])):
+            problems.append(f"dataset.json: {key} is {index[key]} but '{listed}' lists "
+                            f"{len(index.get(listed, []))} entries")
+    cases = list(_entries(index))
+    names = [case for case, _, _ in cases]
+    for duplicate in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{duplicate}: case id occurs more than once in dataset.json")
+    listed_files = {os.path.normpath(p) for _, images, label in cases
+                    for p in images + ([label] if label else [])}
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        if not (raw_dir / sub).is_dir():
+            continue
+        for path in sorted((raw_dir / sub).iterdir()):
+            rel = os.path.normpath(f"{sub}/{path.name}")
+            if not path.name.startswith(".") and rel not in listed_files:
+                problems.append(f"{rel}: present but not listed in dataset.json (remove it or "
+                                "add it to dataset.json)")
+    progress = StepProgress(len(cases), "integrity check", every_s=30.0)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(lambda c: _check_case(raw_dir, c[0], c[1], c[2], label_values,
+                                                 num_channels), cases)
+        for done, case_problems in enumerate(results, 1):
+            problems += case_problems
+            progress.update(done)
+    progress.close()
+    return problems
+
+
+def assert_dataset_ok(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Iterable[int],
+                      channels: Sequence[str] | int, workers: int = 2) -> None:
+    """Raise one DatasetIntegrityError listing EVERY problem, or return quietly."""
+    problems = check_dataset(raw_dir, label_map, channels, workers=workers)
+    if problems:
+        raise DatasetIntegrityError(Path(raw_dir), problems)
+    log.info("%s passed the integrity check", raw_dir)
