@@ -8,14 +8,13 @@ or a number that differs between the file and MLflow is an error that names the 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import pandas as pd
 
@@ -71,59 +70,78 @@ def same_number(a: Any, b: Any, rel_tol: float = 1e-9, abs_tol: float = 1e-12) -
     return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
-def expected_metrics(payload: dict[str, Any]) -> dict[str, Any]:
-    """Every number a metrics file states, keyed by the MLflow metric name it was logged as."""
-    expected = dict(payload.get("metrics") or {})
+def stated_numbers(payload: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """Every number a metrics file states: (where in the file, MLflow metric name, value).
+
+    ``per_class`` repeats the class metrics under the class's display name; its MLflow name is
+    ``test_<kind>_<metric_key(name)>`` (hybridmim.evaluate.metrics), so both copies are checked.
+    """
+    from hybridmim.evaluate.metrics import metric_key
+
+    stated = [(f"metrics.{name}", name, value)
+              for name, value in (payload.get("metrics") or {}).items()]
     for kind, values in (payload.get("per_class") or {}).items():
         for label, value in (values or {}).items():
-            expected.setdefault(f"test_{kind}_{label}", value)
-    return expected
+            stated.append((f"per_class.{kind}.{label}", f"test_{kind}_{metric_key(label)}", value))
+    return stated
 
 
 def metric_disagreements(payload: dict[str, Any], mlflow_metrics: dict[str, float]) -> list[str]:
     """Human-readable differences between a metrics file and its MLflow run (empty: they agree)."""
     problems = []
-    for name, value in expected_metrics(payload).items():
+    for where, name, value in stated_numbers(payload):
         if name not in mlflow_metrics:
-            problems.append(f"{name}: file says {value}, MLflow run has no such metric")
+            problems.append(f"{where}: file says {value}, MLflow run has no metric {name}")
         elif not same_number(value, mlflow_metrics[name]):
-            problems.append(f"{name}: file says {value}, MLflow says "
+            problems.append(f"{where}: file says {value}, MLflow {name} is "
                             f"{from_mlflow_value(mlflow_metrics[name])}")
     return problems
 
 
-@contextlib.contextmanager
-def tracking_uri_set(uri: str) -> Iterator[None]:
-    """mlflow.search_runs reads the global tracking URI; set it only for the block."""
-    import mlflow
+def class_keys(payload: dict[str, Any]) -> list[list[str]]:
+    """[[metric key, display name], ...] of the file's Dice classes."""
+    from hybridmim.evaluate.metrics import metric_key
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
+    names = list(((payload.get("per_class") or {}).get("dice") or {}))
+    return [[metric_key(name), name] for name in names]
+
+
+def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
+    """MLflow Run objects as a frame with mlflow.search_runs' column naming (metrics.*, tags.*)."""
+    records = []
+    for run in runs:
+        record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                  "status": run.info.status}
+        record.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+        record.update({f"params.{k}": v for k, v in run.data.params.items()})
+        record.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+        records.append(record)
+    return pd.DataFrame.from_records(records, columns=None if records else ["run_id"])
 
 
 def search_runs_by_id(tracking_uri: str, run_ids: Iterable[str], experiment: str) -> pd.DataFrame:
-    """One row per run id found in ``experiment`` (MLflow's column naming: metrics.*, tags.*)."""
-    import mlflow
+    """One row per run id found in ``experiment`` (mlflow.search_runs' columns).
+
+    The client's search is used rather than ``mlflow.search_runs``: the latter reads the
+    process-global tracking URI, and setting it also rewrites $MLFLOW_TRACKING_URI, which would
+    redirect every later job of this process.
+    """
     from mlflow.tracking import MlflowClient
 
-    run_ids = sorted(set(run_ids))
-    if MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment) is None:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
         raise ReportInputError(f"MLflow store {tracking_uri} has no experiment {experiment!r}; "
                                "run the jobs first or pass the tracking URI that holds their runs")
-    frames = []
-    with tracking_uri_set(tracking_uri):
-        for start in range(0, len(run_ids), _IDS_PER_QUERY):
-            chunk = run_ids[start:start + _IDS_PER_QUERY]
-            quoted = ", ".join(f"'{run_id}'" for run_id in chunk)
-            frames.append(mlflow.search_runs(
-                experiment_names=[experiment], filter_string=f"attributes.run_id IN ({quoted})",
-                max_results=len(chunk), output_format="pandas"))
-    frames = [frame for frame in frames if not frame.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"run_id": []})
+    run_ids = sorted(set(run_ids))
+    found = []
+    for start in range(0, len(run_ids), _IDS_PER_QUERY):
+        chunk = run_ids[start:start + _IDS_PER_QUERY]
+        quoted = ", ".join(f"'{run_id}'" for run_id in chunk)
+        found += client.search_runs([exp.experiment_id],
+                                    filter_string=f"attributes.run_id IN ({quoted})",
+                                    max_results=len(chunk))
+    return runs_frame(found)
 
 
 def _load_listed(metrics_files: Iterable[str | os.PathLike]) -> dict[str, tuple[Path, dict]]:
@@ -155,8 +173,9 @@ def _wildcards(row: pd.Series, path: Path) -> dict[str, Any]:
         values["fraction"] = float(values["fraction"])
         values["seed"] = int(values["seed"])
     except ValueError as exc:
-        raise ReportInputError(f"run {row['run_id']} (listed in {path}): fraction/seed tags "
-                               f"{values['fraction']!r}/{values['seed']!r} are not numbers") from exc
+        raise ReportInputError(
+            f"run {row['run_id']} (listed in {path}): fraction/seed tags "
+            f"{values['fraction']!r}/{values['seed']!r} are not numbers") from exc
     match = _EVALUATE_PATH.search(Path(path).resolve().as_posix())
     if match:
         for name, text in match.groupdict().items():
@@ -180,8 +199,8 @@ def collect_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     """The listed evaluate runs as a frame: one row per run.
 
     Columns: ``run_id``, ``metrics_file``, ``status``, the wildcards (dataset, backbone, init,
-    fraction: float, seed: int), ``classes`` (JSON list of the per-class names in label order,
-    from the file) and one float column per MLflow metric (``test_dice_mean``,
+    fraction: float, seed: int), ``classes`` (JSON ``[[metric key, class name], ...]`` from the
+    file's per_class) and one float column per MLflow metric (``test_dice_mean``,
     ``test_dice_<class>``, ...; inf restored), plus MLflow's ``tags.*`` columns.
     """
     listed = _load_listed(metrics_files)
@@ -197,8 +216,11 @@ def collect_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     records = []
     for _, row in found.iterrows():
         path, payload = listed[row["run_id"]]
+        stated = {name for _, name, _ in stated_numbers(payload)}
+        # search_runs pads metrics a run never logged with NaN; a NaN counts as logged only
+        # where the file states that metric.
         mlflow_metrics = {c.removeprefix("metrics."): row[c] for c in metric_columns
-                          if not pd.isna(row[c]) or _logged_nan(payload, c)}
+                          if not pd.isna(row[c]) or c.removeprefix("metrics.") in stated}
         problems = metric_disagreements(payload, mlflow_metrics)
         if problems:
             raise ReportInputError(
@@ -207,7 +229,7 @@ def collect_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
                 "re-run the evaluate job")
         record = {"run_id": row["run_id"], "metrics_file": str(path), "status": row["status"],
                   **_wildcards(row, path),
-                  "classes": json.dumps(list((payload.get("per_class") or {}).get("dice", {})))}
+                  "classes": json.dumps(class_keys(payload))}
         record.update({name: from_mlflow_value(value) for name, value in mlflow_metrics.items()})
         record.update({c: row[c] for c in tag_columns})
         records.append(record)
@@ -215,14 +237,10 @@ def collect_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     return frame.sort_values(list(WILDCARDS), ignore_index=True)
 
 
-def _logged_nan(payload: dict[str, Any], column: str) -> bool:
-    """A NaN cell is a logged NaN only if the file states that metric (search_runs pads others)."""
-    return column.removeprefix("metrics.") in expected_metrics(payload)
-
-
 def collect_pretrain_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
                           experiment: str = "pretrain") -> pd.DataFrame:
-    """The listed pretraining runs (run_id, metrics_file, label, tags.*); missing runs are errors."""
+    """The listed pretraining runs (run_id, metrics_file, label, tags.*); a missing run is an
+    error naming its file."""
     listed = _load_listed(metrics_files)
     found = search_runs_by_id(tracking_uri, listed, experiment)
     missing = sorted(set(listed) - set(found["run_id"]))

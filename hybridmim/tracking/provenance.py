@@ -22,17 +22,22 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-@functools.lru_cache(maxsize=None)
-def git_state(cwd: str = ".") -> dict[str, str]:
+def git_state(cwd: str | os.PathLike = ".") -> dict[str, str]:
     """Commit and dirty flag of the repository that holds ``cwd`` (the workflow's working dir)."""
-    path = Path(cwd).resolve()
+    # Cached per resolved folder: a process that changes directory must not see another repo's.
+    return dict(_git_state_at(str(Path(cwd).resolve())))
+
+
+@functools.lru_cache(maxsize=None)
+def _git_state_at(folder: str) -> tuple[tuple[str, str], ...]:
+    path = Path(folder)
     commit = _git(["rev-parse", "HEAD"], path)
     if commit is None:
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
+        return (("git_commit", "unknown"), ("git_dirty", "unknown"))
     # Generated outputs are git-ignored, so any change listed here is a change to tracked code,
     # config or pointers.
     status = _git(["status", "--porcelain", "--untracked-files=no"], path) or ""
-    return {"git_commit": commit, "git_dirty": str(bool(status.strip())).lower()}
+    return (("git_commit", commit), ("git_dirty", str(bool(status.strip())).lower()))
 
 
 def _dvc_lock_hashes(lock_path: Path) -> dict[str, str]:

@@ -1,0 +1,55 @@
+"""Tables and figures from MLflow, and the audit that re-verifies every reported number.
+
+``build_report`` backs the CLI's ``report`` sub-command; ``hybridmim.report.audit.main`` backs
+``audit`` (imported from its module: it needs torch to read model files).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+from hybridmim.report.collect import ReportInputError, collect_pretrain_runs, collect_runs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAPER_RESULTS = Path(__file__).resolve().parents[2] / "config" / "paper_results.yaml"
+
+
+def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
+                 pretrain_metrics_files: Iterable[str | os.PathLike],
+                 out_dir: str | os.PathLike,
+                 paper_results: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write ``out_dir``/tables/* and ``out_dir``/figures/*; return {name: path} of every file.
+
+    ``metrics_files``: the evaluate jobs' metrics.json (their run ids select the MLflow runs).
+    ``pretrain_metrics_files``: the pretraining jobs' metrics.json (loss curves; may be empty).
+    ``paper_results``: defaults to config/paper_results.yaml of this checkout.
+    """
+    from hybridmim.report.figures import write_figures
+    from hybridmim.report.tables import (comparison_table, load_paper_results, paper_table,
+                                         per_class_tables)
+
+    out_dir = Path(out_dir)
+    tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
+    paper = load_paper_results(paper_results or DEFAULT_PAPER_RESULTS)
+    runs = collect_runs(tracking_uri, metrics_files)
+    log.info("report: %d evaluate runs from %s", len(runs), tracking_uri)
+    pretrain_files = list(pretrain_metrics_files)
+    pretrain_runs = collect_pretrain_runs(tracking_uri, pretrain_files) if pretrain_files else None
+
+    written: dict[str, Path] = {}
+    comparison_long, paths = comparison_table(runs, tables_dir)
+    written.update({f"comparison.{k}": p for k, p in paths.items()})
+    for dataset, paths in per_class_tables(runs, tables_dir).items():
+        written.update({f"per_class_{dataset}.{k}": p for k, p in paths.items()})
+    _, paths = paper_table(comparison_long, paper, tables_dir)
+    written.update({f"paper_vs_ours.{k}": p for k, p in paths.items()})
+    written.update(write_figures(tracking_uri, runs, pretrain_runs, figures_dir))
+    for name, path in written.items():
+        log.info("report: wrote %s (%s)", path, name)
+    return written
+
+
+__all__ = ["ReportInputError", "build_report", "collect_runs"]

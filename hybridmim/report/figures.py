@@ -1,0 +1,155 @@
+"""Report figures (PNG): Dice per init, label efficiency, pretraining loss curves.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot global state), so
+a report built inside a long-lived process never opens a window or leaks figures. Every file is
+written atomically.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from hybridmim.atomic import atomic_path
+from hybridmim.report.tables import aggregate, fraction_text, order_inits
+
+LOSS_TERMS = ("loss_total", "loss_pr", "loss_num", "loss_loc", "loss_con", "loss_cl")
+
+
+def save_png(fig: Figure, path: str | Path) -> Path:
+    FigureCanvasAgg(fig)
+    with atomic_path(path, suffix=".png") as tmp:
+        # The temporary name ends in .tmp, so the format must be given explicitly.
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return Path(path)
+
+
+def _seed_stats(runs: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
+    rows = []
+    for keys, group in runs.groupby(by, sort=True):
+        mean, std, n = aggregate(group[metric].to_list())
+        rows.append({**dict(zip(by, keys)), "mean": mean * 100, "std": std * 100, "n": n})
+    return pd.DataFrame.from_records(rows)
+
+
+def plot_dice_by_init(runs: pd.DataFrame, path: str | Path,
+                      metric: str = "test_dice_mean") -> Path:
+    """Grouped bars: one group per dataset (× backbone), one bar per init, error bar = std."""
+    # With several label fractions the bars show the full-label setting (the largest fraction).
+    full = runs.loc[runs["fraction"] == runs["fraction"].max()]
+    stats = _seed_stats(full, ["dataset", "backbone", "init"], metric)
+    groups = list(dict.fromkeys(zip(stats["dataset"], stats["backbone"])))
+    inits = order_inits(stats["init"])
+    width = 0.8 / len(inits)
+    width_in = max(5.0, 0.7 * len(groups) * len(inits) + 2)
+    fig = Figure(figsize=(width_in, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(groups))
+    for i, init in enumerate(inits):
+        part = stats.loc[stats["init"] == init].set_index(["dataset", "backbone"])
+        means = [part["mean"].get(g, np.nan) for g in groups]
+        stds = [np.nan_to_num(part["std"].get(g, np.nan)) for g in groups]
+        ax.bar(x + (i - (len(inits) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+               label=init)
+    multi_backbone = stats["backbone"].nunique() > 1
+    ax.set_xticks(x, [f"{d}\n{b}" if multi_backbone else d for d, b in groups])
+    ax.set_ylabel("test Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Test Dice per initialisation (labels {fraction_text(full['fraction'].max())}, "
+                 "error bars: std over seeds)", fontsize=9)
+    ax.legend(title="init", fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    return save_png(fig, path)
+
+
+def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
+                          metric: str = "test_dice_mean") -> Path | None:
+    """Dice vs label fraction per init, one panel per dataset × backbone; None with one fraction."""
+    if runs["fraction"].nunique() < 2:
+        return None
+    stats = _seed_stats(runs, ["dataset", "backbone", "init", "fraction"], metric)
+    panels = list(dict.fromkeys(zip(stats["dataset"], stats["backbone"])))
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
+    for k, (dataset, backbone) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        panel = stats.loc[(stats["dataset"] == dataset) & (stats["backbone"] == backbone)]
+        for init in order_inits(panel["init"]):
+            line = panel.loc[panel["init"] == init].sort_values("fraction")
+            ax.errorbar(line["fraction"] * 100, line["mean"], yerr=line["std"].fillna(0),
+                        marker="o", capsize=3, label=init)
+        ax.set_xscale("log")
+        ticks = sorted(panel["fraction"].unique() * 100)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xlabel("training labels (%)")
+        ax.set_ylabel("test Dice (%)")
+        ax.set_title(f"{dataset} / {backbone}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Label efficiency (error bars: std over seeds)", fontsize=10)
+    return save_png(fig, path)
+
+
+def metric_histories(tracking_uri: str, run_id: str,
+                     keys: tuple[str, ...] = LOSS_TERMS) -> dict[str, pd.DataFrame]:
+    """Per-step history of each key the run logged (step, value), sorted by step."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    logged = client.get_run(run_id).data.metrics
+    histories = {}
+    for key in keys:
+        if key not in logged:
+            continue  # a switched-off loss term (ablation) is simply not logged
+        points = client.get_metric_history(run_id, key)
+        frame = pd.DataFrame({"step": [p.step for p in points], "value": [p.value for p in points]})
+        # A resumed run re-logs the steps after its last checkpoint; keep the latest value per step.
+        histories[key] = frame.drop_duplicates("step", keep="last").sort_values("step")
+    return histories
+
+
+def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
+                         path: str | Path) -> Path | None:
+    """One panel per loss term, one line per pretraining run (``label`` column of the frame)."""
+    curves: dict[str, dict[str, pd.DataFrame]] = {}
+    for _, run in pretrain_runs.iterrows():
+        for key, frame in metric_histories(tracking_uri, run["run_id"]).items():
+            curves.setdefault(key, {})[run["label"]] = frame
+    terms = [t for t in LOSS_TERMS if t in curves]
+    if not terms:
+        return None
+    cols = min(3, len(terms))
+    rows = -(-len(terms) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
+    for k, term in enumerate(terms):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        for label, frame in curves[term].items():
+            ax.plot(frame["step"], frame["value"], label=label, linewidth=1)
+        if all((f["value"] > 0).all() for f in curves[term].values()):
+            ax.set_yscale("log")
+        ax.set_title(term, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if k == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle("Pretraining losses (MLflow metric history)", fontsize=10)
+    return save_png(fig, path)
+
+
+def write_figures(tracking_uri: str, runs: pd.DataFrame, pretrain_runs: pd.DataFrame | None,
+                  figures_dir: Path) -> dict[str, Any]:
+    written: dict[str, Any] = {"test_dice": plot_dice_by_init(runs, figures_dir / "test_dice.png")}
+    efficiency = plot_label_efficiency(runs, figures_dir / "label_efficiency.png")
+    if efficiency is not None:
+        written["label_efficiency"] = efficiency
+    if pretrain_runs is not None and not pretrain_runs.empty:
+        losses = plot_pretrain_losses(tracking_uri, pretrain_runs,
+                                      figures_dir / "pretrain_losses.png")
+        if losses is not None:
+            written["pretrain_losses"] = losses
+    return written
