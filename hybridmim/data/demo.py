@@ -16,7 +16,7 @@ flipped), so preprocessing's reorientation to RAS is exercised on every run.
 - ``liver``: the same abdomen, liver (1) with tumours (2) inside; other organs are unlabelled.
 - ``spleen``: the same abdomen, spleen (1) only.
 
-Volumes are ~55–85 voxels per axis, and the body (or brain) fits in 64³ after resampling to the
+Volumes are ~45–86 voxels per axis, and the body (or brain) fits in 64³ after resampling to the
 recipe spacing and cropping to the foreground. Output bytes depend only on the arguments.
 """
 

@@ -16,10 +16,10 @@ A window is a plain JSON dict so it can travel inside a job spec:
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
-import torch
 
 WINDOW_KEYS: dict[str, tuple[str, ...]] = {
     "ct": ("a_min", "a_max", "b_min", "b_max", "clip"),
@@ -62,10 +62,17 @@ def validate_window(window: Any, where: str = "window") -> dict:
     return checked
 
 
+def _is_tensor(image) -> bool:
+    # torch is not imported here: the registry (and through it the Snakefile's config parsing)
+    # imports this module, and an object can only be a tensor if torch is already loaded.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(image, torch.Tensor)
+
+
 def _linear(image, src_min: float, src_max: float, dst_min: float, dst_max: float, clip: bool):
     scaled = (image - src_min) / (src_max - src_min) * (dst_max - dst_min) + dst_min
     if clip:
-        if isinstance(scaled, torch.Tensor):
+        if _is_tensor(scaled):
             return scaled.clamp(dst_min, dst_max)
         return np.clip(scaled, dst_min, dst_max)
     return scaled
@@ -75,12 +82,10 @@ def apply_window(image, window: dict):
     """Map stored intensities to network input. Works on numpy arrays and torch tensors, returns
     float32 of the same kind; the input is never modified in place."""
     kind = window["kind"]
-    if isinstance(image, torch.Tensor):
-        image = image.to(torch.float32)
-    else:
-        image = np.asarray(image, dtype=np.float32)
+    tensor = _is_tensor(image)
+    image = image.float() if tensor else np.asarray(image, dtype=np.float32)
     if kind == "identity":
-        return image.clone() if isinstance(image, torch.Tensor) else image.copy()
+        return image.clone() if tensor else image.copy()
     if kind == "ct":
         return _linear(image, window["a_min"], window["a_max"], window["b_min"], window["b_max"],
                        window["clip"])

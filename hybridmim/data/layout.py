@@ -89,7 +89,8 @@ def list_cases(raw_dir: Path, index: dict, include_unlabelled: bool) -> list[Cas
 
 
 def _resolve(raw_dir: Path, relative: str) -> Path:
-    path = (raw_dir / relative).resolve() if not Path(relative).is_absolute() else Path(relative)
+    # normpath, not resolve(): a symlinked file keeps its own name, which is the case id
+    path = Path(os.path.normpath(raw_dir / relative))
     if not path.is_file():
         raise LayoutError(f"{path}: listed in {raw_dir / 'dataset.json'} but missing; re-run the "
                           f"download/convert step for this dataset")
