@@ -19,8 +19,8 @@ from hybridmim.checkpoints import import_class
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "unet": {"filters": [64, 64, 128, 256, 512], "dropout": 0.1},
     "swinunetr": {"feature_size": 48, "drop_rate": 0.1, "depths": [2, 2, 2, 2],
-                  "num_heads": [3, 6, 12, 24], "attn_drop_rate": 0.0, "dropout_path_rate": 0.0,
-                  "use_checkpoint": False},
+                  "num_heads": [3, 6, 12, 24], "window_size": 7, "attn_drop_rate": 0.0,
+                  "dropout_path_rate": 0.0, "use_checkpoint": False},
     "unetr": {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12,
               "dropout_rate": 0.0},
 }
@@ -85,6 +85,8 @@ def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"backbone 'swinunetr': stage {stage} width "
                                  f"{resolved['feature_size'] * 2 ** stage} is not divisible by "
                                  f"num_heads[{stage}]={heads}")
+        # Smaller attention windows make the CPU demo affordable; 7 is the paper's.
+        _check_positive_int(resolved, name, "window_size")
         for key in ("drop_rate", "attn_drop_rate", "dropout_path_rate"):
             _check_rate(resolved, name, key)
         resolved["use_checkpoint"] = bool(resolved["use_checkpoint"])
@@ -159,7 +161,26 @@ def build_segmentation_network(backbone: dict[str, Any], out_channels: int,
                                crop: int) -> tuple[nn.Module, str, dict[str, Any]]:
     """Build the stock MONAI network; returns (network, class path, kwargs) for model files."""
     class_path, kwargs = network_kwargs(backbone, out_channels, crop)
-    return import_class(class_path)(**kwargs), class_path, kwargs
+    network = import_class(class_path)(**kwargs)
+    freeze_unused_parameters(network)
+    return network, class_path, kwargs
+
+
+def freeze_unused_parameters(network: nn.Module) -> list[str]:
+    """Mark parameters the stock forward never uses as not trainable; returns their names.
+
+    MONAI's TransformerBlock (UNETR's ViT) always creates `norm_cross_attn` but uses it only with
+    cross-attention, which UNETR never enables. Left trainable, these parameters get no gradient
+    and DistributedDataParallel fails unless `find_unused_parameters=True` (slower); frozen, DDP
+    ignores them. The state dict is unchanged, so model files are unaffected.
+    """
+    frozen = []
+    for name, module in network.named_modules():
+        if hasattr(module, "norm_cross_attn") and not getattr(module, "with_cross_attention", True):
+            for pname, param in module.norm_cross_attn.named_parameters():
+                param.requires_grad_(False)
+                frozen.append(f"{name}.norm_cross_attn.{pname}")
+    return frozen
 
 
 def bottleneck_channels(backbone: dict[str, Any]) -> int:

@@ -46,7 +46,7 @@ class EncoderFeatures:
 
 
 def box_slice(t: torch.Tensor, start: int, stride: int) -> torch.Tensor:
-    """The part of a (B, C, X, Y, Z) map at `stride` that covers voxels [start, end) on each axis."""
+    """The part of a (B, C, X, Y, Z) map at `stride` covering voxels [start, end) on each axis."""
     if start % stride:
         raise ValueError(f"box start {start} is not aligned to feature stride {stride}")
     s = start // stride
@@ -116,8 +116,8 @@ def decode_swinunetr(net: SwinUNETR, feats: EncoderFeatures, start: int) -> torc
 def encode_unetr(net: UNETR, x: torch.Tensor) -> EncoderFeatures:
     expected = tuple(f * p for f, p in zip(net.feat_size, net.patch_size))
     if tuple(x.shape[2:]) != expected:
-        raise ValueError(f"UNETR was built for img_size {expected}, got input {tuple(x.shape[2:])}; "
-                         "UNETR's position embedding fixes the crop")
+        raise ValueError(f"UNETR was built for img_size {expected}, got input "
+                         f"{tuple(x.shape[2:])}; UNETR's position embedding fixes the crop")
     last, hidden = net.vit(x)
     stride = net.patch_size[0]
     # Transformer blocks 3, 6 and 9 feed the skip paths (MONAI UNETR.forward).

@@ -57,24 +57,23 @@ def load_into(network: nn.Module, model_file: str | os.PathLike | dict[str, Any]
     if target_class != source_class:
         raise ValueError(f"{source} holds a {source_class} but the network to initialise is a "
                          f"{target_class}; fine-tune the backbone the model was pretrained with")
-    first_layer = _FIRST_LAYER_PREFIXES.get(target_class, ())
-    output_head = _OUTPUT_HEAD_PREFIXES.get(target_class, ())
-
     pretrained: dict[str, torch.Tensor] = blob["state_dict"]
     own = network.state_dict()
+    first_layer = _keys_sharing_storage(own, _FIRST_LAYER_PREFIXES.get(target_class, ()))
+    output_head = _keys_sharing_storage(own, _OUTPUT_HEAD_PREFIXES.get(target_class, ()))
     report: dict[str, list[str]] = {"loaded": [], "missing": sorted(set(own) - set(pretrained)),
                                     "unexpected": sorted(set(pretrained) - set(own)),
                                     "shape_mismatched": [], "reinitialised": []}
     wrong_channels, wrong_shapes, to_copy = [], [], {}
     for key in sorted(set(own) & set(pretrained)):
         same_shape = own[key].shape == pretrained[key].shape
-        if reinit_first_layer and key.startswith(first_layer):
+        if reinit_first_layer and key in first_layer:
             report["reinitialised"].append(key)
         elif same_shape:
             to_copy[key] = pretrained[key]
-        elif key.startswith(output_head):
+        elif key in output_head:
             report["shape_mismatched"].append(key)
-        elif key.startswith(first_layer):
+        elif key in first_layer and _only_input_channels_differ(own[key], pretrained[key]):
             wrong_channels.append(key)
         else:
             wrong_shapes.append(key)
@@ -101,6 +100,19 @@ def load_into(network: nn.Module, model_file: str | os.PathLike | dict[str, Any]
                f"{len(report['unexpected'])}")
     (log.warning if report["missing"] or report["unexpected"] else log.info)(summary)
     return report
+
+
+def _keys_sharing_storage(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> set[str]:
+    """Keys under `prefixes` plus their aliases: DynUNet registers its blocks twice (input_block
+    and skip_layers.downsample are one module), so one tensor appears under two names."""
+    keys = {k for k in state if k.startswith(prefixes)}
+    pointers = {state[k].data_ptr() for k in keys}
+    return keys | {k for k, v in state.items() if v.data_ptr() in pointers}
+
+
+def _only_input_channels_differ(own: torch.Tensor, pretrained: torch.Tensor) -> bool:
+    return (own.ndim == pretrained.ndim >= 2 and own.shape[0] == pretrained.shape[0]
+            and own.shape[2:] == pretrained.shape[2:])
 
 
 def _in_channels(network: nn.Module, own: dict[str, torch.Tensor], key: str) -> Any:
