@@ -5,13 +5,13 @@ the voxel spacing). Empty-class conventions follow MONAI's defaults, which are w
 research-contributions BTCV validation (the source of the public reference Dice numbers we compare
 against) uses — ``DiceMetric(ignore_empty=True)`` with ``get_not_nans`` aggregation:
 
-==========================  ===========  ===========  ===========================================
-ground truth / prediction   Dice         HD95         in the class mean?
-==========================  ===========  ===========  ===========================================
-both non-empty              computed     computed     yes
-GT non-empty, pred empty    0            NaN          Dice yes; HD95 no (counted, ``hd95_undefined``)
-GT empty (pred any)         NaN          NaN          no (counted, ``gt_empty``)
-==========================  ===========  ===========  ===========================================
+=========================  ========  ========  ==============================================
+ground truth / prediction  Dice      HD95      in the class mean?
+=========================  ========  ========  ==============================================
+both non-empty             computed  computed  yes
+GT non-empty, pred empty   0         NaN       Dice yes; HD95 no (counted: ``hd95_undefined``)
+GT empty (pred any)        NaN       NaN       no (counted: ``gt_empty``)
+=========================  ========  ========  ==============================================
 
 (The BTCV *test script* of that repository scores an absent organ as Dice 0 instead; we follow
 the DiceMetric convention because the published numbers come from it.) A missed structure still
@@ -41,44 +41,28 @@ def class_names(labels: dict[str, str], regions: dict[str, Sequence[int]] | None
     return [labels[key] for key in sorted(labels, key=int) if int(key) != 0]
 
 
-def label_values(labels: dict[str, str]) -> list[int]:
-    """Label values in channel order (0 = background first). ``labels`` maps value → name."""
-    try:
-        values = sorted(int(key) for key in labels)
-    except ValueError as exc:
-        raise ValueError(f"dataset.labels keys must be integer label values, got {list(labels)}: "
-                         f"fix the dataset's label map") from exc
-    if not values or values[0] != 0:
-        raise ValueError(f"dataset.labels must contain 0 (background), got {list(labels)}")
-    return values
-
-
-def label_lookup(labels: dict[str, str]) -> torch.Tensor:
-    """Table mapping a stored label value to its channel index (identity for 0..K-1 label maps;
-    needed when a label map skips values). Unknown values map to -1 so they can be detected."""
-    values = label_values(labels)
-    table = torch.full((max(values) + 1,), -1, dtype=torch.long)
-    table[torch.tensor(values)] = torch.arange(len(values))
-    return table
-
-
-def labels_to_channels(label: torch.Tensor, labels: dict[str, str]) -> torch.Tensor:
-    """Stored label values → channel indices, failing clearly on values outside the label map."""
-    table = label_lookup(labels)
-    label = label.long()
-    if label.numel() and (label.min() < 0 or label.max() >= len(table)
-                          or (table[label.clamp(0, len(table) - 1)] < 0).any()):
-        found = sorted(int(v) for v in torch.unique(label))
-        raise ValueError(f"label values {found} are not all in dataset.labels "
-                         f"{label_values(labels)}; fix the label map in the config or the label "
-                         "files")
-    return table[label]
-
-
 def one_hot(index_map: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(X, Y, Z) channel indices → (num_classes, X, Y, Z) bool."""
     classes = torch.arange(num_classes, device=index_map.device).view(-1, *([1] * index_map.ndim))
     return index_map.unsqueeze(0) == classes
+
+
+def ground_truth_masks(label: torch.Tensor, num_classes: int, regions: bool) -> torch.Tensor:
+    """A case's label as SegmentationDataset gives it → binary (K, X, Y, Z): region channels as
+    they are, or a class-index map (values 0..K-1, with or without its channel axis) one-hot over
+    all classes, background included, like a prediction."""
+    if regions:
+        return label.bool()
+    index = label.reshape(label.shape[-3:]).long()
+    check_class_indices(index, num_classes)
+    return one_hot(index, num_classes)
+
+
+def check_class_indices(index: torch.Tensor, num_classes: int) -> None:
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_classes):
+        found = sorted(int(v) for v in torch.unique(index))
+        raise ValueError(f"label classes {found} do not fit the {num_classes} classes of "
+                         "dataset.labels; fix the label map in the config or the label files")
 
 
 def foreground_masks(prediction: torch.Tensor, truth: torch.Tensor, regions: bool
@@ -101,7 +85,8 @@ def case_metrics(prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequenc
         raise ValueError(f"prediction {tuple(prediction.shape)} and ground truth "
                          f"{tuple(truth.shape)} differ in shape")
     if prediction.shape[0] != len(names):
-        raise ValueError(f"{prediction.shape[0]} channels but {len(names)} class names {list(names)}")
+        raise ValueError(f"{prediction.shape[0]} channels but {len(names)} class names "
+                         f"{list(names)}")
     if len(spacing) != prediction.ndim - 1:
         raise ValueError(f"spacing {list(spacing)} must have one value per spatial axis")
     y_pred = prediction.unsqueeze(0).float()
@@ -145,7 +130,7 @@ def aggregate(per_case: list[dict[str, dict[str, Any]]], names: Sequence[str]) -
 
 
 def metric_key(name: str) -> str:
-    """A class name as an MLflow-safe, table-friendly metric suffix ("Right kidney" → right_kidney)."""
+    """A class name as an MLflow-safe metric suffix ("Right kidney" → right_kidney)."""
     key = re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
     return key or "class"
 

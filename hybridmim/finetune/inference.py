@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from monai.inferers import sliding_window_inference
 
+from hybridmim.evaluate.metrics import one_hot
 from hybridmim.runtime import autocast
 
 
 @torch.no_grad()
 def predict_volume(network: torch.nn.Module, image: torch.Tensor, crop: int,
-                   overlap: float = 0.5, mode: str = "gaussian", sw_batch_size: int = 2,
+                   overlap: float = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
                    device: torch.device | str = "cpu", precision: str = "fp32",
                    regions: bool = False) -> torch.Tensor:
     """Class probabilities (K, X, Y, Z) on the CPU for one image (C, X, Y, Z).
@@ -43,6 +44,4 @@ def probabilities_to_masks(probabilities: torch.Tensor, regions: bool) -> torch.
     ``p > 0.5`` per channel for overlapping regions (BraTS TC/WT/ET)."""
     if regions:
         return probabilities > 0.5
-    winner = probabilities.argmax(dim=0)
-    classes = torch.arange(probabilities.shape[0]).view(-1, 1, 1, 1)
-    return winner.unsqueeze(0) == classes
+    return one_hot(probabilities.argmax(dim=0), probabilities.shape[0])

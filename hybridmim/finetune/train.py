@@ -24,8 +24,8 @@ from monai.losses import DiceCELoss
 
 from hybridmim import checkpoints, runtime
 from hybridmim.atomic import write_json
-from hybridmim.evaluate.metrics import (class_names, foreground_masks, labels_to_channels,
-                                        metric_key, one_hot)
+from hybridmim.evaluate.metrics import (check_class_indices, class_names, foreground_masks,
+                                        ground_truth_masks, metric_key)
 from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.preemption import Preempted, TerminationGuard
@@ -34,7 +34,7 @@ from hybridmim.progress import StepProgress
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("run_name", "seed", "out", "tracking", "backbone.name", "backbone.in_channels",
-                 "geometry.crop", "dataset.name", "dataset.processed_dir", "dataset.window",
+                 "dataset.name", "dataset.processed_dir", "dataset.window",
                  "dataset.labels", "init.name", "label_fraction", "optim.lr",
                  "optim.weight_decay", "optim.steps", "batch_size", "val_every", "sw_overlap",
                  "checkpoint_every", "log_every")
@@ -54,6 +54,7 @@ def check_finetune_spec(spec: dict[str, Any]) -> None:
     """Fail before any work with a message naming the bad key."""
     for key in REQUIRED_KEYS:
         spec_value(spec, key)
+    crop_of(spec)
     fraction = float(spec["label_fraction"])
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
@@ -66,6 +67,15 @@ def check_finetune_spec(spec: dict[str, Any]) -> None:
     if spec["init"]["name"] != "scratch" and not spec["init"].get("checkpoint"):
         raise ValueError(f"init.name is {spec['init']['name']!r} but init.checkpoint is empty; "
                          "point it at a pretrained model.pt or use init.name 'scratch'")
+
+
+def crop_of(spec: dict[str, Any]) -> int:
+    """The training crop (cube edge): ``crop``, or ``geometry.crop`` as pretraining specs put it."""
+    crop = spec.get("crop", (spec.get("geometry") or {}).get("crop"))
+    if not isinstance(crop, int) or isinstance(crop, bool) or crop <= 0:
+        raise KeyError(f"finetune spec needs a positive int 'crop' (or 'geometry.crop'), got "
+                       f"{crop!r}")
+    return crop
 
 
 def dataset_spacing(processed_dir: str | Path) -> list[float] | None:
@@ -126,7 +136,7 @@ class FinetuneJob:
         self.regions = ds.get("regions") or None
         self.names = class_names(ds["labels"], self.regions)
         self.out_channels = len(self.regions) if self.regions else len(ds["labels"])
-        self.crop = int(spec["geometry"]["crop"])
+        self.crop = crop_of(spec)
         self.optim = spec["optim"]
         self.steps = int(self.optim["steps"])
         runtime.configure_threads(spec.get("threads"))
@@ -136,11 +146,13 @@ class FinetuneJob:
     # ---- data ---------------------------------------------------------------------------------
     def datasets(self):
         from hybridmim.data.loading import SegmentationDataset
-        from hybridmim.data.splits import load_splits
+        from hybridmim.data.splits import label_fraction_subset, load_splits
 
         splits = load_splits(self.processed_dir)
-        train_ids = label_subset(splits["train"], float(self.spec["label_fraction"]),
-                                 int(self.spec["seed"]))
+        if not splits.get("train"):
+            raise ValueError(f"{self.processed_dir}/splits.json has no 'train' cases")
+        train_ids = label_fraction_subset(splits["train"], float(self.spec["label_fraction"]),
+                                          int(self.spec["seed"]))
         val_ids = list(splits.get("val") or [])
         if not val_ids:
             raise ValueError(f"{self.processed_dir}/splits.json has no 'val' cases; fine-tuning "
@@ -155,8 +167,7 @@ class FinetuneJob:
 
     def batches(self, dataset, epoch: int, loader_seed: int) -> Iterator[tuple[int, dict]]:
         """Endless (epoch, batch) stream; each epoch is a seeded shuffle of the training cases."""
-        from monai.data import DataLoader
-        from torch.utils.data import DistributedSampler
+        from torch.utils.data import DataLoader, DistributedSampler
 
         sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True,
                                      seed=int(self.spec["seed"]))
@@ -172,13 +183,14 @@ class FinetuneJob:
             epoch += 1
 
     def target(self, label: torch.Tensor) -> torch.Tensor:
-        """Label-map values → channel indices (1 channel); region masks pass through as float."""
+        """The loss target: class indices (N, 1, ...) or region channels (N, R, ...), as float."""
         if self.regions:
             if label.shape[1] != len(self.regions):
                 raise ValueError(f"expected {len(self.regions)} region channels "
                                  f"({list(self.regions)}), got label shape {tuple(label.shape)}")
-            return label.float()
-        return labels_to_channels(label, self.spec["dataset"]["labels"]).float()
+        else:
+            check_class_indices(label, self.out_channels)
+        return label.float()
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self, network: torch.nn.Module, val_dataset) -> dict[str, float]:
@@ -191,9 +203,8 @@ class FinetuneJob:
                                    overlap=float(self.spec["sw_overlap"]), device=self.device,
                                    precision=self.precision, regions=bool(self.regions))
             pred = probabilities_to_masks(probs, bool(self.regions))
-            label = torch.as_tensor(item["label"])
-            truth = (label.bool() if self.regions else
-                     one_hot(self.target(label[None])[0, 0].long(), self.out_channels))
+            truth = ground_truth_masks(torch.as_tensor(item["label"]), self.out_channels,
+                                       bool(self.regions))
             pred, truth = foreground_masks(pred, truth, bool(self.regions))
             # HD95 is not needed to pick the best checkpoint; Dice alone keeps validation cheap.
             per_case.append(_dice_only(pred, truth, self.names))
@@ -239,6 +250,7 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
     step, epoch, seconds, history = 0, 0, 0.0, []
     best = {"val_dice_mean": -1.0, "step": -1}
     run_id = None
+    init_counts = (init_report or {}).get("counts")
     if state is not None:
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -247,6 +259,7 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
         runtime.set_rng_state(state["rng"])
         step, epoch, seconds = state["step"], state["epoch"], state["seconds"]
         history, best, run_id = state["history"], state["best"], state["mlflow_run_id"]
+        init_counts = state["init_counts"]
     loss_fn = (DiceCELoss(sigmoid=True) if job.regions
                else DiceCELoss(to_onehot_y=True, softmax=True))
 
@@ -266,7 +279,8 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
                 "model": network.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "epoch": epoch, "seconds": seconds, "rng": runtime.rng_state(),
-                "history": history, "best": best, "mlflow_run_id": run.run_id}, job.spec_hash)
+                "history": history, "best": best, "init_counts": init_counts,
+                "mlflow_run_id": run.run_id}, job.spec_hash)
 
         network.train()
         stream = job.batches(train_ds, epoch, loader_seed=int(spec["seed"]) * 1_000_003 + step)
@@ -276,10 +290,13 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
         t_last = time.monotonic()
         while step < job.steps:
             epoch, batch = next(stream)
-            image = batch["image"].to(job.device, non_blocking=True)
-            target = job.target(batch["label"].to(job.device, non_blocking=True))
+            # Items hold several crops of one volume: (B, N, C, ...) → a batch of B*N crops.
+            image = batch["image"].flatten(0, 1).to(job.device, non_blocking=True)
+            target = job.target(batch["label"].flatten(0, 1).to(job.device, non_blocking=True))
             with runtime.autocast(job.device, job.precision):
-                loss = loss_fn(network(image).float(), target)
+                logits = network(image)
+            # The loss (softmax/sigmoid, Dice ratios) runs in fp32 for stability.
+            loss = loss_fn(logits.float(), target)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower "
                                          "optim.lr or use precision fp32/bf16")
@@ -288,6 +305,7 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
             scaler.unscale_(optimizer)
             if job.optim.get("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(network.parameters(), float(job.optim["grad_clip"]))
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -295,14 +313,16 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
             now = time.monotonic()
             seconds, t_last = seconds + (now - t_last), now
             if step % log_every == 0 or step == job.steps:
-                run.log_metrics({"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]},
-                                step)
+                run.log_metrics({"train_loss": loss.item(), "lr": lr}, step)
             if step % val_every == 0 or step == job.steps:
                 scores = job.validate(network, val_ds)
                 run.log_metrics(scores, step)
                 history.append({"step": step, **scores})
-                if scores["val_dice_mean"] > best["val_dice_mean"]:
-                    best = {"val_dice_mean": scores["val_dice_mean"], "step": step}
+                # A NaN mean (no validation case holds any structure) still yields a best.pt.
+                score = scores["val_dice_mean"]
+                if (score if not math.isnan(score) else -0.5) > best["val_dice_mean"]:
+                    best = {"val_dice_mean": score if not math.isnan(score) else -0.5,
+                            "step": step}
                     checkpoints.save_state(job.state_dir, {"model": network.state_dict(),
                                                            "step": step, "scores": scores},
                                            job.spec_hash, name="best")
@@ -318,13 +338,23 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
                 run.flush()
                 raise Preempted()
         progress.close()
-        return publish(job, run, class_path, kwargs, best, seconds, init_report)
+        return publish(job, run, class_path, kwargs, seconds, init_counts)
 
 
-def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], best: dict[str, Any],
-            seconds: float, init_report: dict[str, Any] | None) -> dict[str, Any]:
-    """Write model.pt (best validation weights) and metrics.json beside it."""
-    from hybridmim.tracking.provenance import data_hash, git_state
+def _recorded_data_hash(run, processed_dir: str) -> str:
+    """The data hash the run's provenance tags hold (hashing a large folder twice is slow)."""
+    from hybridmim.tracking.provenance import data_hash
+
+    try:
+        return run.client.get_run(run.run_id).data.tags[f"data_hash.{Path(processed_dir).name}"]
+    except Exception:  # a run without the tag (NullRun, older run): compute it
+        return data_hash(processed_dir)["hash"]
+
+
+def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seconds: float,
+            init_counts: dict[str, int] | None) -> dict[str, Any]:
+    """Write model.pt (best validation weights, from state/best.pt) and metrics.json beside it."""
+    from hybridmim.tracking.provenance import git_state
 
     spec = job.spec
     best_state = checkpoints.load_state(job.state_dir, job.spec_hash, name="best")
@@ -332,23 +362,24 @@ def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], best
         raise RuntimeError(f"{job.state_dir}/best.pt is missing although training finished; "
                            "delete the state folder and re-run the job")
     ds = spec["dataset"]
+    best_step, best_dice = int(best_state["step"]), float(best_state["scores"]["val_dice_mean"])
     meta = {"stage": "finetune", "method": spec["init"].get("name"), "crop": job.crop,
             "spacing": dataset_spacing(job.processed_dir), "modality": ds.get("modality"),
             "channels": int(spec["backbone"]["in_channels"]), "labels": ds["labels"],
-            "regions": job.regions, "window": ds["window"], "init": copy.deepcopy(spec["init"]),
-            "data_hash": data_hash(job.processed_dir)["hash"], **git_state(),
+            "regions": job.regions, "window": ds["window"],
+            "init": {**copy.deepcopy(spec["init"]), "transferred": init_counts or {}},
+            "data_hash": _recorded_data_hash(run, job.processed_dir), **git_state(),
             "mlflow_run_id": run.run_id, "spec_hash": job.spec_hash, "steps": job.steps,
-            "weights": "best_validation", "best_step": best["step"],
-            "best_val_dice": best["val_dice_mean"]}
+            "weights": "best_validation", "best_step": best_step, "best_val_dice": best_dice}
     checkpoints.publish_model(job.out, class_path, kwargs, best_state["model"], meta)
-    metrics = {"best_val_dice_mean": best["val_dice_mean"], "best_step": float(best["step"]),
+    metrics = {"best_val_dice_mean": best_dice, "best_step": float(best_step),
                "steps": float(job.steps), "train_seconds": seconds}
-    run.log_metrics({"best_val_dice_mean": best["val_dice_mean"]}, job.steps)
+    run.log_metrics({"best_val_dice_mean": best_dice}, job.steps)
     result = {"run_id": run.run_id, "stage": "finetune", "metrics": metrics,
               "best_scores": best_state.get("scores", {}), "spec_hash": job.spec_hash}
     metrics_path = job.out.parent / "metrics.json"
     write_json(metrics_path, result)
     run.log_artifact(metrics_path)
-    log.info("published %s (best validation Dice %.4f at step %d of %d)", job.out,
-             best["val_dice_mean"], best["step"], job.steps)
+    log.info("published %s (best validation Dice %.4f at step %d of %d)", job.out, best_dice,
+             best_step, job.steps)
     return result

@@ -1,0 +1,1 @@
+"""Segmentation fine-tuning (train.py) and sliding-window inference (inference.py)."""
