@@ -94,6 +94,12 @@ def check_consistency(config: dict) -> None:
             if corpus not in pre["corpora"]:
                 raise ConfigError(f"finetuning.pretrained_corpus.{modality} is {corpus!r}, which "
                                   f"is not under pretraining.corpora ({sorted(pre['corpora'])})")
+    for stage in ("finetuning", "evaluation"):
+        if _resources(config, stage)["gpus"] > 1:
+            raise ConfigError(f"{stage}.resources.gpus is {_resources(config, stage)['gpus']}: "
+                              f"fine-tuning and evaluation jobs run on one GPU each (the grid "
+                              f"runs many jobs in parallel); only pretraining launches torchrun "
+                              f"with one DDP process per GPU")
     geo = pre["geometry"]
     if geo["crop"] % geo["region"] or geo["region"] % geo["patch"]:
         raise ConfigError(f"pretraining.geometry: crop ({geo['crop']}) must be a multiple of "

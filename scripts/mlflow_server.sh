@@ -77,7 +77,15 @@ do_start() {
     command -v "$MLFLOW" >/dev/null || die "mlflow not found ($MLFLOW); run scripts/install.sh or set MLFLOW"
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && die "port $PORT is already in use; set MLFLOW_SERVER_PORT"
     mkdir -p "$DIR"
-    case "$BACKEND" in sqlite:///*) mkdir -p "$(dirname "${BACKEND#sqlite:///}")" ;; esac
+    case "$BACKEND" in sqlite:///*)
+        mkdir -p "$(dirname "${BACKEND#sqlite:///}")"
+        # Create the tables under hybridmim's file lock and switch the file to WAL (3x faster
+        # commits, readers never block the writer); skipped where hybridmim is not installed.
+        if [ -x "$ROOT/.venv/bin/python" ] && "$ROOT/.venv/bin/python" -c 'import hybridmim.tracking.store' 2>/dev/null; then
+            timeout "$TIMEOUT" "$ROOT/.venv/bin/python" -c 'import sys; from hybridmim.tracking.store import prepare_sqlite; prepare_sqlite(sys.argv[1], sys.argv[2])' \
+                "$BACKEND" "$ARTIFACTS" >>"$LOGFILE" 2>&1 || die "could not prepare $BACKEND; see $LOGFILE"
+        fi ;;
+    esac
     args=(server --backend-store-uri "$BACKEND" --host "$HOST" --port "$PORT" --workers "$WORKERS")
     case "$ART_MODE" in
         proxy)  mkdir -p "$ARTIFACTS"; args+=(--serve-artifacts --artifacts-destination "$ARTIFACTS") ;;
@@ -87,7 +95,10 @@ do_start() {
     if [ -n "$ALLOWED" ]; then args+=(--allowed-hosts "localhost,127.0.0.1,localhost:$PORT,127.0.0.1:$PORT,$ALLOWED"); fi
     say "starting: $MLFLOW ${args[*]}  (log: $LOGFILE)"
     # own session + process group, so stop can end the server and its workers and nothing else
-    setsid "$MLFLOW" "${args[@]}" </dev/null >>"$LOGFILE" 2>&1 &
+    # MLflow 3's background job runner (huey consumers, for GenAI evaluation jobs) is not needed
+    # here and adds ~8 processes and seconds of start-up; set the variable to true to keep it.
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
+        setsid "$MLFLOW" "${args[@]}" </dev/null >>"$LOGFILE" 2>&1 &
     pid=$!
     echo "$pid" >"$PIDFILE"
     deadline=$((SECONDS + TIMEOUT))

@@ -383,7 +383,7 @@ do_check() {
         timeout 10 bash -c "squeue -h --states=all -j $job -o %T | grep -qxE 'COMPLETED|FAILED|CANCELLED|TIMEOUT|OUT_OF_MEMORY|NODE_FAIL'"
     state=$(timeout 10 squeue -h --states=all -j "$job" -o %T)
     out=$(cat "$tmp/out" 2>/dev/null || true); rm -rf "$tmp"
-    [ "$state" = COMPLETED ] && [ "$out" = "done-$job" ] || die "sbatch job $job: state '$state', output '$out'"
+    if [ "$state" != COMPLETED ] || [ "$out" != "done-$job" ]; then die "sbatch job $job: state '$state', output '$out'"; fi
     echo "sbatch + squeue: job $job $state, output '$out'"
     if grep -q '^AccountingStorageType=accounting_storage/slurmdbd' "$SLURM_CONF"; then
         # the record reaches slurmdbd asynchronously

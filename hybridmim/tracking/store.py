@@ -15,12 +15,22 @@ changes directory (or runs on a node with another cwd) still writes to the same 
 Creating a fresh SQLite DB runs MLflow's alembic migrations; two processes doing that at the same
 time fail ("table ... already exists"). ``init_store`` therefore holds an exclusive ``flock`` on
 ``<db>.lock`` while it creates the tables and the experiments.
+
+SQLite tuning (measured on a VM disk with ~7 ms per fsync: 100 single ``log_metric`` calls took
+4.3 s in the default rollback-journal mode, 1.4 s in WAL, 0.8 s in WAL + synchronous=NORMAL):
+the DB is switched to WAL once (persistent, in the file) unless ``HYBRIDMIM_SQLITE_JOURNAL`` says
+otherwise (``delete`` for a DB on a network file system, where WAL is not supported), and every
+SQLite connection opened in a process that imported this module gets a 60 s busy timeout (instead
+of 5 s, so 16+ concurrent writers wait instead of failing with "database is locked") and, in WAL
+mode, synchronous=NORMAL (no fsync per commit; a power cut may lose the last commits, never
+corrupts the DB).
 """
 from __future__ import annotations
 
 import fcntl
 import logging
 import os
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -37,8 +47,34 @@ STAGES = ("pretrain", "finetune", "evaluate")
 _SQLITE_PREFIX = "sqlite:///"
 
 
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
 class StoreError(RuntimeError):
     """The tracking store cannot be reached or created; the message says what to do."""
+
+
+def _tune_sqlite_connection(dbapi_connection, _record) -> None:
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+            cursor.execute("PRAGMA synchronous = NORMAL")
+    finally:
+        cursor.close()
+
+
+def _install_sqlite_tuning() -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "connect", _tune_sqlite_connection):
+        event.listen(Engine, "connect", _tune_sqlite_connection)
+
+
+_install_sqlite_tuning()
 
 
 # --------------------------------------------------------------------------------------- URIs
@@ -130,14 +166,64 @@ def init_store(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFAC
         _create_tables(uri, artifact_root)
         return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
 
-    key = (uri, str(artifact_root))
-    db.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(db.with_name(db.name + ".lock"), timeout_s):
-        if key not in _INITIALISED:
-            _create_tables(uri, artifact_root)
-        ids = {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
+        _prepare_sqlite_locked(uri, artifact_root)
+        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
+
+
+def prepare_sqlite(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
+                   timeout_s: float = 120.0) -> Path:
+    """Create a SQLite store's file and tables (and switch it to WAL) without any experiment.
+
+    Used by scripts/mlflow_server.sh before the server starts, so that the server's SQLite file is
+    in WAL mode too. Returns the DB path.
+    """
+    uri = resolve_tracking_uri(uri)
+    db = sqlite_path(uri)
+    if db is None:
+        raise StoreError(f"{uri} is not a sqlite:/// file URI")
+    with _file_lock(db.with_name(db.name + ".lock"), timeout_s):
+        _prepare_sqlite_locked(uri, artifact_root)
+    return db
+
+
+def _prepare_sqlite_locked(uri: str, artifact_root: str | os.PathLike[str]) -> None:
+    key = (uri, str(artifact_root))
+    if key in _INITIALISED:
+        return
+    db = sqlite_path(uri)
+    assert db is not None
+    db.parent.mkdir(parents=True, exist_ok=True)
+    _set_journal_mode(db)  # first, so that MLflow's ~40 migrations also run in WAL (12 s -> ~2 s)
+    if not _has_schema(db):  # opening the SQL store costs ~1.5 s even when there is nothing to do
+        _create_tables(uri, artifact_root)
     _INITIALISED.add(key)
-    return ids
+
+
+def _has_schema(db: Path) -> bool:
+    """True when MLflow's migrations completed on ``db`` (an alembic version row exists)."""
+    conn = sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+    try:
+        return conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+    except sqlite3.OperationalError:  # no such table: fresh or half-created DB
+        return False
+    finally:
+        conn.close()
+
+
+def _set_journal_mode(db: Path) -> None:
+    journal = os.environ.get("HYBRIDMIM_SQLITE_JOURNAL", "wal").lower()
+    if journal not in {"wal", "delete", "truncate", "persist"}:
+        raise StoreError(f"HYBRIDMIM_SQLITE_JOURNAL={journal!r}: use wal (default) or delete")
+    conn = sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+    try:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != journal:
+            mode = conn.execute(f"PRAGMA journal_mode = {journal}").fetchone()[0]
+            log.info("SQLite store %s: journal_mode=%s", db, mode)
+    except sqlite3.OperationalError as err:  # another process holds the DB open: keep its mode
+        log.warning("could not set journal_mode=%s on %s: %s", journal, db, err)
+    finally:
+        conn.close()
 
 
 def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
@@ -148,11 +234,13 @@ def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
     """
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    store = SqlAlchemyStore(uri, artifact_location(artifact_root, "default"))
+    root = str(artifact_root)
+    store = SqlAlchemyStore(uri, root if "://" in root else Path(root).absolute().as_uri())
     store.engine.dispose()
 
 
-def get_or_create_experiment(name: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
+def get_or_create_experiment(name: str,
+                             artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
                              tracking_uri: str | None = None, attempts: int = 5) -> str:
     """Id of experiment ``name``, creating it (artifacts under ``artifact_root/name``) if needed.
 
@@ -172,7 +260,8 @@ def get_or_create_experiment(name: str, artifact_root: str | os.PathLike[str] = 
                     log.warning("restoring deleted MLflow experiment %r", name)
                     client.restore_experiment(experiment.experiment_id)
                 return experiment.experiment_id
-            return client.create_experiment(name, artifact_location=artifact_location(artifact_root, name))
+            location = artifact_location(artifact_root, name)
+            return client.create_experiment(name, artifact_location=location)
         except MlflowException as err:
             if err.error_code == "RESOURCE_ALREADY_EXISTS":
                 continue  # someone else won the race: read theirs on the next pass

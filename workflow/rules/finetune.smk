@@ -11,7 +11,6 @@ rule finetune:
         spec=lambda w: spec_arg(
             hcfg.finetune_spec(config, w.dataset, w.backbone, w.init, w.fraction, w.seed)
         ),
-        launcher=launcher("finetuning"),
     conda:
         "../envs/hybridmim.yaml"
     log:
@@ -23,4 +22,4 @@ rule finetune:
         cpus_per_task=stage_res("finetuning", "cpus"),
         **slurm_gpu_resources("finetuning"),
     shell:
-        "{params.launcher} finetune --spec {params.spec} > {log} 2>&1"
+        "hybridmim finetune --spec {params.spec} > {log} 2>&1"
