@@ -7,7 +7,6 @@ Skipped, with the reason, when no SLURM answers. Runs a 2-rule chain through
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,30 +40,7 @@ rule make_b:
 """
 
 
-def _run(cmd: list[str], timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def slurm() -> dict:
-    """What the running cluster offers; skips the module when there is none."""
-    if shutil.which("sinfo") is None:
-        pytest.skip("no SLURM here (sinfo not found); start one: sudo scripts/slurm_local.sh start")
-    try:
-        info = _run(["sinfo", "-h", "-o", "%P %T"], timeout=20)
-    except subprocess.TimeoutExpired:
-        pytest.skip("sinfo did not answer within 20 s (slurmctld down?); "
-                    "see scripts/slurm_local.sh status")
-    states = info.stdout.split()
-    if info.returncode != 0 or not any(s in states for s in ("idle", "mixed", "allocated")):
-        pytest.skip(f"SLURM has no usable node (sinfo rc={info.returncode}: "
-                    f"{(info.stdout + info.stderr).strip()[:200]}); `scripts/slurm_local.sh start`")
-    try:
-        probe = _run(["sacct", "-n", "-X", "-S", "now-1minutes", "-o", "JobID"])
-        accounting = probe.returncode == 0
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        accounting = False
-    return {"accounting": accounting}
+from conftest import run_quick as _run  # noqa: E402
 
 
 def _job_ids(text: str) -> list[str]:

@@ -46,14 +46,16 @@ def test_table_and_figure(demo_run):
 
 
 def test_mlflow_runs_and_provenance(demo_run):
-    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from conftest import search_runs
 
     uri = f"sqlite:///{demo_run}/results/mlflow/mlflow.db"
     head = run(["git", "rev-parse", "HEAD"], demo_run).strip()
     lock = yaml.safe_load((demo_run / "dvc.lock").read_text())
     dvc_hashes = {out["path"]: out["md5"] for st in lock["stages"].values() for out in st["outs"]}
     for stage, count in EXPERIMENTS.items():
-        runs = mlflow.search_runs(experiment_names=[stage], tracking_uri=uri)
+        runs = search_runs(uri, stage)
         assert len(runs) == count, stage
         assert set(runs["status"]) == {"FINISHED"}
         assert set(runs["tags.git_commit"]) == {head}
@@ -62,24 +64,24 @@ def test_mlflow_runs_and_provenance(demo_run):
             assert data_tags, f"{stage} run without data hash"
             for key, value in data_tags.items():
                 assert value == dvc_hashes[f"data/processed/{key.split('.')[-1]}"]
-    finetuned = mlflow.search_runs(experiment_names=["finetune"], tracking_uri=uri)
+    finetuned = search_runs(uri, "finetune")
     pretrained = finetuned[finetuned["tags.snakemake.wildcard.init"] == "hybridmim"]
     assert len(pretrained) == 4
     assert pretrained["tags.upstream.checkpoint_sha256"].str.len().eq(64).all()
     # Per-step losses were logged, not only a final value.
-    client = mlflow.tracking.MlflowClient(uri)
-    pre = mlflow.search_runs(experiment_names=["pretrain"], tracking_uri=uri)
+    client = MlflowClient(uri)
+    pre = search_runs(uri, "pretrain")
     history = client.get_metric_history(pre["run_id"].iloc[0], "loss_total")
     assert len(history) >= 3
 
 
 def test_metrics_files_match_mlflow(demo_run):
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{demo_run}/results/mlflow/mlflow.db"
     for path in (demo_run / "results/evaluate").rglob("metrics.json"):
         data = json.loads(path.read_text())
-        run_ = mlflow.tracking.MlflowClient(uri).get_run(data["run_id"])
+        run_ = MlflowClient(uri).get_run(data["run_id"])
         assert run_.data.metrics["test_dice_mean"] == pytest.approx(
             data["metrics"]["test_dice_mean"])
 
