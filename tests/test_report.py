@@ -35,7 +35,7 @@ from conftest import ROOT
 DATASETS = {"btcv": ["Spleen", "Right kidney"], "msd_spleen": ["spleen"]}
 INITS = ("scratch", "hybridmim")
 SEEDS = (0, 1)
-LOSSES = ("loss_total", "loss_pr", "loss_num", "loss_loc", "loss_con", "loss_cl")
+LOSSES = ("train/total", "train/pr", "train/num", "train/loc", "train/con", "train/cl")
 
 
 def _git(root: Path, *args: str) -> None:
@@ -94,7 +94,7 @@ def _pretrain_job(root: Path, out: dict) -> None:
             run.log_metrics({k: 1.0 / step + i * 0.1 for i, k in enumerate(LOSSES)}, step)
     _publish(pre_dir / "model.pt", run.run_id, spec, "pretrain")
     write_json(pre_dir / "metrics.json", {"run_id": run.run_id, "stage": "pretrain",
-                                           "metrics": {"loss_total": 0.05},
+                                           "metrics": {"train/total": 0.05},
                                            "spec_hash": spec_hash(spec)})
     out["pretrain_files"] = [pre_dir / "metrics.json"]
 

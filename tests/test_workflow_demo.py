@@ -71,7 +71,7 @@ def test_mlflow_runs_and_provenance(demo_run):
     # Per-step losses were logged, not only a final value.
     client = MlflowClient(uri)
     pre = search_runs(uri, "pretrain")
-    history = client.get_metric_history(pre["run_id"].iloc[0], "loss_total")
+    history = client.get_metric_history(pre["run_id"].iloc[0], "train/total")
     assert len(history) >= 3
 
 

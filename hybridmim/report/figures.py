@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 from hybridmim.atomic import atomic_path
 from hybridmim.report.tables import aggregate, fraction_text, order_inits
 
-LOSS_TERMS = ("loss_total", "loss_pr", "loss_num", "loss_loc", "loss_con", "loss_cl")
+# The per-step loss terms the pretraining loop logs (hybridmim.pretrain.train).
+LOSS_TERMS = ("train/total", "train/pr", "train/num", "train/loc", "train/con", "train/cl")
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:
