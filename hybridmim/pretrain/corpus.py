@@ -1,0 +1,76 @@
+"""The pretraining corpus of a spec: training volumes (``train`` split of every dataset) and the
+optional fixed held-out volumes for a validation loss (``val`` split, ``data.val_volumes``)."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Dataset
+
+from hybridmim.data.loading import PretrainCropDataset
+from hybridmim.data.splits import load_splits, pretraining_cases
+
+
+def _entries(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"processed_dir": d["processed_dir"], "window": d["window"],
+             "modality": d.get("modality"), "name": d.get("name")}
+            for d in spec["data"]["datasets"]]
+
+
+def build_train_dataset(spec: dict[str, Any]) -> PretrainCropDataset:
+    """Training volumes: the ``train`` split only (checked free of val/test cases)."""
+    data = spec["data"]
+    ids = pretraining_cases([d["processed_dir"] for d in data["datasets"]])
+    return PretrainCropDataset(_entries(spec), split_ids=ids, crop=spec["geometry"]["crop"],
+                               crops_per_volume=int(data["crops_per_volume"]))
+
+
+class FixedCrops(Dataset):
+    """A dataset whose random crops are the same on every pass: item i is drawn under a forked
+    RNG seeded with ``seed + i``, so validation neither varies nor shifts the training stream."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + index)
+            return self.dataset[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self)))
+
+
+def validation_ids(spec: dict[str, Any]) -> dict[str, list[str]]:
+    """``data.val_volumes`` ids taken round-robin over the datasets' ``val`` splits."""
+    wanted = int(spec["data"].get("val_volumes", 0))
+    pools = {d["processed_dir"]: sorted(load_splits(d["processed_dir"])["val"])
+             for d in spec["data"]["datasets"]}
+    available = sum(len(ids) for ids in pools.values())
+    if wanted > available:
+        raise ValueError(f"data.val_volumes is {wanted} but the corpus' val splits hold only "
+                         f"{available} volume(s) ({ {k: len(v) for k, v in pools.items()} }); "
+                         f"lower data.val_volumes")
+    chosen: dict[str, list[str]] = {k: [] for k in pools}
+    position, taken = 0, 0
+    while taken < wanted:
+        for directory, ids in pools.items():
+            if position < len(ids) and taken < wanted:
+                chosen[directory].append(ids[position])
+                taken += 1
+        position += 1
+    return {k: v for k, v in chosen.items() if v}
+
+
+def build_val_dataset(spec: dict[str, Any], seed: int) -> FixedCrops | None:
+    data = spec["data"]
+    if int(data.get("val_volumes", 0)) == 0:
+        return None
+    ids = validation_ids(spec)
+    entries = [e for e in _entries(spec) if e["processed_dir"] in ids]
+    dataset = PretrainCropDataset(entries, split_ids=ids, crop=spec["geometry"]["crop"],
+                                  crops_per_volume=int(data["crops_per_volume"]))
+    return FixedCrops(dataset, seed)

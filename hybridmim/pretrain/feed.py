@@ -1,0 +1,105 @@
+"""Step-indexed feeding of pretraining crops: seeded shuffling that can resume mid-epoch.
+
+The DataLoader yields volumes (each item: ``crops_per_volume`` random crops of one volume); a
+step takes ``volumes_per_step`` volumes and flattens them into one batch of crops. The order is a
+``DistributedSampler`` (also on one process: one code path, seeded, ``set_epoch`` per epoch), so
+step ``s`` always reads the same volumes whatever happened before — which is what lets a resumed
+job skip the volumes it has already seen without loading them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from hybridmim.runtime import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+class _SkipFirst(Sampler[int]):
+    """The indices of ``base`` for the current epoch, without the first ``skip`` ones."""
+
+    def __init__(self, base: DistributedSampler, skip: int):
+        self.base, self.skip = base, skip
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(self.base)
+        return iter(indices[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)
+
+
+class StepFeed:
+    """Yields ``(images, valid)`` batches on ``device`` for steps ``start_step, start_step+1, ...``.
+
+    ``images`` (V·K, C, crop³) float, ``valid`` (V·K, 1, crop³) bool (False on padding).
+    """
+
+    def __init__(self, dataset: Dataset, volumes_per_step: int, dist: DistInfo, seed: int,
+                 device: torch.device, num_workers: int = 0, start_step: int = 0):
+        self.dataset, self.volumes_per_step, self.device = dataset, volumes_per_step, device
+        self.num_workers = num_workers
+        self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // volumes_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the pretraining corpus has {len(dataset)} training volume(s), fewer than "
+                f"data.volumes_per_step ({volumes_per_step}) × {dist.world_size} process(es); "
+                f"lower data.volumes_per_step or add volumes")
+        # Worker seeds come from this generator, not from the global RNG, so (re)creating a loader
+        # mid-run does not shift the random stream that dropout uses.
+        self._loader_generator = torch.Generator()
+        self.step = start_step
+        self._iterator: Iterator[Any] | None = None
+
+    def _open_epoch(self) -> None:
+        epoch, offset = divmod(self.step, self.steps_per_epoch)
+        self.sampler.set_epoch(epoch)
+        self._loader_generator.manual_seed(self.sampler.seed * 100_003 + epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        loader = DataLoader(self.dataset, batch_size=self.volumes_per_step,
+                            sampler=_SkipFirst(self.sampler, offset * self.volumes_per_step),
+                            drop_last=True, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda",
+                            persistent_workers=False, generator=self._loader_generator)
+        self._iterator = iter(loader)
+        if offset:
+            log.info("resuming data order at epoch %d, step %d of %d", epoch, offset,
+                     self.steps_per_epoch)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iterator is None or self.step % self.steps_per_epoch == 0:
+            self._open_epoch()
+        try:
+            item = next(self._iterator)
+        except StopIteration:  # only if the loader yields fewer batches than counted
+            self._open_epoch()
+            item = next(self._iterator)
+        self.step += 1
+        return flatten_volumes(item, self.device)
+
+
+def flatten_volumes(item: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, K, C, *crop) images + valid masks → (V·K, C, *crop) and (V·K, 1, *crop) on device."""
+    if isinstance(item, dict):
+        images, valid = item["image"], item["valid"]
+    else:
+        images, valid = item
+    if images.dim() != 6:
+        raise ValueError(f"pretraining items must be (crops_per_volume, C, X, Y, Z); a batch came "
+                         f"as {tuple(images.shape)}")
+    images = images.flatten(0, 1)
+    valid = valid.flatten(0, 1)
+    if valid.dim() == images.dim() - 1:  # (N, X, Y, Z): one mask for all channels
+        valid = valid.unsqueeze(1)
+    elif valid.shape[1] != 1:            # per-channel masks: a voxel is real if any channel is
+        valid = valid.any(dim=1, keepdim=True)
+    non_blocking = device.type == "cuda"
+    return (images.to(device, torch.float32, non_blocking=non_blocking),
+            valid.to(device, torch.bool, non_blocking=non_blocking))

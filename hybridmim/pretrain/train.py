@@ -1,0 +1,273 @@
+"""HybridMIM / SimMIM-style pretraining of one backbone on one corpus: ``run_pretraining(spec)``.
+
+The job spec (docs/contracts.md "Pretrain spec") fully defines the run. One code path serves CPU,
+one GPU and ``torchrun`` DDP (only rank 0 logs and writes). The job resumes by itself: its state
+(model, optimizer, scheduler, scaler, step, RNG states incl. the masking generator, history and
+MLflow run id) is saved every ``checkpoint_every`` steps and on SIGTERM into ``state/`` beside
+``model.pt``; a re-run of the same spec continues from there, in the same MLflow run.
+
+Test/ops hook: ``HYBRIDMIM_PREEMPT_AT_STEP=k`` behaves like a SIGTERM arriving during step k
+(finish the step, save the state, exit with the preemption code). It is an environment variable,
+not a spec key, so the interrupted and the resumed job share one spec hash.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hybridmim import checkpoints, runtime
+from hybridmim.atomic import write_json
+from hybridmim.hashing import spec_hash as compute_spec_hash
+from hybridmim.preemption import Preempted, TerminationGuard
+from hybridmim.pretrain.feed import StepFeed
+from hybridmim.pretrain.losses import HybridMIMLoss
+from hybridmim.pretrain.masking import MaskGeometry
+from hybridmim.pretrain.schedule import warmup_cosine_scheduler
+from hybridmim.pretrain.spec import resolve_method, validate_pretrain_spec
+from hybridmim.pretrain.step import PretrainStep, TermWindow
+from hybridmim.progress import StepProgress
+from hybridmim.tracking import tracked_run
+
+log = logging.getLogger(__name__)
+
+PREEMPT_ENV = "HYBRIDMIM_PREEMPT_AT_STEP"
+VALIDATION_SEED_OFFSET = 7_777_777
+
+
+def run_pretraining(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run (or resume) the pretraining job; returns the content of its metrics.json."""
+    validate_pretrain_spec(spec)
+    runtime.configure_threads(spec.get("threads"))
+    dist = runtime.init_distributed()
+    try:
+        return _PretrainJob(spec, dist).run()
+    finally:
+        runtime.shutdown_distributed()
+
+
+class _PretrainJob:
+    def __init__(self, spec: dict[str, Any], dist: runtime.DistInfo):
+        from hybridmim.models.hybridmim_model import build_pretrain_model
+        from hybridmim.pretrain.corpus import build_train_dataset, build_val_dataset
+
+        self.spec, self.dist = spec, dist
+        self.spec_hash = compute_spec_hash(spec)
+        self.method = resolve_method(spec["method"])
+        self.geometry = MaskGeometry.coerce(spec["geometry"])
+        self.device = runtime.select_device(dist)
+        self.precision = runtime.resolve_precision(spec.get("precision", "auto"), self.device)
+        self.total_steps = int(spec["optim"]["steps"])
+        self.seed = int(spec["seed"])
+        # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+        runtime.seed_everything(self.seed, deterministic=bool(spec.get("deterministic", False)))
+
+        self.model = build_pretrain_model(spec["backbone"], spec["geometry"], self.method)
+        self.model.to(self.device)
+        self.loss_fn = HybridMIMLoss(self.method["loss_weights"], self.method["temperature"],
+                                     self.method["gather_negatives"])
+        optim = spec["optim"]
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(optim["lr"]),
+                                           weight_decay=float(optim["weight_decay"]))
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, int(optim["warmup_steps"]),
+                                                 self.total_steps)
+        self.scaler = runtime.make_grad_scaler(self.device, self.precision)
+        # Masks come from their own generator on the device; each rank draws different masks.
+        self.mask_generator = torch.Generator(device=self.device)
+        self.mask_generator.manual_seed(self.seed * 1_000 + dist.rank)
+
+        self.step, self.history, self.run_id = 0, [], None
+        self.train_seconds, self.timed_steps = 0.0, 0
+        self.state_dir = checkpoints.state_dir_for(spec["out"])
+        # Loaded on the CPU: RNG states must stay CPU tensors; weights and optimizer moments
+        # are copied onto the device by load_state_dict.
+        self._restore(checkpoints.load_state(self.state_dir, self.spec_hash, map_location="cpu"))
+
+        self.dataset = build_train_dataset(spec)
+        data = spec["data"]
+        self.feed = StepFeed(self.dataset, int(data["volumes_per_step"]), dist, self.seed,
+                             self.device, num_workers=int(data.get("num_workers", 0)),
+                             start_step=self.step)
+        self.val_dataset = (build_val_dataset(spec, self.seed + VALIDATION_SEED_OFFSET)
+                            if dist.is_main else None)
+
+        network: torch.nn.Module = self.model
+        if dist.enabled:
+            network = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None,
+                find_unused_parameters=self._has_unused_parameters())
+        self.stepper = PretrainStep(
+            model=self.model, forward_model=network, loss_fn=self.loss_fn,
+            optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            geometry=self.geometry, method=self.method, device=self.device,
+            precision=self.precision, grad_clip=float(optim.get("grad_clip", 0.0) or 0.0))
+
+    # ------------------------------------------------------------------------------------- state
+    def _has_unused_parameters(self) -> bool:
+        """DDP must be told when a switched-off loss leaves a head without gradient."""
+        on = self.loss_fn.enabled
+        return not (on("loc") and on("cl") and (on("num") or on("con")))
+
+    def _restore(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = int(state["step"]), list(state["history"])
+        self.run_id = state.get("mlflow_run_id")
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.timed_steps = int(state.get("timed_steps", 0))
+        rng, masks = state["rng"], state["mask_rng"]
+        if len(rng) == self.dist.world_size:
+            runtime.set_rng_state(rng[self.dist.rank])
+            self.mask_generator.set_state(masks[self.dist.rank].to("cpu"))
+        else:
+            log.warning("resume state was written by %d process(es), this job has %d: random "
+                        "streams restart from the seed (training continues correctly, but not "
+                        "bit-identically)", len(rng), self.dist.world_size)
+            self.mask_generator.manual_seed(self.seed * 1_000 + self.dist.rank + self.step)
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if not self.dist.enabled:
+            return [obj]
+        import torch.distributed as torch_dist
+
+        gathered: list[Any] = [None] * self.dist.world_size
+        torch_dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def _save_state(self) -> None:
+        # Every rank contributes its RNG streams (a collective), rank 0 writes.
+        rng = self._gather(runtime.rng_state())
+        masks = self._gather(self.mask_generator.get_state().cpu())
+        if not self.dist.is_main:
+            return
+        checkpoints.save_state(self.state_dir, {
+            "step": self.step, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng, "mask_rng": masks,
+            "history": self.history, "mlflow_run_id": self.run_id,
+            "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
+        }, self.spec_hash)
+
+    def _stop_requested(self, guard: TerminationGuard) -> bool:
+        requested = guard.requested or os.environ.get(PREEMPT_ENV, "") == str(self.step)
+        if self.dist.enabled:  # all ranks must stop at the same step, or the next collective hangs
+            import torch.distributed as torch_dist
+
+            flag = torch.tensor([float(requested)], device=self.device)
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
+
+    # ------------------------------------------------------------------------------------- loop
+    def run(self) -> dict[str, Any]:
+        spec = self.spec
+        data_dirs = [d["processed_dir"] for d in spec["data"]["datasets"]]
+        with tracked_run("pretrain", spec, data_dirs=data_dirs,
+                         device=runtime.device_name(self.device), enabled=self.dist.is_main,
+                         resume_run_id=self.run_id) as run, TerminationGuard() as guard:
+            self.run_id = run.run_id or self.run_id
+            if self.dist.is_main and self.step == 0:
+                run.set_tags({"precision": self.precision, "world_size": self.dist.world_size,
+                              "method.kind": self.method["kind"]})
+            self._train(run, guard)
+            if self.dist.is_main:
+                return self._finish(run)
+        return {}
+
+    def _train(self, run: Any, guard: TerminationGuard) -> None:
+        log_every = max(1, int(self.spec["log_every"]))
+        checkpoint_every = max(1, int(self.spec["checkpoint_every"]))
+        progress = StepProgress(self.total_steps, f"pretrain {self.spec.get('run_name', '')}",
+                                start=self.step, enabled=self.dist.is_main)
+        window = TermWindow()
+        last_logged: dict[str, float] = {}
+        first_step_of_process = True
+        while self.step < self.total_steps:
+            started = time.perf_counter()
+            images, valid = self.feed.next_batch()
+            lr = self.optimizer.param_groups[0]["lr"]
+            window.add(self.stepper.train_step(images, valid, self.mask_generator))
+            self.step += 1
+            if not first_step_of_process:  # the first step of a process pays one-off set-up
+                self.train_seconds += time.perf_counter() - started
+                self.timed_steps += 1
+            first_step_of_process = False
+            if self.step % log_every == 0 or self.step == self.total_steps:
+                last_logged = window.pop_means()
+                self.history.append({"step": self.step, "lr": lr, **last_logged})
+                run.log_metrics({**{f"train/{k}": v for k, v in last_logged.items()}, "lr": lr},
+                                self.step)
+            progress.update(self.step, loss=last_logged.get("total", float("nan")), lr=lr)
+            if self.val_dataset is not None and (self.step % checkpoint_every == 0
+                                                 or self.step == self.total_steps):
+                val = self.stepper.validate(self.val_dataset, self.seed + VALIDATION_SEED_OFFSET,
+                                            int(self.spec["data"]["volumes_per_step"]))
+                run.log_metrics({f"val/{k}": v for k, v in val.items()}, self.step)
+                self.history.append({"step": self.step, **{f"val/{k}": v for k, v in val.items()}})
+            stop = self._stop_requested(guard)
+            if stop or self.step % checkpoint_every == 0 or self.step == self.total_steps:
+                self._save_state()
+            if stop and self.step < self.total_steps:
+                run.flush()
+                log.warning("stopped after step %d of %d; state saved in %s, a re-run resumes",
+                            self.step, self.total_steps, self.state_dir)
+                raise Preempted()
+        progress.close()
+
+    def _finish(self, run: Any) -> dict[str, Any]:
+        from hybridmim.tracking.provenance import git_state
+
+        spec, model = self.spec, self.model
+        train_rows = [r for r in self.history if "total" in r]
+        val_rows = [r for r in self.history if "val/total" in r]
+        final = {k: v for k, v in (train_rows[-1] if train_rows else {}).items() if k != "step"}
+        if val_rows:
+            final.update({k: v for k, v in val_rows[-1].items() if k != "step"})
+        seconds_per_step = self.train_seconds / self.timed_steps if self.timed_steps else None
+        metrics = {**{f"final/{k}": v for k, v in final.items()}, "steps": self.step}
+        if seconds_per_step is not None:
+            metrics["seconds_per_step"] = seconds_per_step
+        run.log_metrics(metrics, self.step)
+        run.flush()
+        tags = run.client.get_run(run.run_id).data.tags if run.client is not None else {}
+        datasets = spec["data"]["datasets"]
+        meta = {
+            "stage": "pretrain", "method": spec["method"].get("name", self.method["kind"]),
+            "method_kind": self.method["kind"], "crop": self.geometry.crop,
+            "geometry": dict(spec["geometry"]), "spacing": _corpus_spacing(datasets),
+            "modality": datasets[0].get("modality"),
+            "channels": int(spec["backbone"].get("in_channels", 1)), "labels": None,
+            "window": datasets[0].get("window"),
+            "data_hash": {d["name"]: tags.get(f"data_hash.{Path(d['processed_dir']).name}")
+                          for d in datasets},
+            **git_state(), "mlflow_run_id": run.run_id, "spec_hash": self.spec_hash,
+            "steps": self.step,
+        }
+        checkpoints.publish_model(spec["out"], model.network_class, model.network_kwargs,
+                                  model.network.state_dict(), meta, heads=model.heads_record())
+        result = {"run_id": run.run_id, "stage": "pretrain", "metrics": metrics,
+                  "spec_hash": self.spec_hash}
+        write_json(os.path.join(os.path.dirname(spec["out"]) or ".", "metrics.json"), result)
+        log.info("published %s (%d steps, %s s/step)", spec["out"], self.step,
+                 f"{seconds_per_step:.3f}" if seconds_per_step else "n/a")
+        return result
+
+
+def _corpus_spacing(datasets: list[dict[str, Any]]) -> list[float] | None:
+    """The recipe spacing shared by the corpus' datasets (None if they differ or keep native)."""
+    spacings = set()
+    for ds in datasets:
+        path = Path(ds["processed_dir"]) / "dataset.json"
+        recipe = json.loads(path.read_text()).get("recipe", {}) if path.exists() else {}
+        spacing = recipe.get("spacing")
+        spacings.add(tuple(spacing) if spacing else None)
+    return list(next(iter(spacings))) if len(spacings) == 1 and None not in spacings else None

@@ -1,0 +1,203 @@
+"""The pretraining loop end to end on a tiny processed CT dataset (CPU): outputs, MLflow, resume."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hybridmim.checkpoints import build_network, load_model_file, state_dir_for
+from hybridmim.data.intensity import CT_PRETRAIN_WINDOW
+from hybridmim.preemption import PREEMPTED_EXIT_CODE, Preempted
+from hybridmim.pretrain.schedule import WarmupCosine
+from hybridmim.pretrain.spec import PretrainSpecError, validate_pretrain_spec
+from hybridmim.pretrain.train import PREEMPT_ENV, run_pretraining
+
+
+def _write_processed_dataset(root, name="tiny_ct", cases=6, val=1, test=1):
+    """A preprocessed CT cache in the docs/contracts.md layout: HU volumes, dataset.json, splits.
+
+    Volume shapes are a little smaller than a 32³ crop along one axis, so crops contain padding.
+    """
+    folder = root / name
+    (folder / "cases").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(cases):
+        shape = (40, 28 + i % 3, 36)
+        grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+        body = (grid ** 2).sum(0) < 0.8
+        hu = np.where(body, 40.0, -1000.0) + rng.normal(0, 30, shape)
+        image = hu[None].astype(np.float32)
+        case = f"case{i:02d}"
+        np.save(folder / "cases" / f"{case}_image.npy", image)
+        np.save(folder / "cases" / f"{case}_label.npy", body.astype(np.uint8))
+        records.append({"case": case, "image": f"cases/{case}_image.npy",
+                        "label": f"cases/{case}_label.npy", "spacing": [1.5, 1.5, 2.0],
+                        "shape": list(image.shape)})
+    index = {"name": name, "channels": ["CT"], "labels": {"0": "background", "1": "body"},
+             "recipe": {"modality": "CT", "spacing": [1.5, 1.5, 2.0]}, "recipe_hash": "test",
+             "cases": records}
+    (folder / "dataset.json").write_text(json.dumps(index))
+    ids = [r["case"] for r in records]
+    splits = {"seed": 0, "recipe": "test", "test": ids[:test], "val": ids[test:test + val],
+              "train": ids[test + val:]}
+    (folder / "splits.json").write_text(json.dumps(splits))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    return root, _write_processed_dataset(root)
+
+
+def _spec(workspace, out: str, **changes):
+    root, data_dir = workspace
+    spec = {
+        "run_name": f"test/{out}", "seed": 0, "out": str(root / out / "model.pt"),
+        "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_root": str(root / "art")},
+        "provenance": {"rule": "pretrain", "wildcards": {"backbone": "unet"}},
+        "precision": "fp32", "threads": 2, "deterministic": True,
+        "backbone": {"name": "unet", "in_channels": 1, "filters": [4, 8, 8, 16, 16],
+                     "dropout": 0.1},
+        "geometry": {"crop": 32, "region": 16, "patch": 8},
+        "method": {"name": "hybridmim", "kind": "hybridmim", "box": "partial",
+                   "masking": "uniform", "mask_ratio": 0.4, "region_grouping": "spatial",
+                   "loss_weights": {"pr": 1.0, "num": 0.1, "loc": 0.1, "con": 0.01, "cl": 0.1},
+                   "temperature": 0.5, "proj_dim": 16, "gather_negatives": False},
+        "data": {"datasets": [{"name": "tiny_ct", "processed_dir": str(data_dir),
+                               "modality": "CT", "window": dict(CT_PRETRAIN_WINDOW)}],
+                 "crops_per_volume": 2, "volumes_per_step": 2, "val_volumes": 1,
+                 "num_workers": 0},
+        "optim": {"lr": 1e-3, "weight_decay": 1e-3, "warmup_steps": 2, "steps": 4,
+                  "grad_clip": 1.0},
+        "checkpoint_every": 2, "log_every": 1,
+    }
+    for dotted, value in changes.items():
+        block = spec
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            block = block[key]
+        block[leaf] = value
+    return spec
+
+
+def _mlflow_history(spec, run_id, key):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=spec["tracking"]["uri"])
+    return client.get_run(run_id), client.get_metric_history(run_id, key)
+
+
+@pytest.fixture(scope="module")
+def reference_run(workspace):
+    """One uninterrupted run: 4 train volumes, 2 per step → 2 steps per epoch, so the run crosses
+    an epoch and the preempted twin below resumes mid-epoch (step 3)."""
+    spec = _spec(workspace, "reference")
+    return spec, run_pretraining(copy.deepcopy(spec))
+
+
+def test_full_run_writes_model_metrics_and_mlflow_run(reference_run):
+    spec, result = reference_run
+    out_dir = state_dir_for(spec["out"]).parent
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))
+    assert metrics["stage"] == "pretrain" and metrics["metrics"]["steps"] == 4
+    for term in ("pr", "num", "loc", "con", "cl", "total", "val/total"):
+        assert math.isfinite(metrics["metrics"][f"final/{term}"])
+    assert metrics["metrics"]["seconds_per_step"] > 0
+
+    model = load_model_file(spec["out"])
+    assert model["network"]["class"] == "monai.networks.nets.DynUNet"
+    meta = model["meta"]
+    assert meta["mlflow_run_id"] == metrics["run_id"] and meta["spec_hash"] == metrics["spec_hash"]
+    assert meta["stage"] == "pretrain" and meta["steps"] == 4 and meta["crop"] == 32
+    assert meta["spacing"] == [1.5, 1.5, 2.0] and meta["data_hash"]["tiny_ct"]
+    assert set(model["heads"]["state_dict"]) >= {"count.weight", "location.weight",
+                                                 "projection.weight"}
+    network = build_network(model)  # stock MONAI net, strict load
+    assert network(torch.rand(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
+
+    run, total = _mlflow_history(spec, metrics["run_id"], "train/total")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in total] == [1, 2, 3, 4]
+    _, lr = _mlflow_history(spec, metrics["run_id"], "lr")
+    schedule = WarmupCosine(2, 4)
+    assert [m.value for m in lr] == pytest.approx([1e-3 * schedule(s) for s in range(4)])
+    _, val = _mlflow_history(spec, metrics["run_id"], "val/total")
+    assert [m.step for m in val] == [2, 4]
+    assert run.data.tags["config_hash"] == metrics["spec_hash"]
+    assert run.data.params["optim.steps"] == "4"
+
+
+def test_resume_after_preemption_reaches_the_same_weights(workspace, reference_run, monkeypatch):
+    ref_spec, ref_result = reference_run
+    spec = _spec(workspace, "resumed")
+    monkeypatch.setenv(PREEMPT_ENV, "3")
+    with pytest.raises(Preempted) as stopped:
+        run_pretraining(copy.deepcopy(spec))
+    assert stopped.value.code == PREEMPTED_EXIT_CODE
+    state = torch.load(state_dir_for(spec["out"]) / "latest.pt", weights_only=False)
+    assert state["step"] == 3
+    first_run_id = state["mlflow_run_id"]
+    assert _mlflow_history(spec, first_run_id, "lr")[0].info.status == "KILLED"
+
+    monkeypatch.delenv(PREEMPT_ENV)
+    result = run_pretraining(copy.deepcopy(spec))
+    assert result["run_id"] == first_run_id  # the same MLflow run continues
+    run, total = _mlflow_history(spec, first_run_id, "train/total")
+    assert run.info.status == "FINISHED" and [m.step for m in total] == [1, 2, 3, 4]
+
+    resumed = load_model_file(spec["out"])["state_dict"]
+    reference = load_model_file(ref_spec["out"])["state_dict"]
+    for key, value in reference.items():
+        assert torch.allclose(resumed[key], value, atol=1e-6), key
+    ref_losses = [m.value for m in _mlflow_history(ref_spec, ref_result["run_id"],
+                                                   "train/total")[1]]
+    assert [m.value for m in total] == pytest.approx(ref_losses, rel=1e-5)
+
+
+def test_state_of_another_spec_is_ignored(workspace, monkeypatch):
+    spec = _spec(workspace, "changed", optim__steps=2, data__val_volumes=0)
+    monkeypatch.setenv(PREEMPT_ENV, "1")
+    with pytest.raises(Preempted):
+        run_pretraining(copy.deepcopy(spec))
+    old_run = torch.load(state_dir_for(spec["out"]) / "latest.pt",
+                         weights_only=False)["mlflow_run_id"]
+    monkeypatch.delenv(PREEMPT_ENV)
+    changed = _spec(workspace, "changed", optim__steps=2, data__val_volumes=0,
+                    optim__lr=5e-4)
+    result = run_pretraining(copy.deepcopy(changed))
+    assert result["run_id"] != old_run
+    _, total = _mlflow_history(changed, result["run_id"], "train/total")
+    assert [m.step for m in total] == [1, 2]  # started from step 0
+
+
+def test_simmim_baseline_trains_full_reconstruction_only(workspace):
+    spec = _spec(workspace, "simmim", method={"name": "simmim", "mask_ratio": 0.4},
+                 optim__steps=2, data__val_volumes=0, data__crops_per_volume=1)
+    result = run_pretraining(spec)
+    finals = {k for k in result["metrics"] if k.startswith("final/")}
+    assert finals == {"final/pr", "final/pr_weighted", "final/total", "final/grad_norm", "final/lr"}
+    model = load_model_file(spec["out"])
+    assert model["meta"]["method"] == "simmim" and model["meta"]["method_kind"] == "simmim"
+
+
+def test_bad_specs_name_the_key(workspace):
+    with pytest.raises(PretrainSpecError, match=r"missing \['optim.steps'\]"):
+        spec = _spec(workspace, "bad")
+        del spec["optim"]["steps"]
+        validate_pretrain_spec(spec)
+    with pytest.raises(PretrainSpecError, match="method.box must be 'full'"):
+        validate_pretrain_spec(_spec(workspace, "bad", method={"name": "simmim", "box": "partial"}))
+    with pytest.raises(PretrainSpecError, match="multiple of geometry.patch"):
+        validate_pretrain_spec(_spec(workspace, "bad", geometry__patch=6))
+    with pytest.raises(PretrainSpecError, match="needs at least 2 crops"):
+        validate_pretrain_spec(_spec(workspace, "bad", data__volumes_per_step=1,
+                                     data__crops_per_volume=1))
+    with pytest.raises(PretrainSpecError, match="method.kind"):
+        validate_pretrain_spec(_spec(workspace, "bad", method={"name": "mae"}))
