@@ -289,6 +289,7 @@ def finetune_spec(config: dict, dataset: str, backbone: str, init: str, fraction
         "label_fraction": float(fraction),
         "crop": ft["crop"],
         "batch_size": ft.get("batch_size", 2),
+        "crops_per_volume": ft.get("crops_per_volume", 2),
         "optim": {"grad_clip": 1.0, **ft["optim"]},
         "val_every": ft.get("val_every", 100),
         "sw_overlap": ft.get("sw_overlap", 0.5),
