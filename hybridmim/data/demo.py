@@ -16,8 +16,12 @@ flipped), so preprocessing's reorientation to RAS is exercised on every run.
 - ``liver``: the same abdomen, liver (1) with tumours (2) inside; other organs are unlabelled.
 - ``spleen``: the same abdomen, spleen (1) only.
 
-Volumes are ~45–86 voxels per axis, and the body (or brain) fits in 64³ after resampling to the
-recipe spacing and cropping to the foreground. Output bytes depend only on the arguments.
+The phantoms are scaled-down bodies whose structures are large relative to the field of view (the
+spleen ~2.5 % of the foreground-cropped volume, the liver ~8 %, the whole BraTS tumour ~5 %), so
+that the demo's CPU-sized fine-tuning (tens of seconds per job) learns them; the small BTCV organs
+stay hard, as in the real data. Raw volumes are 27–74 voxels per axis; after resampling to the
+recipe spacing and cropping to the foreground they are ~43 x 34 x 32 (CT, 1.5 x 1.5 x 2 mm) and
+~42 x 44 x 36 (MRI, 1 mm). Output bytes depend only on the arguments.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from hybridmim.data.layout import atomic_directory, make_index, save_nifti, writ
 from hybridmim.data.registry import (BRATS_LABELS, BTCV_LABELS, LIVER_LABELS, SPLEEN_LABELS)
 
 DEMO_KINDS = ("brats", "btcv", "liver", "spleen")
-GENERATOR_VERSION = 1  # bump when the phantoms change, so existing demo folders are rebuilt
+GENERATOR_VERSION = 2  # bump when the phantoms change, so existing demo folders are rebuilt
 _LABELS = {"brats": BRATS_LABELS, "btcv": BTCV_LABELS, "liver": LIVER_LABELS,
            "spleen": SPLEEN_LABELS}
 _CHANNELS = {"brats": ("t1", "t1ce", "t2", "flair"), "btcv": ("CT",), "liver": ("CT",),
@@ -108,23 +112,30 @@ def _lps_storage(volume: np.ndarray, grid: _Grid) -> tuple[np.ndarray, np.ndarra
 # ---------------------------------------------------------------------------------------------
 # Abdomen (CT)
 # Organ: label, centre and radii as fractions of the body's half-axes (x: right, y: anterior,
-# z: half the field of view), mean HU. Painted in this order: later organs win overlaps.
+# z: half the field of view), mean HU (portal-venous phase, as in BTCV and MSD: the spleen a little
+# brighter than the liver, neither separable from the other, the pancreas or the IVC by intensity
+# alone under the noise). Painted in this order: later organs win overlaps.
+# The phantom abdomen is a scaled-down one (a ~66 x 50 mm trunk, 64 mm of it along z) whose organs
+# are larger relative to the body than in a patient: the spleen is ~2.5 % of the foreground-cropped
+# volume instead of ~0.5 %, the liver ~8 %. A CPU-sized network then learns them within the
+# demo's fine-tuning budget, while the small organs (adrenals, esophagus, veins, pancreas) stay
+# hard, as they are in BTCV.
 _ORGANS = [
-    ("liver", 6, (0.42, 0.05, 0.35), (0.42, 0.55, 0.38), 60),
-    ("stomach", 7, (-0.30, 0.30, 0.32), (0.26, 0.28, 0.25), 30),
-    ("spleen", 1, (-0.55, -0.35, 0.30), (0.18, 0.26, 0.22), 48),
-    ("right kidney", 2, (0.38, -0.48, -0.12), (0.14, 0.22, 0.26), 150),
-    ("left kidney", 3, (-0.38, -0.48, -0.08), (0.14, 0.22, 0.26), 150),
-    ("pancreas", 11, (-0.10, 0.02, -0.08), (0.32, 0.09, 0.09), 45),
-    ("portal and splenic veins", 10, (-0.02, 0.12, 0.05), (0.30, 0.06, 0.06), 165),
-    ("gallbladder", 4, (0.30, 0.38, 0.05), (0.09, 0.12, 0.14), 10),
-    ("aorta", 8, (-0.08, -0.38, 0.0), (0.08, 0.11, 1.2), 190),
-    ("IVC", 9, (0.13, -0.32, 0.0), (0.08, 0.11, 1.0), 140),
-    ("esophagus", 5, (-0.05, -0.30, 0.75), (0.06, 0.08, 0.30), 40),
-    ("right adrenal", 12, (0.26, -0.48, 0.22), (0.06, 0.07, 0.09), 20),
-    ("left adrenal", 13, (-0.24, -0.44, 0.22), (0.06, 0.07, 0.09), 20),
+    ("liver", 6, (0.40, 0.05, 0.20), (0.45, 0.62, 0.62), 100),
+    ("stomach", 7, (-0.32, 0.32, 0.30), (0.30, 0.32, 0.40), 30),
+    ("spleen", 1, (-0.54, -0.28, 0.32), (0.26, 0.40, 0.50), 110),
+    ("right kidney", 2, (0.40, -0.50, -0.18), (0.18, 0.26, 0.42), 165),
+    ("left kidney", 3, (-0.40, -0.50, -0.30), (0.18, 0.26, 0.42), 165),
+    ("pancreas", 11, (-0.08, 0.02, -0.05), (0.36, 0.11, 0.14), 90),
+    ("portal and splenic veins", 10, (-0.02, 0.14, 0.10), (0.32, 0.07, 0.09), 160),
+    ("gallbladder", 4, (0.30, 0.40, -0.15), (0.11, 0.14, 0.22), 10),
+    ("aorta", 8, (-0.08, -0.36, 0.0), (0.09, 0.12, 1.2), 175),
+    ("IVC", 9, (0.14, -0.30, 0.0), (0.09, 0.12, 1.0), 125),
+    ("esophagus", 5, (-0.06, -0.28, 0.80), (0.07, 0.09, 0.35), 50),
+    ("right adrenal", 12, (0.26, -0.48, 0.30), (0.07, 0.08, 0.14), 45),
+    ("left adrenal", 13, (-0.24, -0.44, 0.30), (0.07, 0.08, 0.14), 45),
 ]
-_CT_FOV = (112.0, 112.0, 110.0)
+_CT_FOV = (96.0, 80.0, 64.0)
 
 
 def _abdomen(rng) -> tuple[np.ndarray, dict[str, np.ndarray], _Grid]:
@@ -132,7 +143,7 @@ def _abdomen(rng) -> tuple[np.ndarray, dict[str, np.ndarray], _Grid]:
     spacing = (rng.uniform(1.3, 1.7), rng.uniform(1.3, 1.7), rng.uniform(1.8, 2.4))
     grid = _Grid(_CT_FOV, spacing, origin=rng.uniform(-150, 150, 3))
     middle = np.array([axis.mean() for axis in grid.axes])
-    half = np.array([rng.uniform(36, 44), rng.uniform(26, 32), _CT_FOV[2] / 2])
+    half = np.array([rng.uniform(31, 35), rng.uniform(23, 27), _CT_FOV[2] / 2])
     body_center = middle + [rng.uniform(-4, 4), rng.uniform(-4, 4), 0]
     hu = np.full(grid.shape, -1000.0)
     body = grid.blob(rng, body_center, half[:2], wobble=0.05, extruded=True)
@@ -165,8 +176,8 @@ def _liver_tumours(rng, grid: _Grid, liver: np.ndarray, hu: np.ndarray) -> np.nd
     for _ in range(rng.integers(1, 4)):
         index = candidates[rng.integers(len(candidates))]
         center = [grid.axes[i][index[i]] for i in range(3)]
-        tumours |= grid.blob(rng, center, rng.uniform(4, 10, 3), wobble=0.25) & liver
-    hu[tumours] = mean_hu - rng.uniform(25, 45)  # hypodense lesions
+        tumours |= grid.blob(rng, center, rng.uniform(5, 9, 3), wobble=0.25) & liver
+    hu[tumours] = mean_hu - rng.uniform(40, 60)  # hypodense lesions
     return tumours
 
 
@@ -194,9 +205,10 @@ _CONTRAST = {"grey": (0.70, 0.65, 0.70, 0.75), "white": (0.90, 0.85, 0.50, 0.60)
 
 
 def _brain_case(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    grid = _Grid((72.0, 72.0, 64.0), (1.0, 1.0, 1.0), origin=rng.uniform(-20, 20, 3))
+    # A brain of ~42 x 44 x 36 mm (scaled down like the abdomen) in a 56 x 56 x 48 mm field.
+    grid = _Grid((56.0, 56.0, 48.0), (1.0, 1.0, 1.0), origin=rng.uniform(-20, 20, 3))
     middle = np.array([axis.mean() for axis in grid.axes])
-    half = np.array([rng.uniform(25, 28.5), rng.uniform(27, 29.5), rng.uniform(22, 27)])
+    half = np.array([rng.uniform(20, 22), rng.uniform(21, 23), rng.uniform(16.5, 19.5)])
     center = middle + rng.uniform(-2, 2, 3)
     brain = grid.blob(rng, center, half, wobble=0.05, tilt_deg=5)
     white = grid.blob(rng, center, half * 0.72, wobble=0.15, tilt_deg=5) & brain
@@ -208,7 +220,7 @@ def _brain_case(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     side = rng.choice([-1, 1])
     tumour_center = center + half * [side * rng.uniform(0.25, 0.45), rng.uniform(-0.35, 0.35),
                                      rng.uniform(-0.3, 0.3)]
-    edema_radii = rng.uniform(8, 14, 3)
+    edema_radii = rng.uniform(7, 11, 3)
     edema = grid.blob(rng, tumour_center, edema_radii, wobble=0.35) & brain
     core_center = tumour_center + rng.uniform(-2, 2, 3)
     enhancing = grid.blob(rng, core_center, edema_radii * rng.uniform(0.45, 0.7, 3), 0.25) & edema
