@@ -149,3 +149,19 @@ def test_expand_to_voxels_and_apply_mask():
     assert torch.equal(masked[~voxels.expand_as(x)], x[~voxels.expand_as(x)])
     with pytest.raises(ValueError, match="does not match input"):
         apply_mask(x, voxels[..., :32])
+
+
+def test_spatial_labels_line_up_with_the_models_region_tokens():
+    """Region r of the spatial labels is the r-th token the heads pool (raster over the region
+    grid); the raster grouping is not."""
+    from hybridmim.models.heads import HybridMIMHeads
+
+    heads = HybridMIMHeads(channels=1, patches_per_region=8, proj_dim=4, region_window=32)
+    gen = torch.Generator().manual_seed(11)
+    mask = sample_patch_mask(4, DEMO, 0.4, generator=gen)
+    # Pool the voxel mask like an encoder map at stride 1: token r = masked fraction of region r.
+    tokens = heads.region_tokens(expand_to_voxels(mask, DEMO.patch).float())[..., 0]
+    count, _ = region_labels(mask, DEMO, grouping="spatial")
+    assert torch.allclose(tokens * 8, count.float())
+    raster_count, _ = region_labels(mask, DEMO, grouping="raster")
+    assert not torch.allclose(tokens * 8, raster_count.float())

@@ -4,6 +4,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -61,7 +64,9 @@ def _spec(workspace, out: str, **changes):
         "run_name": f"test/{out}", "seed": 0, "out": str(root / out / "model.pt"),
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_root": str(root / "art")},
         "provenance": {"rule": "pretrain", "wildcards": {"backbone": "unet"}},
-        "precision": "fp32", "threads": 2, "deterministic": True,
+        "precision": "fp32", "deterministic": True,
+        # One thread: on a shared, oversubscribed CPU two OpenMP threads can be far slower.
+        "threads": 1,
         "backbone": {"name": "unet", "in_channels": 1, "filters": [4, 8, 8, 16, 16],
                      "dropout": 0.1},
         "geometry": {"crop": 32, "region": 16, "patch": 8},
@@ -84,6 +89,13 @@ def _spec(workspace, out: str, **changes):
             block = block[key]
         block[leaf] = value
     return spec
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()  # the job applies the spec's thread count process-wide
+    yield
+    torch.set_num_threads(threads)
 
 
 def _mlflow_history(spec, run_id, key):
@@ -201,3 +213,44 @@ def test_bad_specs_name_the_key(workspace):
                                      data__crops_per_volume=1))
     with pytest.raises(PretrainSpecError, match="method.kind"):
         validate_pretrain_spec(_spec(workspace, "bad", method={"name": "mae"}))
+
+
+@pytest.mark.slow
+def test_ddp_with_gathered_negatives_resumes_to_the_same_weights(workspace, tmp_path):
+    """torchrun, 2 CPU processes (gloo): negatives gathered across ranks, validation on rank 0
+    only, per-rank RNG streams restored on resume."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(PREEMPT_ENV, None)
+
+    def launch(spec, stop_at=None):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(spec))
+        run_env = {**env, PREEMPT_ENV: str(stop_at)} if stop_at else env
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2", "-m", "hybridmim", "pretrain",
+                               "--spec-file", str(path)], env=run_env, capture_output=True,
+                              text=True, timeout=600)
+
+    changes = dict(method__gather_negatives=True, data__volumes_per_step=1, optim__steps=3)
+    straight = _spec(workspace, "ddp_straight", **changes)
+    assert launch(straight).returncode == 0
+    resumed = _spec(workspace, "ddp_resumed", **changes)
+    stopped = launch(resumed, stop_at=2)
+    assert stopped.returncode != 0 and "stopped after step 2 of 3" in stopped.stderr
+    finished = launch(resumed)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    reference = load_model_file(straight["out"])["state_dict"]
+    result = load_model_file(resumed["out"])["state_dict"]
+    for key, value in reference.items():
+        assert torch.allclose(result[key], value, atol=1e-6), key
+
+
+def test_warmup_cosine_schedule():
+    schedule = WarmupCosine(warmup_steps=4, total_steps=12)
+    assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    after = [schedule(s) for s in range(4, 13)]
+    assert after[0] == 1.0 and after[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(after, after[1:]))
+    assert schedule(8) == pytest.approx(0.5)  # half-way through the decay
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupCosine(13, 12)

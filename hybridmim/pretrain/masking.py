@@ -38,7 +38,8 @@ class MaskGeometry:
         if self.crop % self.region:
             raise ValueError(
                 f"geometry.crop ({self.crop}) must be a multiple of geometry.region "
-                f"({self.region}); choose e.g. crop {self.region * max(1, self.crop // self.region)}")
+                f"({self.region}); use a crop of a whole number of regions, e.g. "
+                f"{self.region * max(1, self.crop // self.region)}")
         if self.region % self.patch:
             raise ValueError(
                 f"geometry.region ({self.region}) must be a multiple of geometry.patch "
@@ -89,7 +90,7 @@ def masked_patch_count(num_patches: int, ratio: float) -> int:
 
 
 def _rank(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Rank of each entry along ``dim`` (0 = smallest): a uniformly random order for random scores."""
+    """Rank of each entry along ``dim`` (0 = smallest); for random scores a uniform order."""
     return scores.argsort(dim=dim).argsort(dim=dim)
 
 

@@ -1,4 +1,5 @@
-"""Learning-rate schedule of the authors' recipe: linear warm-up, then cosine decay to 0, per step."""
+"""Learning-rate schedule of the authors' recipe: linear warm-up, then cosine decay to 0 (per
+optimizer step)."""
 from __future__ import annotations
 
 import math

@@ -41,32 +41,36 @@ class PretrainStep:
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.geometry, self.method = geometry, method
         self.device, self.precision, self.grad_clip = device, precision, grad_clip
+        # Validation runs on rank 0 alone: its contrastive term must not wait for other ranks.
+        self.val_loss_fn = HybridMIMLoss(loss_fn.weights, loss_fn.temperature,
+                                         gather_negatives=False)
 
     def _losses(self, images: torch.Tensor, valid: torch.Tensor, generator: torch.Generator,
-                forward_model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                forward_model: torch.nn.Module, loss_fn: HybridMIMLoss
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         patch_mask = sample_patch_mask(images.shape[0], self.geometry, self.method["mask_ratio"],
                                        self.method["masking"], generator=generator,
                                        device=self.device)
         voxel_mask = expand_to_voxels(patch_mask, self.geometry.patch)
         masked = apply_mask(images, voxel_mask)
         count = location = None
-        if self.loss_fn.needs_region_labels:
+        if loss_fn.needs_region_labels:
             count, location = region_labels(patch_mask, self.geometry,
                                             self.method["region_grouping"])
         with runtime.autocast(self.device, self.precision):
             outputs = forward_model(masked)
             second = None
-            if self.loss_fn.needs_second_view:
+            if loss_fn.needs_second_view:
                 # Second view: same masked input, same weights, different dropout draw (the
                 # module is in train mode), no gradient (SimCSE-style).
                 with torch.no_grad():
                     second = self.model.project(masked)
-        return self.loss_fn(outputs, images, voxel_mask, valid, count, location, second)
+        return loss_fn(outputs, images, voxel_mask, valid, count, location, second)
 
     def train_step(self, images: torch.Tensor, valid: torch.Tensor,
                    generator: torch.Generator) -> dict[str, torch.Tensor]:
         self.model.train()
-        total, terms = self._losses(images, valid, generator, self.forward_model)
+        total, terms = self._losses(images, valid, generator, self.forward_model, self.loss_fn)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.grad_clip > 0:
@@ -93,7 +97,7 @@ class PretrainStep:
         batch = min(volumes_per_batch, len(dataset))  # type: ignore[arg-type]
         for item in DataLoader(dataset, batch_size=batch, shuffle=False, drop_last=True):
             images, valid = flatten_volumes(item, self.device)
-            _, terms = self._losses(images, valid, generator, self.model)
+            _, terms = self._losses(images, valid, generator, self.model, self.val_loss_fn)
             window.add(terms)
         self.model.train()
         return window.pop_means()

@@ -12,9 +12,10 @@ not a spec key, so the interrupted and the resumed job share one spec hash.
 """
 from __future__ import annotations
 
-import logging
-import os
 import json
+import logging
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,12 @@ class _PretrainJob:
             first_step_of_process = False
             if self.step % log_every == 0 or self.step == self.total_steps:
                 last_logged = window.pop_means()
+                if not math.isfinite(last_logged.get("total", 0.0)):
+                    terms = {k: v for k, v in last_logged.items() if not k.endswith("_weighted")}
+                    raise FloatingPointError(
+                        f"pretraining loss is {last_logged['total']} at step {self.step} "
+                        f"({terms}); lower optim.lr, keep optim.grad_clip > 0 or use precision "
+                        f"bf16/fp32")
                 self.history.append({"step": self.step, "lr": lr, **last_logged})
                 run.log_metrics({**{f"train/{k}": v for k, v in last_logged.items()}, "lr": lr},
                                 self.step)
