@@ -127,8 +127,13 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_audit(args: argparse.Namespace) -> None:
     from hybridmim.report.audit import main as audit_main
 
-    sys.exit(audit_main(results_dir=args.results, tracking_uri=args.tracking_uri,
-                        project_root=args.project_root))
+    code = audit_main(results_dir=args.results, tracking_uri=args.tracking_uri,
+                      project_root=args.project_root)
+    summary = Path(args.results) / "audit.md"
+    if code and summary.exists():
+        # Snakemake deletes a failed job's outputs: keep the findings in the job's log.
+        sys.stderr.write(summary.read_text())
+    sys.exit(code)
 
 
 def cmd_spec(args: argparse.Namespace) -> None:

@@ -102,6 +102,12 @@ def test_dvc_status_push_pull(demo_run):
     assert (demo_run / "dvc.lock").read_text() == lock_before
 
 
+def test_audit_passes_on_the_real_run(demo_run):
+    audit = json.loads((demo_run / "results/audit.json").read_text())
+    assert audit["summary"]["fail"] == 0
+    assert audit["summary"]["pass"] > 50
+
+
 def test_rerun_is_a_no_op(demo_run):
     out = snakemake(demo_run, "-n")
     assert "Nothing to be done" in out, out

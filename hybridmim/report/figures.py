@@ -53,9 +53,11 @@ def plot_dice_by_init(runs: pd.DataFrame, path: str | Path,
     for i, init in enumerate(inits):
         part = stats.loc[stats["init"] == init].set_index(["dataset", "backbone"])
         means = [part["mean"].get(g, np.nan) for g in groups]
-        stds = [np.nan_to_num(part["std"].get(g, np.nan)) for g in groups]
-        ax.bar(x + (i - (len(inits) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-               label=init)
+        stds = [part["std"].get(g, np.nan) for g in groups]
+        # A single seed has no spread: draw no error bar rather than a misleading zero-width one.
+        yerr = None if all(np.isnan(stds)) else np.nan_to_num(stds)
+        ax.bar(x + (i - (len(inits) - 1) / 2) * width, means, width, yerr=yerr,
+               capsize=3 if yerr is not None else 0, label=init)
     multi_backbone = stats["backbone"].nunique() > 1
     ax.set_xticks(x, [f"{d}\n{b}" if multi_backbone else d for d, b in groups])
     ax.set_ylabel("test Dice (%)")
