@@ -110,3 +110,17 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     proc = _snakemake("-n", "--cores", "1", "--configfile", str(bad))
     assert proc.returncode != 0
     assert "batch_size" in proc.stdout + proc.stderr
+
+
+def test_paper_config_plans_the_full_dag_without_data():
+    proc = _snakemake("-n", "--cores", "8", "--quiet", "rules", "--configfile",
+                      "config/paper.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    counts = {parts[0]: int(parts[1]) for parts in
+              (line.split() for line in proc.stdout.splitlines()) if len(parts) == 2
+              and parts[1].isdigit()}
+    # 4 datasets x 3 backbones x 6 inits x 4 label fractions x 3 seeds
+    assert counts["finetune"] == counts["evaluate"] == 864
+    # 3 backbones x 5 pretraining methods x 2 corpora (CT, MRI)
+    assert counts["pretrain"] == 30
+    assert counts["acquire_data"] == counts["preprocess_data"] == 4

@@ -72,7 +72,8 @@ def test_mlflow_runs_and_provenance(demo_run):
         assert set(runs["status"]) == {"FINISHED"}
         assert set(runs["tags.git_commit"]) == {head}
         for _, row in runs.iterrows():
-            data_tags = {k: v for k, v in row.items() if str(k).startswith("tags.data_hash.")}
+            data_tags = {k: v for k, v in row.items()
+                         if str(k).startswith("tags.data_hash.") and isinstance(v, str)}
             assert data_tags, f"{stage} run without data hash"
             for key, value in data_tags.items():
                 assert value == dvc_hashes[f"data/processed/{key.split('.')[-1]}"]
