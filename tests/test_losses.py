@@ -26,6 +26,11 @@ def _batch(seed: int = 0, b: int = 3, c: int = 1):
     return target, patch_mask, voxel_mask
 
 
+def _per_sample_mean(squared: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """L_PR's normalisation: mean over each sample's scored voxels, then over the samples."""
+    return torch.stack([sq[sel].mean() for sq, sel in zip(squared, selected)]).mean()
+
+
 def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.logit(p.clamp(1e-6, 1 - 1e-6).double())
 
@@ -60,9 +65,9 @@ def test_partial_region_loss_ignores_unmasked_voxels_padding_and_outside_box():
     assert not torch.allclose(partial_region_loss(recon_changed, target, BOX, voxel_mask, valid),
                               base)
 
-    # The value is the mean squared error over exactly the scored voxels.
-    sel = box_mask
-    expected = ((torch.sigmoid(recon) - target[(..., *BOX)]) ** 2)[sel].mean()
+    # The value is the mean squared error over exactly the scored voxels, per sample, then
+    # averaged over the samples (before the DDP-equivalence change: one mean over all of them).
+    expected = _per_sample_mean((torch.sigmoid(recon) - target[(..., *BOX)]) ** 2, box_mask)
     assert torch.allclose(base, expected)
 
 
@@ -72,7 +77,7 @@ def test_partial_region_loss_uses_the_mask_not_zero_intensity():
     recon = torch.zeros(3, 1, 16, 16, 16)
     full = partial_region_loss(recon, target, BOX, voxel_mask)
     sel = voxel_mask[(..., *BOX)]
-    assert torch.allclose(full, ((0.5 - target[(..., *BOX)]) ** 2)[sel].mean())
+    assert torch.allclose(full, _per_sample_mean((0.5 - target[(..., *BOX)]) ** 2, sel))
 
 
 def test_partial_region_loss_without_scored_voxels_is_zero_not_nan():
@@ -92,7 +97,7 @@ def test_full_box_and_multichannel_targets():
     recon = torch.zeros(3, 2, 32, 32, 32)
     loss = partial_region_loss(recon, target, full, voxel_mask)
     sel = voxel_mask.expand_as(target)
-    assert torch.allclose(loss, ((0.5 - target) ** 2)[sel].mean())
+    assert torch.allclose(loss, _per_sample_mean((0.5 - target) ** 2, sel))
 
 
 def test_contrastive_gradient_flows_through_view_one_only():

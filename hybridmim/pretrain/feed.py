@@ -5,6 +5,12 @@ step takes ``volumes_per_step`` volumes and flattens them into one batch of crop
 ``DistributedSampler`` (also on one process: one code path, seeded, ``set_epoch`` per epoch), so
 step ``s`` always reads the same volumes whatever happened before — which is what lets a resumed
 job skip the volumes it has already seen without loading them.
+
+Under DDP, rank r of W gets the sampler's permutation ``perm[r::W]``, so its j-th volume of step
+s (s counted inside the epoch, v = ``volumes_per_step``) is ``perm[(s·v + j)·W + r]``: the W ranks
+together read ``perm[s·v·W : (s+1)·v·W]``, exactly the volumes one process with ``v·W`` volumes
+per step reads at step s, where that volume is the step's volume ``j·W + r``.
+``global_crop_rows`` turns this into the row of every local crop in that single-process batch.
 """
 from __future__ import annotations
 
@@ -83,6 +89,15 @@ class StepFeed:
             item = next(self._iterator)
         self.step += 1
         return flatten_volumes(item, self.device)
+
+
+def global_crop_rows(volumes_per_step: int, crops_per_volume: int, dist: DistInfo
+                     ) -> torch.Tensor:
+    """Row in the step's global batch (one process, ``volumes_per_step × world`` volumes) of each
+    crop of this rank's batch, in this rank's order: local volume j is global volume j·W + r and
+    its crop k is row (j·W + r)·K + k (see the module docstring). One process: 0, 1, 2, ..."""
+    volume = torch.arange(volumes_per_step) * dist.world_size + dist.rank
+    return (volume[:, None] * crops_per_volume + torch.arange(crops_per_volume)).flatten()
 
 
 def flatten_volumes(item: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,16 @@ def partial_region_loss(recon_logits: torch.Tensor, target: torch.Tensor, box: t
 
     ``target`` (B, C, *crop) is the unmasked input; ``voxel_mask`` (B, 1, *crop) True where masked;
     ``valid`` (B, 1|C, *crop) False on padding. Which voxels count comes from these boolean masks,
-    never from ``input == 0``. With no such voxel the loss is 0 (and still differentiable).
+    never from ``input == 0``.
+
+    Normalisation: the squared error is averaged over each sample's own scored voxels, then over
+    the B samples (a sample with no scored voxel contributes 0 and still counts in B). The authors'
+    code takes one mean over all masked voxels of the batch instead, which weighs a crop by how
+    many of its voxels were scored and makes the loss of a batch differ from the mean of the
+    losses of its parts. Per-sample means give every crop the same weight, and under DDP the
+    average of the ranks' losses (what gradient averaging computes) equals this loss on the
+    global batch, because every rank holds the same number of samples. With no scored voxel at
+    all the loss is 0 (and still differentiable).
     """
     target_box = _crop_box(target, box)
     if recon_logits.shape != target_box.shape:
@@ -47,8 +56,9 @@ def partial_region_loss(recon_logits: torch.Tensor, target: torch.Tensor, box: t
     selected = selected.expand_as(target_box)
     squared = (torch.sigmoid(recon_logits.float()) - target_box.float()).square()
     # Multiply instead of boolean indexing: no host sync, and an empty selection gives 0/1 = 0.
-    count = selected.sum().clamp_min(1)
-    return (squared * selected).sum() / count
+    per_sample_dims = tuple(range(1, squared.dim()))
+    count = selected.sum(per_sample_dims).clamp_min(1)
+    return ((squared * selected).sum(per_sample_dims) / count).mean()
 
 
 def count_loss(count_logits: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -68,21 +78,32 @@ def consistency_loss(count_logits: torch.Tensor, loc_logits: torch.Tensor) -> to
     return F.cross_entropy(count_logits.float().flatten(0, -2), implied.flatten())
 
 
-def _gather_with_local_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gather (B, D) across DDP ranks; only the local slice keeps its gradient.
+def _gather_across_ranks(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather (B, D) across DDP ranks, differentiably; returns (world·B, D) and the offset of
+    the local rows.
 
-    Returns the (world·B, D) tensor and the offset of the local rows. Needs equal batch sizes on
-    every rank (the samplers drop the last incomplete batch).
+    The gather is autograd-aware (``torch.distributed.nn``): in backward, the gradient every rank
+    computed for rank q's rows is summed and sent to rank q. A local sample is a negative for the
+    anchors of all ranks, so without that sum those terms of the gradient would be lost, and DDP's
+    average of the rank gradients would not be the gradient of the global-batch loss. Needs equal
+    batch sizes on every rank (the samplers drop the last incomplete batch).
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z, 0
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(z.contiguous()) if z.requires_grad else _gather_constant(z)
+    return torch.cat(parts, dim=0), dist.get_rank() * z.shape[0]
+
+
+def _gather_constant(z: torch.Tensor) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
     parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, z.detach().contiguous())
-    rank = dist.get_rank()
-    parts[rank] = z
-    return torch.cat(parts, dim=0), rank * z.shape[0]
+    dist.all_gather(parts, z.contiguous())
+    return parts
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
@@ -90,7 +111,12 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
     """SimCLR NT-Xent over the 2B views; gradient through ``z1`` only (``z2`` is detached).
 
     Every local view is an anchor; its positive is the other view of the same sample, its
-    negatives all other views of the batch (of all ranks if ``gather_negatives``), both views.
+    negatives all other views of the batch, both views.
+
+    ``gather_negatives`` (DDP): the negatives are the views of the global batch (all ranks), and
+    the gradient is exactly that of one process holding the global batch. Off (the default, as in
+    the authors' code), every rank contrasts only its own samples: cheaper, but not equal to one
+    process with the same global batch, since a sample's negatives depend on how the batch is cut.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"projections must both be (B, D); got {tuple(z1.shape)} and "
@@ -103,8 +129,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
     z2 = F.normalize(z2.detach().float(), dim=1)
     b = z1.shape[0]
     if gather_negatives:
-        all1, offset = _gather_with_local_grad(z1)
-        all2, _ = _gather_with_local_grad(z2)
+        all1, offset = _gather_across_ranks(z1)
+        all2, _ = _gather_across_ranks(z2)
     else:
         all1, all2, offset = z1, z2, 0
     total = all1.shape[0]

@@ -35,8 +35,16 @@ class PretrainStep:
     def __init__(self, model: torch.nn.Module, forward_model: torch.nn.Module,
                  loss_fn: HybridMIMLoss, optimizer: torch.optim.Optimizer, scheduler: Any,
                  scaler: torch.amp.GradScaler, geometry: MaskGeometry, method: dict[str, Any],
-                 device: torch.device, precision: str, grad_clip: float):
+                 device: torch.device, precision: str, grad_clip: float,
+                 global_batch: int | None = None, mask_rows: torch.Tensor | None = None):
         # ``forward_model`` is the DDP wrapper when distributed (gradient sync), else ``model``.
+        # Under DDP every rank draws the masks of the whole ``global_batch`` from an identically
+        # seeded generator and keeps ``mask_rows``, the rows of its own crops
+        # (feed.global_crop_rows): the masks then do not depend on how the batch is split.
+        if (global_batch is None) != (mask_rows is None):
+            raise ValueError("give both global_batch and mask_rows, or neither")
+        self.global_batch = global_batch
+        self.mask_rows = mask_rows.to(device) if mask_rows is not None else None
         self.model, self.forward_model, self.loss_fn = model, forward_model, loss_fn
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.geometry, self.method = geometry, method
@@ -46,11 +54,17 @@ class PretrainStep:
                                          gather_negatives=False)
 
     def _losses(self, images: torch.Tensor, valid: torch.Tensor, generator: torch.Generator,
-                forward_model: torch.nn.Module, loss_fn: HybridMIMLoss
+                forward_model: torch.nn.Module, loss_fn: HybridMIMLoss,
+                global_batch: int | None = None, rows: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        patch_mask = sample_patch_mask(images.shape[0], self.geometry, self.method["mask_ratio"],
-                                       self.method["masking"], generator=generator,
-                                       device=self.device)
+        patch_mask = sample_patch_mask(global_batch or images.shape[0], self.geometry,
+                                       self.method["mask_ratio"], self.method["masking"],
+                                       generator=generator, device=self.device)
+        if rows is not None:
+            if rows.numel() != images.shape[0]:
+                raise ValueError(f"{rows.numel()} mask rows for a batch of {images.shape[0]} "
+                                 f"crops; the step's batch does not have the expected size")
+            patch_mask = patch_mask[rows]
         voxel_mask = expand_to_voxels(patch_mask, self.geometry.patch)
         masked = apply_mask(images, voxel_mask)
         count = location = None
@@ -70,7 +84,8 @@ class PretrainStep:
     def train_step(self, images: torch.Tensor, valid: torch.Tensor,
                    generator: torch.Generator) -> dict[str, torch.Tensor]:
         self.model.train()
-        total, terms = self._losses(images, valid, generator, self.forward_model, self.loss_fn)
+        total, terms = self._losses(images, valid, generator, self.forward_model, self.loss_fn,
+                                    self.global_batch, self.mask_rows)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.grad_clip > 0:

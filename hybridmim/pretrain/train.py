@@ -6,6 +6,20 @@ one GPU and ``torchrun`` DDP (only rank 0 logs and writes). The job resumes by i
 MLflow run id) is saved every ``checkpoint_every`` steps and on SIGTERM into ``state/`` beside
 ``model.pt``; a re-run of the same spec continues from there, in the same MLflow run.
 
+DDP (``torchrun --nproc_per_node=W``, one process per GPU): every rank takes ``volumes_per_step``
+volumes per step, so the effective batch is W × ``volumes_per_step`` × ``crops_per_volume`` crops,
+and the gradient is averaged over the ranks. The run is equivalent to ONE process with
+``volumes_per_step`` × W volumes per step (same seed): the ranks read the same volumes in total
+(feed.py), every rank draws the masks of the global batch from one identically seeded generator
+and keeps its own rows (``feed.global_crop_rows``), and L_PR, L_Num, L_Loc, L_Con are means of
+per-sample terms, so the average of the rank losses is the global loss. L_CL matches only with
+``method.gather_negatives: true`` (negatives from all ranks); with the default (off) each rank
+contrasts its own samples. Equivalence holds up to float summation order and needs a deterministic
+data pipeline (tests/test_pretrain_ddp.py checks it); dropout and random crops draw from each
+rank's own stream. The learning rate is NOT scaled with W: when changing the GPU count, scale
+``optim.lr`` yourself (e.g. linearly with the effective batch) or keep the effective batch fixed by
+dividing ``volumes_per_step``.
+
 Test/ops hook: ``HYBRIDMIM_PREEMPT_AT_STEP=k`` behaves like a SIGTERM arriving during step k
 (finish the step, save the state, exit with the preemption code). It is an environment variable,
 not a spec key, so the interrupted and the resumed job share one spec hash.
@@ -26,7 +40,7 @@ from hybridmim import checkpoints, runtime
 from hybridmim.atomic import write_json
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.preemption import Preempted, TerminationGuard
-from hybridmim.pretrain.feed import StepFeed
+from hybridmim.pretrain.feed import StepFeed, global_crop_rows
 from hybridmim.pretrain.losses import HybridMIMLoss
 from hybridmim.pretrain.masking import MaskGeometry
 from hybridmim.pretrain.schedule import warmup_cosine_scheduler
@@ -78,9 +92,10 @@ class _PretrainJob:
         self.scheduler = warmup_cosine_scheduler(self.optimizer, int(optim["warmup_steps"]),
                                                  self.total_steps)
         self.scaler = runtime.make_grad_scaler(self.device, self.precision)
-        # Masks come from their own generator on the device; each rank draws different masks.
+        # Masks come from their own generator on the device, seeded identically on every rank:
+        # each rank draws the masks of the global batch and keeps its rows (PretrainStep).
         self.mask_generator = torch.Generator(device=self.device)
-        self.mask_generator.manual_seed(self.seed * 1_000 + dist.rank)
+        self.mask_generator.manual_seed(self.seed * 1_000)
 
         self.step, self.history, self.run_id = 0, [], None
         self.train_seconds, self.timed_steps = 0.0, 0
@@ -106,7 +121,11 @@ class _PretrainJob:
             model=self.model, forward_model=network, loss_fn=self.loss_fn,
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
             geometry=self.geometry, method=self.method, device=self.device,
-            precision=self.precision, grad_clip=float(optim.get("grad_clip", 0.0) or 0.0))
+            precision=self.precision, grad_clip=float(optim.get("grad_clip", 0.0) or 0.0),
+            global_batch=int(data["volumes_per_step"]) * int(data["crops_per_volume"])
+            * dist.world_size,
+            mask_rows=global_crop_rows(int(data["volumes_per_step"]),
+                                       int(data["crops_per_volume"]), dist))
 
     # ------------------------------------------------------------------------------------- state
     def _has_unused_parameters(self) -> bool:
@@ -126,14 +145,17 @@ class _PretrainJob:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
         rng, masks = state["rng"], state["mask_rng"]
+        # The mask generator is the same on every rank, so one state serves any world size.
+        if isinstance(masks, list):  # a state written when each rank had its own mask stream
+            masks = masks[0]
+        self.mask_generator.set_state(masks.to("cpu"))
         if len(rng) == self.dist.world_size:
             runtime.set_rng_state(rng[self.dist.rank])
-            self.mask_generator.set_state(masks[self.dist.rank].to("cpu"))
         else:
-            log.warning("resume state was written by %d process(es), this job has %d: random "
-                        "streams restart from the seed (training continues correctly, but not "
-                        "bit-identically)", len(rng), self.dist.world_size)
-            self.mask_generator.manual_seed(self.seed * 1_000 + self.dist.rank + self.step)
+            log.warning("resume state was written by %d process(es), this job has %d: the "
+                        "per-process random streams (dropout) restart from the seed (training "
+                        "continues correctly, but not bit-identically)", len(rng),
+                        self.dist.world_size)
 
     def _gather(self, obj: Any) -> list[Any]:
         if not self.dist.enabled:
@@ -145,9 +167,10 @@ class _PretrainJob:
         return gathered
 
     def _save_state(self) -> None:
-        # Every rank contributes its RNG streams (a collective), rank 0 writes.
+        # Every rank contributes its RNG streams (a collective), rank 0 writes. The mask
+        # generator is identical on all ranks: rank 0's state is the state.
         rng = self._gather(runtime.rng_state())
-        masks = self._gather(self.mask_generator.get_state().cpu())
+        masks = self.mask_generator.get_state().cpu()
         if not self.dist.is_main:
             return
         checkpoints.save_state(self.state_dir, {
