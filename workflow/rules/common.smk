@@ -34,9 +34,10 @@ def stage_res(stage, key):
 def launcher(stage):
     """`hybridmim` for one process; torchrun (DDP, one process per GPU) for a multi-GPU job.
 
-    The effective batch of a DDP pretraining job is gpus x volumes_per_step x crops_per_volume
-    (each process draws its own volumes); the learning rate is NOT scaled automatically: scale
-    pretraining.optim.lr yourself if you change the GPU count (docs/slurm.md)."""
+    The effective batch of a DDP pretraining job is gpus x volumes_per_step x crops_per_volume,
+    and it trains the same weights as one process with gpus x volumes_per_step volumes per step
+    (docs/slurm.md, "GPUs and multi-GPU training"). The learning rate is NOT scaled
+    automatically: scale pretraining.optim.lr yourself if you change the GPU count."""
     gpus = stage_res(stage, "gpus")
     if gpus > 1:
         return f"torchrun --standalone --nproc_per_node={gpus} -m hybridmim.cli"
