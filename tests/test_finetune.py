@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import signal
+import shutil
 
 import numpy as np
 import pytest
@@ -303,3 +304,24 @@ def test_brats_regions_train_with_sigmoid_and_evaluate_per_region(tmp_path, stor
     assert set(evaluation["per_class"]["dice"]) == {"TC", "WT", "ET"}
     assert all(v is None or 0.0 <= v <= 1.0 for v in evaluation["per_class"]["dice"].values())
     assert not math.isnan(evaluation["metrics"]["test_dice_mean"] or 0.0)
+
+
+def test_no_checkpoint_selection_when_validation_cases_are_the_test_cases(tmp_path, toy, store):
+    """MONAI's BTCV/MSD protocol reports on its validation cases (splits: val_is_test); choosing
+    the best checkpoint on them would be choosing on the test set: the final weights are
+    published instead."""
+    data = tmp_path / "toy_val_is_test"
+    shutil.copytree(toy, data)
+    splits = json.loads((data / "splits.json").read_text())
+    splits.update(val=splits["test"], val_is_test=True)
+    (data / "splits.json").write_text(json.dumps(splits))
+    spec = finetune_spec(tmp_path, data, store, **{"optim.steps": 6, "val_every": 2,
+                                                   "checkpoint_every": 2})
+    run_finetuning(spec)
+    out = tmp_path / "finetune"
+    model = load_model_file(out / "model.pt")
+    assert model["meta"]["weights"].startswith("final")
+    final = torch.load(out / "state" / "latest.pt", map_location="cpu", weights_only=False)
+    assert final["step"] == 6
+    for key, value in final["model"].items():
+        assert torch.equal(model["state_dict"][key], value), key

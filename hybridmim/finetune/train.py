@@ -154,6 +154,9 @@ class FinetuneJob:
         train_ids = label_fraction_subset(splits["train"], float(self.spec["label_fraction"]),
                                           int(self.spec["seed"]))
         val_ids = list(splits.get("val") or [])
+        # MONAI's BTCV/MSD reference protocol reports on its validation cases; selecting the
+        # best checkpoint on them would then be selection on the test set.
+        self.val_is_test = bool(splits.get("val_is_test"))
         if not val_ids:
             raise ValueError(f"{self.processed_dir}/splits.json has no 'val' cases; fine-tuning "
                              "selects its best checkpoint on them — regenerate the splits")
@@ -353,7 +356,11 @@ def _recorded_data_hash(run, processed_dir: str) -> str:
 
 def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seconds: float,
             init_counts: dict[str, int] | None) -> dict[str, Any]:
-    """Write model.pt (best validation weights, from state/best.pt) and metrics.json beside it."""
+    """Write model.pt and metrics.json beside it.
+
+    The published weights are the best validation checkpoint (state/best.pt), except when the
+    split's validation cases ARE its test cases (``val_is_test``): then the final weights are
+    published, so that no choice is ever made on the cases the evaluation reports."""
     from hybridmim.tracking.provenance import git_state
 
     spec = job.spec
@@ -363,6 +370,13 @@ def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seco
                            "delete the state folder and re-run the job")
     ds = spec["dataset"]
     best_step, best_dice = int(best_state["step"]), float(best_state["scores"]["val_dice_mean"])
+    weights, published = "best_validation", best_state["model"]
+    if getattr(job, "val_is_test", False):
+        final_state = checkpoints.load_state(job.state_dir, job.spec_hash, name="latest")
+        if final_state is None or int(final_state["step"]) != job.steps:
+            raise RuntimeError(f"{job.state_dir}/latest.pt does not hold the final step; "
+                               "delete the state folder and re-run the job")
+        weights, published = "final (validation cases are the test cases)", final_state["model"]
     meta = {"stage": "finetune", "method": spec["init"].get("name"), "crop": job.crop,
             "spacing": dataset_spacing(job.processed_dir), "modality": ds.get("modality"),
             "channels": int(spec["backbone"]["in_channels"]), "labels": ds["labels"],
@@ -370,8 +384,8 @@ def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seco
             "init": {**copy.deepcopy(spec["init"]), "transferred": init_counts or {}},
             "data_hash": _recorded_data_hash(run, job.processed_dir), **git_state(),
             "mlflow_run_id": run.run_id, "spec_hash": job.spec_hash, "steps": job.steps,
-            "weights": "best_validation", "best_step": best_step, "best_val_dice": best_dice}
-    checkpoints.publish_model(job.out, class_path, kwargs, best_state["model"], meta)
+            "weights": weights, "best_step": best_step, "best_val_dice": best_dice}
+    checkpoints.publish_model(job.out, class_path, kwargs, published, meta)
     metrics = {"best_val_dice_mean": best_dice, "best_step": float(best_step),
                "steps": float(job.steps), "train_seconds": seconds}
     run.log_metrics({"best_val_dice_mean": best_dice}, job.steps)
