@@ -8,7 +8,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-REAL_CT = ROOT.parent / "shared" / "data" / "real_ct_small"
+# The small real CT lives beside the project (../shared), never inside it; an environment
+# variable points elsewhere when a checkout sits somewhere else.
+REAL_CT = Path(os.environ.get("HYBRIDMIM_REAL_CT_DIR",
+                              ROOT.parent / "shared" / "data" / "real_ct_small"))
 
 # Workflow shell commands call `hybridmim`, `dvc` and `snakemake` from PATH.
 os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -44,7 +44,7 @@ def test_schema_errors_name_the_key(tmp_path, mutate, key):
     (lambda c: c["finetuning"]["inits"].append("mae"), "finetuning.inits"),
     (lambda c: c["pretraining"]["corpora"]["ct"]["datasets"].append("demo_brats"),
      "mixes channel counts"),
-    (lambda c: c["pretraining"]["geometry"].update(crop=80), "pretraining.geometry"),
+    (lambda c: c["pretraining"]["geometry"].update(crop=40), "pretraining.geometry"),
     (lambda c: c["finetuning"]["resources"].update(gpus=2), "finetuning.resources.gpus"),
 ])
 def test_cross_key_errors_name_the_key(tmp_path, mutate, key):

@@ -17,7 +17,7 @@ from hybridmim.data.registry import (REGISTRY, DatasetConfigError, dataset_from_
                                      get_dataset)
 from hybridmim.data.splits import SplitError, load_splits, make_splits
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct_small"
+from conftest import REAL_CT  # noqa: E402
 
 
 # --------------------------------------------------------------------------------- registry

@@ -17,7 +17,7 @@ from hybridmim.data.integrity import check_dataset
 from hybridmim.data.layout import make_index, write_json
 from hybridmim.data.registry import get_dataset
 
-REAL_CT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct_small"
+from conftest import REAL_CT as REAL_CT_DIR  # noqa: E402
 CT, SEG = REAL_CT_DIR / "example_ct_sm.nii.gz", REAL_CT_DIR / "example_seg.nii.gz"
 
 # TotalSegmentator v2 "total" label -> BTCV index (../shared/data/real_ct_small/README.md);
