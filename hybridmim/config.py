@@ -266,6 +266,16 @@ def pretrained_for(config: dict, dataset: str, backbone: str, init: str) -> str 
     return pretrain_model_path(backbone, init, corpus)
 
 
+def _grid_common(config: dict, stage: str, dataset: str, backbone: str, init: str,
+                 fraction: Any, seed: Any, out: str, rule: str, resource_stage: str
+                 ) -> dict[str, Any]:
+    """The common part of a fine-tuning or evaluation job of the grid."""
+    wildcards = {"dataset": dataset, "backbone": backbone, "init": init,
+                 "fraction": _frac_tag(fraction), "seed": seed}
+    run_name = f"{stage}/{dataset}/{backbone}/{init}/frac{_frac_tag(fraction)}/seed{seed}"
+    return _common(config, run_name, int(seed), out, rule, wildcards, resource_stage)
+
+
 def finetune_spec(config: dict, dataset: str, backbone: str, init: str, fraction: Any,
                   seed: Any, rule: str = "finetune") -> dict[str, Any]:
     ft = config["finetuning"]
@@ -276,11 +286,9 @@ def finetune_spec(config: dict, dataset: str, backbone: str, init: str, fraction
         corpus_for = ft.get("pretrained_corpus") or {"CT": "ct", "MRI": "mri"}
         pre_channels = corpus_channels(config, corpus_for[ds.modality])
         first_layer = "keep" if pre_channels == ds.num_channels else "reinit"
-    wildcards = {"dataset": dataset, "backbone": backbone, "init": init,
-                 "fraction": _frac_tag(fraction), "seed": seed}
     out = f"{finetune_dir(dataset, backbone, init, fraction, seed)}/model.pt"
-    spec = _common(config, f"finetune/{dataset}/{backbone}/{init}/frac{_frac_tag(fraction)}/"
-                   f"seed{seed}", int(seed), out, rule, wildcards, "finetuning")
+    spec = _grid_common(config, "finetune", dataset, backbone, init, fraction, seed, out, rule,
+                        "finetuning")
     spec.update({
         "dataset": dataset_entry(config, dataset),
         "backbone": backbone_spec(config, backbone, ds.num_channels),
@@ -302,11 +310,9 @@ def finetune_spec(config: dict, dataset: str, backbone: str, init: str, fraction
 
 def evaluate_spec(config: dict, dataset: str, backbone: str, init: str, fraction: Any,
                   seed: Any, rule: str = "evaluate") -> dict[str, Any]:
-    wildcards = {"dataset": dataset, "backbone": backbone, "init": init,
-                 "fraction": _frac_tag(fraction), "seed": seed}
     out = f"{evaluate_dir(dataset, backbone, init, fraction, seed)}/metrics.json"
-    spec = _common(config, f"evaluate/{dataset}/{backbone}/{init}/frac{_frac_tag(fraction)}/"
-                   f"seed{seed}", int(seed), out, rule, wildcards, "evaluation")
+    spec = _grid_common(config, "evaluate", dataset, backbone, init, fraction, seed, out, rule,
+                        "evaluation")
     spec.update({
         "dataset": dataset_entry(config, dataset),
         "model": f"{finetune_dir(dataset, backbone, init, fraction, seed)}/model.pt",

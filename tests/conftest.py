@@ -97,3 +97,21 @@ def search_runs(uri: str, experiment: str):
         row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Training jobs apply their spec's thread count process-wide; give each test its own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def set_nested(spec: dict, dotted: str, value, sep: str = ".") -> None:
+    """spec["a"]["b"] = value for dotted == "a.b" (test overrides of job specs)."""
+    *parents, last = dotted.split(sep)
+    for part in parents:
+        spec = spec[part]
+    spec[last] = value

@@ -10,8 +10,8 @@ from hybridmim.checkpoints import publish_model
 from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, ground_truth_masks,
                                         metric_key)
 from hybridmim.models.backbones import build_segmentation_network
-from test_finetune import (CROP, LABELS, TINY_UNET, WINDOW, _restore_torch_threads,  # noqa: F401
-                           make_processed_dataset, tracking_block)
+from test_finetune import (CROP, LABELS, TINY_UNET, WINDOW, make_processed_dataset,
+                           tracking_block)
 
 
 def _masks(shape, *boxes):

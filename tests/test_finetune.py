@@ -16,6 +16,7 @@ from hybridmim.data.intensity import CT_FINETUNE_WINDOW
 from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
 from hybridmim.finetune.train import FinetuneJob, initialise_network, run_finetuning, warmup_cosine
 from hybridmim.models.backbones import build_segmentation_network
+from conftest import set_nested
 
 CROP = 32
 TINY_UNET = {"name": "unet", "in_channels": 1, "filters": [4, 8, 8, 16, 16], "dropout": 0.0}
@@ -88,19 +89,8 @@ def finetune_spec(tmp_path, processed, tracking, **overrides):
         "checkpoint_every": 10, "log_every": 1,
     }
     for key, value in overrides.items():
-        node = spec
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        set_nested(spec, key, value)
     return spec
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()  # the jobs set the spec's thread count process-wide
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

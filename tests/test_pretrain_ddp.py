@@ -131,13 +131,6 @@ def _spec(root, data_dir, out, volumes_per_step, seed=0):
     }
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()  # the in-process job applies the spec's thread count
-    yield
-    torch.set_num_threads(threads)
-
-
 def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)

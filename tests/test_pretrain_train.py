@@ -18,6 +18,7 @@ from hybridmim.preemption import PREEMPTED_EXIT_CODE, Preempted
 from hybridmim.pretrain.schedule import WarmupCosine
 from hybridmim.pretrain.spec import PretrainSpecError, validate_pretrain_spec
 from hybridmim.pretrain.train import PREEMPT_ENV, run_pretraining
+from conftest import set_nested
 
 
 def _write_processed_dataset(root, name="tiny_ct", cases=6, val=1, test=1):
@@ -83,19 +84,8 @@ def _spec(workspace, out: str, **changes):
         "checkpoint_every": 2, "log_every": 1,
     }
     for dotted, value in changes.items():
-        block = spec
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            block = block[key]
-        block[leaf] = value
+        set_nested(spec, dotted, value, sep="__")
     return spec
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()  # the job applies the spec's thread count process-wide
-    yield
-    torch.set_num_threads(threads)
 
 
 def _mlflow_history(spec, run_id, key):
