@@ -150,6 +150,34 @@ def cmd_spec(args: argparse.Namespace) -> None:
     print(json.dumps(builders[args.stage](), indent=2, sort_keys=True))
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from hybridmim.predict.run import predict_inputs
+
+    for path in predict_inputs(args.model, args.input, args.out, tracking_uri=args.tracking_uri,
+                               overlap=args.overlap, precision=args.precision):
+        print(path)
+
+
+def add_predict_parser(sub: Any) -> None:
+    text = "segment NIfTI images with a trained model (label maps on the inputs' own grids)"
+    p = sub.add_parser("predict", help=text, description=text,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a fine-tuned model.pt, an MLflow run id, or an MLflow model URI "
+                        "(models:/<name>/<version>, runs:/<run id>/model)")
+    p.add_argument("--input", required=True,
+                   help="a NIfTI file or a folder of them; multi-channel models take one 4D "
+                        "file per case or <case>_<channel>.nii.gz files")
+    p.add_argument("--out", required=True, help="folder receiving <case>.nii.gz label maps")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store for run ids / model URIs (None: $MLFLOW_TRACKING_URI, "
+                        "else sqlite:///results/mlflow/mlflow.db)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="inference precision (auto: bf16 on a GPU that has it, else fp32)")
+    p.set_defaults(func=cmd_predict)
+
+
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -217,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", default="1")
     p.add_argument("--seed", default="0")
     p.set_defaults(func=cmd_spec)
+    add_predict_parser(sub)
     return parser
 
 

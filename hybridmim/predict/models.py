@@ -1,0 +1,67 @@
+"""Find a trained model from what a user types: a model.pt file, an MLflow run id, or an MLflow
+model URI (``models:/<name>/<version>``, ``runs:/<run id>/model``).
+
+Every form gives the same pair: the stock MONAI network and the model's metadata (crop, labels,
+window, preprocessing…), which `hybridmim predict` and `hybridmim export` need. MLflow models
+carry that metadata in their MLmodel file (hybridmim.tracking.models logs it there).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class LoadedModel:
+    network: torch.nn.Module
+    meta: dict[str, Any]
+    source: str  # what was loaded, for logs and the bundle's model card
+    blob: dict[str, Any] | None = None  # the model.pt content when loaded from a file
+
+
+def load_model(reference: str, tracking_uri: str | None = None) -> LoadedModel:
+    """Resolve ``reference`` (file, run id, models:/ or runs:/ URI) to a network and its meta."""
+    from hybridmim.checkpoints import build_network, load_model_file
+
+    path = Path(reference)
+    if path.is_file():
+        blob = load_model_file(path)
+        return LoadedModel(build_network(blob), dict(blob.get("meta") or {}), str(path), blob)
+    if reference.startswith(("models:/", "runs:/")):
+        return _load_mlflow(reference, tracking_uri)
+    if RUN_ID.match(reference):
+        return _load_mlflow(f"runs:/{reference}/model", tracking_uri)
+    raise FileNotFoundError(f"--model {reference!r}: no such file, and not an MLflow run id "
+                            "(32 hex digits) or model URI (models:/<name>/<version>)")
+
+
+def _load_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
+    import mlflow
+    import mlflow.pytorch
+
+    from hybridmim.tracking.store import resolve_tracking_uri
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    mlflow.set_registry_uri(resolve_tracking_uri(tracking_uri))
+    try:
+        try:
+            info = mlflow.models.get_model_info(uri)
+        except Exception as error:  # MlflowException, OSError: one message for the user
+            raise FileNotFoundError(f"--model {uri}: not found in the MLflow store "
+                                    f"{mlflow.get_tracking_uri()} ({str(error)[:200]}); pass "
+                                    "--tracking-uri or the model.pt path") from None
+        meta = dict((info.metadata or {}).get("hybridmim") or {})
+        if not meta:
+            raise ValueError(f"--model {uri}: the MLflow model records no hybridmim metadata "
+                             "(crop, labels, preprocessing); it was not logged by hybridmim")
+        network = mlflow.pytorch.load_model(uri, map_location="cpu")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return LoadedModel(network, meta, uri)
