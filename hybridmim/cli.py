@@ -178,6 +178,22 @@ def add_predict_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def add_version_option(parser: argparse.ArgumentParser) -> None:
+    from hybridmim import __version__
+
+    parser.add_argument("--version", action="version", version=f"hybridmim {__version__}",
+                        help="print the version and exit")
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every (sub-)command's help lists each option's default."""
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+
+
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -202,16 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = data_sub.add_parser("version", help="record the dataset's hashes in dvc.lock (dvc commit)")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
     p.add_argument("--out", required=True, help="JSON file that receives the recorded hashes")
-    p.add_argument("--project-root", default=".")
+    p.add_argument("--project-root", default=".", help="the DVC project (repository) root")
     p.set_defaults(func=cmd_data_version)
 
     track = sub.add_parser("tracking", help="MLflow store management")
     track_sub = track.add_subparsers(dest="tracking_command", required=True, metavar="STEP")
     p = track_sub.add_parser("init", help="create the MLflow store and experiments once")
     p.add_argument("--uri", default=None, help="tracking URI (default: env or sqlite results DB)")
-    p.add_argument("--artifact-root", default="results/mlflow/artifacts")
+    p.add_argument("--artifact-root", default="results/mlflow/artifacts",
+                   help="where run artifacts are stored")
     p.add_argument("--marker", help="write a JSON marker file when done (for Snakemake)")
     p.set_defaults(func=cmd_tracking_init)
 
@@ -227,25 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables and figures from MLflow")
     p.add_argument("--metrics", nargs="+", required=True, help="evaluate metrics.json files")
     p.add_argument("--pretrain-metrics", nargs="*", help="pretrain metrics.json files")
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--out", default="results")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (None: $MLFLOW_TRACKING_URI, else the results DB)")
+    p.add_argument("--out", default="results", help="folder receiving tables/ and figures/")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("audit", help="re-verify every reported number's provenance")
-    p.add_argument("--results", default="results")
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--project-root", default=".")
+    p.add_argument("--results", default="results", help="the results folder to audit")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (None: $MLFLOW_TRACKING_URI, else the results DB)")
+    p.add_argument("--project-root", default=".", help="the project (repository) root")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("spec", help="print the job spec a config gives for one job")
-    p.add_argument("stage", choices=["pretrain", "finetune", "evaluate"])
-    p.add_argument("--config", default="config/config.yaml")
+    p.add_argument("stage", choices=["pretrain", "finetune", "evaluate"], help="job kind")
+    p.add_argument("--config", default="config/config.yaml", help="experiment config YAML")
     for opt in ("backbone", "method", "corpus", "dataset", "init"):
-        p.add_argument(f"--{opt}")
-    p.add_argument("--fraction", default="1")
-    p.add_argument("--seed", default="0")
+        p.add_argument(f"--{opt}", help=f"{opt} name as the config names it")
+    p.add_argument("--fraction", default="1", help="label fraction (finetune/evaluate)")
+    p.add_argument("--seed", default="0", help="seed (finetune/evaluate)")
     p.set_defaults(func=cmd_spec)
     add_predict_parser(sub)
+    add_version_option(parser)
+    show_defaults(parser)
     return parser
 
 

@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from hybridmim.data.registry import DatasetSpec, dataset_from_config
+from hybridmim.resources import CONFIG_SCHEMA
 
-SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = CONFIG_SCHEMA  # workflow/schemas/config.schema.yaml, shipped inside the package
 DATA_DIR = "data"
 RESULTS_DIR = "results"
 # Keys of a dataset config block that steer acquisition/generation, not the registry entry.

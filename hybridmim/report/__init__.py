@@ -10,11 +10,12 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from hybridmim.resources import PAPER_RESULTS
 from hybridmim.report.collect import ReportInputError, collect_pretrain_runs, collect_runs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAPER_RESULTS = Path(__file__).resolve().parents[2] / "config" / "paper_results.yaml"
+DEFAULT_PAPER_RESULTS = PAPER_RESULTS  # config/paper_results.yaml, shipped inside the package
 
 
 def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
