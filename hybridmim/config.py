@@ -313,12 +313,15 @@ def evaluate_spec(config: dict, dataset: str, backbone: str, init: str, fraction
     out = f"{evaluate_dir(dataset, backbone, init, fraction, seed)}/metrics.json"
     spec = _grid_common(config, "evaluate", dataset, backbone, init, fraction, seed, out, rule,
                         "evaluation")
+    evaluation = config.get("evaluation") or {}
     spec.update({
-        "dataset": dataset_entry(config, dataset),
+        # Test cases are segmented from their raw files and scored on their own grid.
+        "dataset": {**dataset_entry(config, dataset), "raw_dir": raw_dir(dataset)},
         "model": f"{finetune_dir(dataset, backbone, init, fraction, seed)}/model.pt",
         "split": "test",
         "crop": config["finetuning"]["crop"],
-        "sw_overlap": (config.get("evaluation") or {}).get("sw_overlap", 0.5),
+        "sw_overlap": evaluation.get("sw_overlap", 0.5),
+        "grid": evaluation.get("grid", "original"),
     })
     return spec
 

@@ -1,7 +1,11 @@
 """Metrics with known answers, the empty-class conventions, and the evaluation job end to end."""
 import csv
+import hashlib
 import json
 import math
+
+import nibabel as nib
+import numpy as np
 
 import pytest
 import torch
@@ -10,8 +14,8 @@ from hybridmim.checkpoints import publish_model
 from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, ground_truth_masks,
                                         metric_key)
 from hybridmim.models.backbones import build_segmentation_network
-from test_finetune import (CROP, LABELS, TINY_UNET, WINDOW, make_processed_dataset,
-                           tracking_block)
+from test_finetune import (CROP, LABELS, TINY_UNET, TOY_PREPROCESS, WINDOW,
+                           make_processed_dataset, raw_dir_of, tracking_block)
 
 
 def _masks(shape, *boxes):
@@ -106,9 +110,10 @@ def test_evaluation_writes_metrics_equal_to_mlflow(tmp_path):
     spec = {"run_name": "eval-test", "seed": 0, "out": str(out), "precision": "fp32",
             "threads": 1, "tracking": tracking_block(tmp_path), "provenance": {"rule": "t"},
             "dataset": {"name": "toy", "processed_dir": str(processed), "modality": "CT",
-                        "window": WINDOW, "labels": LABELS, "regions": None},
+                        "window": WINDOW, "labels": LABELS, "regions": None,
+                        "raw_dir": str(raw_dir_of(processed)), "preprocess": TOY_PREPROCESS},
             "model": str(model), "split": "test", "sw_overlap": 0.25,
-            "upstream_run_id": "upstream123"}
+            "upstream_run_id": "upstream123", "project_root": str(tmp_path)}
     result = run_evaluation_spec(spec)
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))
@@ -130,6 +135,21 @@ def test_evaluation_writes_metrics_equal_to_mlflow(tmp_path):
     artifacts = {a.path for a in MlflowClient(spec["tracking"]["uri"]).list_artifacts(
         written["run_id"])}
     assert {"metrics.json", "per_case.csv", "overlays.png"} <= artifacts
+    assert written["grid"] == "original" and run.data.tags["grid"] == "original"
+    for case in written["per_case"]:  # contract 1: the scored prediction, on the raw grid
+        # Paths are relative to the project root (the working directory, here the spec's).
+        name = f"{case['case']}.nii.gz"
+        assert tmp_path / case["prediction"] == out.parent / "predictions" / name
+        assert tmp_path / case["label"] == raw_dir_of(processed) / "labelsTr" / name
+        prediction = nib.load(tmp_path / case["prediction"])
+        label = nib.load(tmp_path / case["label"])
+        assert hashlib.sha256((tmp_path / case["prediction"]).read_bytes()).hexdigest() == \
+            case["prediction_sha256"]
+        assert prediction.shape == label.shape and np.allclose(prediction.affine, label.affine)
+        assert prediction.get_data_dtype() == np.uint8
+        pred, truth = np.asarray(prediction.dataobj) == 1, np.asarray(label.dataobj) == 1
+        dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+        assert case["cube"]["dice"] == pytest.approx(dice)
 
 
 def test_evaluation_refuses_model_of_another_label_map(tmp_path):
@@ -137,8 +157,8 @@ def test_evaluation_refuses_model_of_another_label_map(tmp_path):
     model = tmp_path / "model.pt"
     _publish_random_model(model)
     spec = {"run_name": "e", "out": str(tmp_path / "m.json"), "tracking": tracking_block(tmp_path),
-            "dataset": {"processed_dir": str(processed), "labels": {"0": "background",
-                                                                    "1": "liver"}},
+            "dataset": {"processed_dir": str(processed), "raw_dir": str(raw_dir_of(processed)),
+                        "labels": {"0": "background", "1": "liver"}},
             "model": str(model), "split": "test", "sw_overlap": 0.5}
     with pytest.raises(ValueError, match="fine-tuned with labels="):
         run_evaluation_spec(spec)

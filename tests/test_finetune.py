@@ -13,6 +13,7 @@ import torch
 
 from hybridmim.checkpoints import load_model_file, load_state, publish_model
 from hybridmim.data.intensity import CT_FINETUNE_WINDOW
+from hybridmim.data.layout import make_index, save_nifti, write_json
 from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
 from hybridmim.finetune.train import FinetuneJob, initialise_network, run_finetuning, warmup_cosine
 from hybridmim.models.backbones import build_segmentation_network
@@ -24,6 +25,15 @@ LABELS = {"0": "background", "1": "cube"}
 WINDOW = dict(CT_FINETUNE_WINDOW)
 BRATS_LABELS = {"0": "background", "1": "NCR", "2": "ED", "4": "ET"}
 BRATS_REGIONS = {"TC": [1, 4], "WT": [1, 2, 4], "ET": [4]}
+# The toy raw images are already on the recipe grid and every voxel is above the threshold, so
+# preprocessing them for inference gives the cached arrays again.
+TOY_PREPROCESS = {"orientation": "RAS", "spacing": [1.5, 1.5, 2.0], "normalize": "none",
+                  "foreground_threshold": -1000.0}
+
+
+def raw_dir_of(processed):
+    """Where make_processed_dataset writes the raw layout of a toy dataset."""
+    return processed.with_name(processed.name + "_raw")
 
 
 def make_processed_dataset(folder, n_cases=6, seed=0, regions=False):
@@ -50,6 +60,7 @@ def make_processed_dataset(folder, n_cases=6, seed=0, regions=False):
             image[inner] += 60.0
             image[core] += 60.0
         case = f"case{index:02d}"
+        _save_raw_case(raw_dir_of(folder), case, image, label, spacing)
         np.save(folder / "cases" / f"{case}_image.npy", image[None])
         np.save(folder / "cases" / f"{case}_label.npy", label)
         cases.append({"case": case, "image": f"cases/{case}_image.npy",
@@ -61,10 +72,21 @@ def make_processed_dataset(folder, n_cases=6, seed=0, regions=False):
                   "recipe": {"spacing": spacing, "modality": "CT", "labels": labels},
                   "recipe_hash": "test", "cases": cases}
     (folder / "dataset.json").write_text(json.dumps(index_json))
+    write_json(raw_dir_of(folder) / "dataset.json", make_index(
+        name=folder.name, description="toy", reference="-", licence="-", channels=("CT",),
+        labels={int(k): v for k, v in labels.items()},
+        training=[{"image": f"./imagesTr/{c['case']}.nii.gz",
+                   "label": f"./labelsTr/{c['case']}.nii.gz"} for c in cases], test=[]))
     ids = [c["case"] for c in cases]
     (folder / "splits.json").write_text(json.dumps(
         {"seed": 0, "recipe": "test", "train": ids[:-2], "val": [ids[-2]], "test": [ids[-1]]}))
     return folder
+
+
+def _save_raw_case(raw, case, image, label, spacing):
+    for sub, array in (("imagesTr", image), ("labelsTr", label)):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+        save_nifti(array, np.diag([*spacing, 1.0]), raw / sub / f"{case}.nii.gz")
 
 
 def tracking_block(tmp_path):
@@ -80,7 +102,8 @@ def finetune_spec(tmp_path, processed, tracking, **overrides):
         "provenance": {"rule": "finetune", "wildcards": {"dataset": "toy"}},
         "backbone": TINY_UNET, "crop": CROP,
         "dataset": {"name": "toy", "processed_dir": str(processed), "modality": "CT",
-                    "window": WINDOW, "labels": LABELS, "regions": None},
+                    "window": WINDOW, "labels": LABELS, "regions": None,
+                    "raw_dir": str(raw_dir_of(processed)), "preprocess": TOY_PREPROCESS},
         "init": {"name": "scratch", "checkpoint": None, "first_layer": "keep"},
         "label_fraction": 1.0,
         "optim": {"lr": 1e-2, "weight_decay": 1e-5, "warmup_steps": 2, "steps": 40,

@@ -1,7 +1,13 @@
 """Test-set evaluation of a fine-tuned model.pt (docs/contracts.md, "Evaluate spec").
 
-Sliding-window inference (the model's crop, Gaussian blending, the spec's overlap) on every case
-of the split, Dice and HD95 per class (evaluate/metrics.py for the empty-class conventions), then:
+Every case of the split is segmented from its RAW files the way `hybridmim predict` does it
+(hybridmim/predict/pipeline.py: the model's preprocessing, sliding windows with the model's crop,
+Gaussian blending and the spec's overlap, inverted back onto the image's own grid) and the label
+map is written to ``predictions/<case>.nii.gz`` beside metrics.json. Dice and HD95 per class
+(evaluate/metrics.py for the empty-class conventions) are computed against the raw label file on
+that original grid — the Decathlon / nnU-Net protocol — or, with ``grid: resampled``, on the
+preprocessed grid as MONAI's tutorials report them; metrics.json and the run's ``grid`` tag say
+which. Then:
 MLflow metrics ``test_dice_<class>``, ``test_hd95_<class>``, ``test_dice_mean``,
 ``test_hd95_mean`` in the ``evaluate`` experiment; ``metrics.json`` (undefined values as null),
 ``per_case.csv`` and ``overlays.png`` beside it, also logged as artifacts.
@@ -9,7 +15,9 @@ MLflow metrics ``test_dice_<class>``, ``test_hd95_<class>``, ``test_dice_mean``,
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +27,12 @@ import torch
 from hybridmim import runtime
 from hybridmim.atomic import atomic_path, write_json
 from hybridmim.checkpoints import build_network, load_model_file
-from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, foreground_masks,
-                                        ground_truth_masks, json_number, metric_key)
+from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, json_number,
+                                        metric_key)
 from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
-from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
+from hybridmim.finetune.inference import probabilities_to_masks
+from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
+                                        save_label_map)
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.progress import StepProgress
 
@@ -30,11 +40,12 @@ log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("run_name", "out", "tracking", "dataset", "model", "split", "sw_overlap")
 OVERLAY_CASES = 3
+GRIDS = ("original", "resampled")
 
 
 def _check_spec(spec: dict[str, Any]) -> None:
     missing = [key for key in REQUIRED_KEYS if key not in spec]
-    for key in ("processed_dir", "labels"):
+    for key in ("processed_dir", "raw_dir", "labels"):
         if key not in (spec.get("dataset") or {}):
             missing.append(f"dataset.{key}")
     if missing:
@@ -55,7 +66,6 @@ def _check_model_matches(meta: dict[str, Any], dataset: dict[str, Any], model: s
 
 def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     """Evaluate spec["model"] on spec["split"]; return the metrics.json content."""
-    from hybridmim.data.loading import SegmentationDataset
     from hybridmim.data.splits import load_splits
     from hybridmim.tracking.runs import tracked_run
 
@@ -77,7 +87,6 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     keys = [metric_key(n) for n in names]
     if len(set(keys)) != len(keys):
         raise ValueError(f"class names {names} collide as metric names {keys}; rename labels")
-    crop = int(meta["crop"])
     window = meta.get("window") or dataset.get("window")
     device = runtime.select_device()
     precision = runtime.resolve_precision(spec.get("precision", "auto"), device)
@@ -88,36 +97,59 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     if not splits.get(split):
         raise ValueError(f"{processed_dir}/splits.json has no cases in split {split!r}; "
                          f"available: {[k for k in splits if isinstance(splits[k], list)]}")
-    cases = SegmentationDataset(processed_dir, list(splits[split]), window=window, crop=crop,
-                                num_samples=1, train=False, regions=regions)
+    case_ids_wanted = list(splits[split])
+    raw_cases = raw_case_files(dataset, case_ids_wanted)
+    grid = spec.get("grid", "original")
+    if grid not in GRIDS:
+        raise ValueError(f"evaluate spec: grid must be one of {GRIDS}, got {grid!r} "
+                         "(config key evaluation.grid)")
+    recipe = model_recipe(meta, dataset, model_path)
+    labels = meta.get("labels") or dataset["labels"]
+    channels = meta.get("channels") or len(dataset.get("channels") or ["image"])
+    predictor = CasePredictor(network, {**meta, "window": window, "labels": labels,
+                                        "channels": channels}, recipe,
+                              overlap=float(spec["sw_overlap"]), device=device,
+                              precision=precision)
     upstream_run_id = spec.get("upstream_run_id") or meta.get("mlflow_run_id") or ""
     out = Path(spec["out"])
     csv_path, figure_path = out.parent / "per_case.csv", out.parent / "overlays.png"
+    predictions_dir = out.parent / "predictions"
+    project_root = Path(spec.get("project_root") or Path.cwd())
 
     with tracked_run("evaluate", spec, data_dirs=[processed_dir], upstream_model=model_path,
                      device=runtime.device_name(device)) as run:
         run.set_tags({"upstream.run_id": upstream_run_id, "split": split,
-                      "cases": len(cases)})
-        per_case, case_ids, overlay_rows = [], [], []
-        progress = StepProgress(len(cases), f"evaluate {spec['run_name']}", every_s=30)
-        for index in range(len(cases)):
-            item = cases[index]
-            image = torch.as_tensor(item["image"])
-            probs = predict_volume(network, image, crop, overlap=float(spec["sw_overlap"]),
-                                   mode="gaussian", device=device, precision=precision,
-                                   regions=bool(regions))
-            pred = probabilities_to_masks(probs, bool(regions))
-            truth = ground_truth_masks(torch.as_tensor(item["label"]), probs.shape[0],
-                                       bool(regions))
-            pred, truth = foreground_masks(pred, truth, bool(regions))
-            spacing = [float(s) for s in torch.as_tensor(item["spacing"]).flatten().tolist()]
-            case_id = str(item["case"])
+                      "cases": len(case_ids_wanted), "grid": grid})
+        per_case, case_ids, overlay_rows, files = [], [], [], []
+        progress = StepProgress(len(case_ids_wanted), f"evaluate {spec['run_name']}", every_s=30)
+        for index, case_id in enumerate(case_ids_wanted):
+            case = raw_cases[case_id]
+            result = predictor(case.images, case.label)
+            prediction_path = predictions_dir / f"{case_id}.nii.gz"
+            save_label_map(result.label, case.images[0], prediction_path)
+            masks = probabilities_to_masks(result.resampled_probs, bool(regions))
+            pred_resampled = masks.bool() if regions else masks[1:].bool()
+            truth_resampled = masks_from_label_values(result.resampled_label, labels, regions)
+            if grid == "original":
+                truth_original, spacing = read_label_file(case.label)
+                pred = masks_from_label_values(torch.from_numpy(result.label), labels, regions)
+                truth = masks_from_label_values(truth_original, labels, regions)
+            else:
+                pred, truth, spacing = (pred_resampled, truth_resampled,
+                                        result.resampled_spacing)
             per_case.append(case_metrics(pred, truth, spacing, names))
             case_ids.append(case_id)
+            files.append({"prediction": _relative(prediction_path, project_root),
+                          "prediction_sha256": file_sha256(prediction_path),
+                          "label": _relative(case.label, project_root)})
             if len(overlay_rows) < OVERLAY_CASES:
-                overlay_rows.append(overlay_slice(image, truth, pred, case_id))
+                overlay_rows.append(overlay_slice(result.resampled_image, truth_resampled,
+                                                  pred_resampled, case_id))
             progress.update(index + 1)
         progress.close()
+        for stale in set(predictions_dir.glob("*.nii.gz")) - {
+                predictions_dir / f"{c}.nii.gz" for c in case_ids}:
+            stale.unlink()  # a case no longer in the split must not look evaluated
 
         summary = aggregate(per_case, names)
         metrics = {"test_dice_mean": summary["dice_mean"], "test_hd95_mean": summary["hd95_mean"]}
@@ -136,10 +168,11 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
             "per_class": {"dice": {n: json_number(summary["dice"][n]) for n in names},
                           "hd95": {n: json_number(summary["hd95"][n]) for n in names}},
             "excluded": summary["excluded"],
-            "per_case": [{"case": cid, **{n: {"dice": json_number(c[n]["dice"]),
-                                              "hd95": json_number(c[n]["hd95"])}
-                                          for n in names}}
-                         for cid, c in zip(case_ids, per_case)],
+            "grid": grid,
+            "per_case": [{"case": cid, **f, **{n: {"dice": json_number(c[n]["dice"]),
+                                                   "hd95": json_number(c[n]["hd95"])}
+                                               for n in names}}
+                         for cid, c, f in zip(case_ids, per_case, files)],
             "conventions": "Dice/HD95 NaN (null) where the ground truth is empty; HD95 null "
                            "where the prediction is empty; class values average the defined "
                            "cases, means average the classes (hybridmim/evaluate/metrics.py)",
@@ -151,6 +184,53 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     log.info("evaluated %d %s cases: mean Dice %.4f, mean HD95 %.2f mm → %s", len(per_case), split,
              summary["dice_mean"], summary["hd95_mean"], out)
     return result
+
+
+def model_recipe(meta: dict[str, Any], dataset: dict[str, Any], model: str) -> dict[str, Any]:
+    """The preprocessing the model was trained with; the dataset's must be the same one."""
+    recipe = meta.get("preprocess") or dataset.get("preprocess")
+    checked = check_preprocess(recipe, model)
+    if meta.get("preprocess") and dataset.get("preprocess"):
+        wanted = check_preprocess(dataset["preprocess"], "evaluate spec dataset")
+        if wanted != checked:
+            raise ValueError(f"{model} was trained on data preprocessed as {checked} but the "
+                             f"evaluate spec's dataset.preprocess is {wanted}; evaluate it on "
+                             "the dataset it was trained for")
+    return checked
+
+
+def raw_case_files(dataset: dict[str, Any], case_ids: list[str]) -> dict[str, Any]:
+    """The raw image/label files of the evaluated cases (the canonical layout's dataset.json)."""
+    from hybridmim.data.layout import list_cases, read_index
+
+    raw_dir = Path(dataset["raw_dir"])
+    cases = {c.case: c for c in list_cases(raw_dir, read_index(raw_dir), False)}
+    missing = [case for case in case_ids if case not in cases or cases[case].label is None]
+    if missing:
+        raise KeyError(f"{raw_dir}/dataset.json lists no labelled raw case {missing[:5]} of the "
+                       "evaluated split; the raw and processed folders disagree (re-run "
+                       "hybridmim data prepare)")
+    return cases
+
+
+def read_label_file(path: str | Path) -> tuple[torch.Tensor, list[float]]:
+    """A raw label file as integer values in its stored voxel order, and its voxel size (mm)."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(str(path))
+    values = np.rint(np.asarray(image.dataobj)).astype(np.int64)
+    spacing = [float(s) for s in np.linalg.norm(image.affine[:3, :3], axis=0)]
+    return torch.from_numpy(values.reshape(values.shape[:3])), spacing
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _relative(path: str | Path, root: Path) -> str:
+    return os.path.relpath(Path(path).absolute(), root.absolute())
 
 
 def write_per_case_csv(path: Path, case_ids: list[str], per_case: list[dict],

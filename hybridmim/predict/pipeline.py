@@ -1,0 +1,213 @@
+"""One image as it came (NIfTI, any orientation and spacing) → a label map on that same grid.
+
+The model's recorded preprocessing (model.pt ``meta["preprocess"]``, the dataset recipe the cache
+was built with) is rebuilt from the same MONAI transforms the preprocessing step uses: channels
+first, reorient, resample, crop to the foreground box, z-score MRI. The fine-tuning intensity
+window follows (hybridmim.data.intensity). After sliding-window inference the class
+probabilities go back through MONAI's ``Invertd`` (un-crop, un-resample bilinearly, un-reorient)
+and only then become labels, as MONAI's reference pipelines do; a label map on the input grid
+results, with the dataset's own label values (regions such as BraTS TC/WT/ET are turned back
+into 0/1/2/4 by ``regions_to_label_values``).
+"""
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from hybridmim.data.intensity import apply_window, validate_window
+from hybridmim.finetune.inference import predict_volume
+
+
+class InputError(ValueError):
+    """An input image cannot be segmented; the message names the file and what to do."""
+
+
+PREPROCESS_KEYS = ("orientation", "spacing", "normalize", "foreground_threshold")
+
+
+def check_preprocess(recipe: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    if not recipe:
+        raise ValueError(f"{where} records no preprocessing (meta.preprocess); re-run its "
+                         "fine-tuning job with this version of hybridmim")
+    missing = [key for key in PREPROCESS_KEYS if key not in recipe]
+    if missing:
+        raise ValueError(f"{where}: preprocessing lacks {missing}")
+    return {key: recipe[key] for key in PREPROCESS_KEYS}
+
+
+def preprocessing_transforms(recipe: Mapping[str, Any], with_label: bool = False):
+    """MONAI's invertible transforms for the recipe (same order and arguments as
+    hybridmim.data.preprocess), on the dict keys ``image`` (and ``label``)."""
+    from monai.transforms import (Compose, CropForegroundd, NormalizeIntensityd, Orientationd,
+                                  Spacingd)
+    keys = ["image", "label"] if with_label else ["image"]
+    threshold = float(recipe["foreground_threshold"])
+    steps = [Orientationd(keys=keys, axcodes=recipe["orientation"],
+                          labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    if recipe.get("spacing") is not None:
+        steps.append(Spacingd(keys=keys, pixdim=[float(s) for s in recipe["spacing"]],
+                              mode=["bilinear", "nearest"][: len(keys)]))
+    steps.append(CropForegroundd(keys=keys, source_key="image",
+                                 select_fn=lambda x: x > threshold, allow_smaller=True))
+    if recipe["normalize"] == "zscore_nonzero_channelwise":
+        steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
+    return Compose(steps)
+
+
+def load_image(paths: Sequence[str | Path], channels: int):
+    """Channels-first MetaTensor of one case, checked: readable, 3D, the model's channel count,
+    finite. ``paths``: one (3D or 4D channels-last) file, or one 3D file per channel."""
+    from monai.transforms import LoadImage
+
+    names = ", ".join(str(p) for p in paths)
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: no such file")
+    loader = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")
+    try:
+        image = loader([str(p) for p in paths] if len(paths) > 1 else str(paths[0]))
+    except Exception as error:  # nibabel/MONAI raise many types for a broken file
+        raise InputError(f"{names}: cannot be read as NIfTI ({type(error).__name__}: "
+                         f"{str(error)[:200]})") from None
+    if image.ndim != 4 or min(image.shape[1:]) < 2:
+        raise InputError(f"{names}: expected a 3D volume (C, X, Y, Z after adding channels), "
+                         f"got shape {tuple(image.shape)}; 2D images are not supported")
+    if image.shape[0] != channels:
+        raise InputError(f"{names}: has {image.shape[0]} channel(s), the model takes "
+                         f"{channels}; give one 4D file or one file per channel")
+    finite = torch.isfinite(image.as_tensor())
+    if not bool(finite.all()):
+        raise InputError(f"{names}: {int((~finite).sum())} voxel(s) are NaN or infinite")
+    return image
+
+
+def label_values(labels: Mapping[str, str]) -> list[int]:
+    """Label values in class-index order (class i of a label-map network is values[i])."""
+    return sorted(int(v) for v in labels)
+
+
+def regions_to_label_values(masks: torch.Tensor, labels: Mapping[str, str],
+                            regions: Mapping[str, Sequence[int]]) -> torch.Tensor:
+    """Overlapping region masks (R, X, Y, Z) → a label map of the dataset's values.
+
+    A value is written where every region containing it is on; values in more regions win,
+    so for BraTS WT → 2, TC ∧ WT → 1, ET ∧ TC ∧ WT → 4 (the inverse of
+    ``labels_to_regions``)."""
+    names = list(regions)
+    out = torch.zeros(masks.shape[1:], dtype=torch.uint8)
+    members = {v: [i for i, n in enumerate(names) if v in [int(x) for x in regions[n]]]
+               for v in label_values(labels) if v != 0}
+    for value, inside in sorted(members.items(), key=lambda item: len(item[1])):
+        if inside:
+            out[masks[inside].all(dim=0)] = value
+    return out
+
+
+def masks_from_label_values(label: torch.Tensor, labels: Mapping[str, str],
+                            regions: Mapping[str, Sequence[int]] | None) -> torch.Tensor:
+    """A label map of dataset values (X, Y, Z) → the evaluated binary masks (K, X, Y, Z), no
+    background: one per foreground label, or one per region."""
+    label = label.reshape(label.shape[-3:]).long()
+    if regions:
+        return torch.stack([torch.isin(label, torch.as_tensor([int(v) for v in vals]))
+                            for vals in regions.values()])
+    values = [v for v in label_values(labels) if v != 0]
+    unknown = sorted(set(torch.unique(label).tolist()) - set(values) - {0})
+    if unknown:
+        raise ValueError(f"label values {unknown[:10]} are not in the label map "
+                         f"{label_values(labels)}")
+    return torch.stack([label == v for v in values])
+
+
+@dataclass
+class Prediction:
+    label: np.ndarray  # uint8 (X, Y, Z) on the input grid, dataset label values
+    affine: np.ndarray  # the input's affine
+    resampled_probs: torch.Tensor  # (K, ...) on the preprocessed grid
+    resampled_image: torch.Tensor  # (C, ...) the network input (windowed)
+    resampled_label: torch.Tensor | None  # the label through the same transforms, if given
+    resampled_spacing: list[float]
+
+
+class CasePredictor:
+    """Segment raw cases with one network and the recipe it was trained with."""
+
+    def __init__(self, network: torch.nn.Module, meta: Mapping[str, Any],
+                 recipe: Mapping[str, Any], overlap: float = 0.5,
+                 device: torch.device | str = "cpu", precision: str = "fp32"):
+        self.network, self.meta = network, meta
+        self.recipe = check_preprocess(recipe, "model")
+        self.window = validate_window(meta["window"], "model window")
+        self.crop = int(meta["crop"])
+        self.channels = int(meta["channels"])
+        self.labels = meta["labels"]
+        self.regions = meta.get("regions") or None
+        self.overlap, self.device, self.precision = overlap, device, precision
+
+    def __call__(self, image_paths: Sequence[str | Path],
+                 label_path: str | Path | None = None) -> Prediction:
+        from monai.data import MetaTensor
+        from monai.transforms import Invertd
+
+        image = load_image(image_paths, self.channels)
+        data: dict[str, Any] = {"image": image}
+        if label_path is not None:
+            data["label"] = load_image([label_path], 1)
+        transforms = preprocessing_transforms(self.recipe, with_label=label_path is not None)
+        data = transforms(data)
+        network_input = apply_window(data["image"].as_tensor(), self.window)
+        probs = predict_volume(self.network, network_input, self.crop, overlap=self.overlap,
+                               mode="gaussian", device=self.device, precision=self.precision,
+                               regions=bool(self.regions))
+        affine = np.asarray(data["image"].affine, dtype=float)
+        spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
+        data["pred"] = MetaTensor(probs, meta=dict(data["image"].meta))
+        data["pred"].applied_operations = list(data["image"].applied_operations)
+        inverted = Invertd(keys="pred", transform=transforms, orig_keys="image",
+                           nearest_interp=False)(data)["pred"]
+        original = torch.as_tensor(inverted.as_tensor() if hasattr(inverted, "as_tensor")
+                                   else inverted).float()
+        if tuple(original.shape[1:]) != tuple(image.shape[1:]):
+            raise RuntimeError(f"inverted prediction {tuple(original.shape[1:])} does not match "
+                               f"the input grid {tuple(image.shape[1:])}")
+        label = self.to_label_values(original)
+        resampled_label = None
+        if label_path is not None:
+            resampled_label = torch.round(data["label"].as_tensor()[0]).to(torch.uint8)
+        return Prediction(label=label.numpy(), affine=np.asarray(image.meta["original_affine"]),
+                          resampled_probs=probs, resampled_image=network_input,
+                          resampled_label=resampled_label,
+                          resampled_spacing=spacing)
+
+    def to_label_values(self, probs: torch.Tensor) -> torch.Tensor:
+        """Probabilities (K, X, Y, Z) → uint8 map of dataset label values."""
+        if self.regions:
+            return regions_to_label_values(probs > 0.5, self.labels, self.regions)
+        lookup = torch.as_tensor(label_values(self.labels), dtype=torch.uint8)
+        return lookup[probs.argmax(dim=0)]
+
+
+def save_label_map(label: np.ndarray, reference: str | Path, path: str | Path) -> None:
+    """Write a uint8 label map atomically with the reference image's affine and header (so
+    orientation codes, qform/sform and units are the input's)."""
+    import nibabel as nib
+
+    from hybridmim.atomic import atomic_path
+
+    ref = nib.load(str(reference))
+    header = ref.header.copy()
+    header.set_data_dtype(np.uint8)
+    out = nib.Nifti1Image(np.asarray(label, dtype=np.uint8), ref.affine, header)
+    out.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
+    out.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+    out.header["scl_slope"], out.header["scl_inter"] = 1.0, 0.0
+    payload = out.to_bytes()
+    if str(path).endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=6, mtime=0)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
