@@ -44,6 +44,7 @@ def rebuild_report(results_dir: Path, project_root: Path, tracking_uri: str, int
     """``build_report`` on the inputs the report recorded, with the audit's MLflow store."""
     from hybridmim.report import REPORT_INPUTS, build_report
     from hybridmim.report.collect import ReportInputError
+    from hybridmim.report.figures import data_only
 
     manifest = results_dir / REPORT_INPUTS
     if not manifest.is_file():
@@ -57,9 +58,10 @@ def rebuild_report(results_dir: Path, project_root: Path, tracking_uri: str, int
     paper = inputs.get("paper_results")
     if not paper or not resolved(paper).is_file():
         paper = project_root / "config" / "paper_results.yaml"
-    build_report(tracking_uri, [resolved(p) for p in inputs.get("metrics_files", [])],
-                 [resolved(p) for p in inputs.get("pretrain_metrics_files", [])], into,
-                 paper_results=resolved(str(paper)))
+    with data_only():  # the images are not compared, only the numbers they plot
+        build_report(tracking_uri, [resolved(p) for p in inputs.get("metrics_files", [])],
+                     [resolved(p) for p in inputs.get("pretrain_metrics_files", [])], into,
+                     paper_results=resolved(str(paper)))
 
 
 def compare_file(check: Check, kind: str, label: str, source: str, shown_text: str | None,

@@ -7,8 +7,10 @@ one row per plotted value, ``run_ids`` of the runs behind it), which the audit r
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -22,7 +24,23 @@ from hybridmim.report.tables import RUN_ID_SEPARATOR, aggregate, fraction_text, 
 LOSS_TERMS = ("train/total", "train/pr", "train/num", "train/loc", "train/con", "train/cl")
 
 
+# Off while the audit re-builds the report: it compares the figures' data, not their pixels.
+_RENDER = contextvars.ContextVar("render_figures", default=True)
+
+
+@contextlib.contextmanager
+def data_only() -> Iterator[None]:
+    """Within the block the figure functions write their data CSVs but draw no image."""
+    token = _RENDER.set(False)
+    try:
+        yield
+    finally:
+        _RENDER.reset(token)
+
+
 def save_png(fig: Figure, path: str | Path) -> Path:
+    if not _RENDER.get():
+        return Path(path)
     FigureCanvasAgg(fig)
     with atomic_path(path, suffix=".png") as tmp:
         # The temporary name ends in .tmp, so the format must be given explicitly.

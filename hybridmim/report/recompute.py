@@ -59,15 +59,16 @@ def classes_of_run(params: dict[str, str]) -> tuple[dict[str, str], dict[str, li
 
 
 def load_label_map(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """(integer array, affine, voxel spacing in mm) of a NIfTI label map."""
+    """(integer array, affine, voxel spacing in mm: the affine's column norms) of a NIfTI label
+    map; trailing singleton axes (X, Y, Z, 1) are dropped."""
     import nibabel as nib
 
     image = nib.load(str(path))
     data = np.asarray(image.dataobj)
-    if data.ndim != 3:
+    if data.ndim < 3 or any(n != 1 for n in data.shape[3:]):
         raise ValueError(f"{path} has shape {data.shape}; a 3-D label map was expected")
-    return np.rint(data).astype(np.int64), image.affine, tuple(float(z) for z in
-                                                               image.header.get_zooms()[:3])
+    spacing = tuple(float(s) for s in np.linalg.norm(image.affine[:3, :3], axis=0))
+    return np.rint(data.reshape(data.shape[:3])).astype(np.int64), image.affine, spacing
 
 
 def recompute_case(prediction: Path, label: Path, labels: dict[str, str],
