@@ -128,12 +128,32 @@ def cmd_audit(args: argparse.Namespace) -> None:
     from hybridmim.report.audit import main as audit_main
 
     code = audit_main(results_dir=args.results, tracking_uri=args.tracking_uri,
-                      project_root=args.project_root)
+                      project_root=args.project_root, strict=args.strict,
+                      recompute=args.recompute, sample=args.sample,
+                      sample_seed=args.sample_seed, html=args.html)
     summary = Path(args.results) / "audit.md"
     if code and summary.exists():
         # Snakemake deletes a failed job's outputs: keep the findings in the job's log.
         sys.stderr.write(summary.read_text())
     sys.exit(code)
+
+
+def _add_audit_options(p: argparse.ArgumentParser) -> None:
+    from hybridmim.report.recompute import DEFAULT_SAMPLE
+
+    p.add_argument("--strict", action="store_true",
+                   help="warnings fail too (a run from a dirty git tree, a commit not here)")
+    p.add_argument("--recompute", action="store_true",
+                   help="re-compute Dice/HD95 of every test case from its saved prediction "
+                        "(default: a seeded sample per run)")
+    p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,
+                   help=f"cases per evaluate run re-computed without --recompute "
+                        f"(default {DEFAULT_SAMPLE})")
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="seed of the sampled cases (default 0; with the run id)")
+    p.add_argument("--html", default=None,
+                   help="Snakemake HTML report to audit (default <results>/report.html; "
+                        "skipped when absent)")
 
 
 def cmd_spec(args: argparse.Namespace) -> None:
@@ -254,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (None: $MLFLOW_TRACKING_URI, else the results DB)")
     p.add_argument("--project-root", default=".", help="the project (repository) root")
+    _add_audit_options(p)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("spec", help="print the job spec a config gives for one job")

@@ -1,9 +1,12 @@
 """Report tables and figures built from a real SQLite MLflow store.
 
 ``build_project`` makes a small project in tmp: a git repo, two processed datasets (one versioned
-in dvc.lock, one hashed as a tree), one pretraining run and 2 datasets x 2 inits x 2 seeds of
-finetune + evaluate runs, all created through ``tracked_run`` so their tags are the real ones,
-plus their model.pt and metrics.json files. test_audit.py reuses it.
+in dvc.lock — by real DVC with ``dvc=True`` — one hashed as a tree), one pretraining run and
+2 datasets x 2 inits x 2 seeds of finetune + evaluate runs, all created through ``tracked_run`` so
+their tags are the real ones, plus their model.pt and metrics.json files. Each evaluation saves
+its test predictions (small NIfTI label maps) beside its metrics.json, with the per-case Dice and
+HD95 computed from them and the raw label files as an evaluate job does (contract 1).
+test_audit.py reuses it.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from PIL import Image
 
 from hybridmim.atomic import write_json
 from hybridmim.checkpoints import publish_model
-from hybridmim.hashing import spec_hash
+from hybridmim.hashing import sha256_file, spec_hash
 from hybridmim.report import ReportInputError, build_report, collect_runs
 from hybridmim.report.figures import plot_label_efficiency
 from hybridmim.report.tables import comparison_table
@@ -33,6 +37,8 @@ from hybridmim.tracking.runs import tracked_run
 from conftest import ROOT
 
 DATASETS = {"btcv": ["Spleen", "Right kidney"], "msd_spleen": ["spleen"]}
+CASES = ("case_a", "case_b")
+SPACING = (1.5, 1.5, 2.0)
 INITS = ("scratch", "hybridmim")
 SEEDS = (0, 1)
 LOSSES = ("train/total", "train/pr", "train/num", "train/loc", "train/con", "train/cl")
@@ -58,21 +64,71 @@ def _publish(path: Path, run_id: str, spec: dict, stage: str) -> None:
                                      "spec_hash": spec_hash(spec)})
 
 
-def eval_values(dataset: str, init: str, seed: int) -> dict:
-    """Deterministic per-class values; one HD95 is undefined (null / NaN) to exercise NaN paths."""
-    rng = np.random.default_rng(zlib.crc32(f"{dataset}/{init}/{seed}".encode()))
-    dice = {c: float(rng.uniform(0.5, 0.95)) for c in DATASETS[dataset]}
-    hd95 = {c: float(rng.uniform(2, 20)) for c in DATASETS[dataset]}
+def _save_nifti(path: Path, array: np.ndarray) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array.astype(np.uint8), np.diag([*SPACING, 1.0])), str(path))
+
+
+def raw_label(root: Path, dataset: str, case: str) -> str:
+    """A raw ground-truth label map (one box per class, values 1..K); its path from the root."""
+    rel = f"data/raw/{dataset}/labels/{case}.nii.gz"
+    if not (root / rel).exists():
+        rng = np.random.default_rng(zlib.crc32(f"{dataset}/{case}".encode()))
+        label = np.zeros((12, 12, 8), np.uint8)
+        for value in range(1, len(DATASETS[dataset]) + 1):
+            x, y = rng.integers(1, 6, size=2)
+            label[x:x + 5, y:y + 5, 2 * value - 1:2 * value + 3] = value
+        _save_nifti(root / rel, label)
+    return rel
+
+
+def _predict(truth: np.ndarray, dataset: str, init: str, seed: int, case: str) -> np.ndarray:
+    """A plausible prediction: the truth shifted by a voxel, some voxels lost; for btcv seed 1 the
+    right kidney is missed entirely (Dice 0, HD95 undefined: exercises the NaN paths)."""
+    rng = np.random.default_rng(zlib.crc32(f"{dataset}/{init}/{seed}/{case}".encode()))
+    pred = np.roll(truth, int(rng.integers(0, 2)), axis=int(rng.integers(0, 3)))
+    pred[rng.random(pred.shape) < (0.15 if init == "scratch" else 0.05)] = 0
     if dataset == "btcv" and seed == 1:
-        hd95["Right kidney"] = None
-    return {"dice": dice, "hd95": hd95}
+        pred[pred == 2] = 0
+    return pred
+
+
+def evaluate_cases(root: Path, dataset: str, init: str, seed: int, out_dir: Path
+                   ) -> tuple[dict, list[dict]]:
+    """Save each case's prediction, score it against its raw label as the evaluate job does
+    (hybridmim.evaluate.metrics), return (per-class values, per-case entries of metrics.json)."""
+    import nibabel as nib
+
+    from hybridmim.evaluate.metrics import aggregate, case_metrics, json_number
+
+    names, per_case, entries = DATASETS[dataset], [], []
+    for case in CASES:
+        label = raw_label(root, dataset, case)
+        truth = np.asarray(nib.load(str(root / label)).dataobj)
+        pred = _predict(truth, dataset, init, seed, case)
+        path = out_dir / "predictions" / f"{case}.nii.gz"
+        _save_nifti(path, pred)
+        masks = [torch.from_numpy(np.stack([a == v for v in range(1, len(names) + 1)]))
+                 for a in (pred, truth)]
+        values = case_metrics(*masks, SPACING, names)
+        per_case.append(values)
+        entries.append({"case": case, "prediction": path.relative_to(root).as_posix(),
+                        "prediction_sha256": sha256_file(path), "label": label,
+                        **{n: {k: json_number(values[n][k]) for k in ("dice", "hd95")}
+                           for n in names}})
+    summary = aggregate(per_case, names)
+    return ({kind: {n: json_number(summary[kind][n]) for n in names} for kind in ("dice", "hd95")},
+            entries)
 
 
 def _metrics_payload(values: dict) -> dict:
     from hybridmim.evaluate.metrics import metric_key
 
     metrics = {"test_dice_mean": float(np.mean(list(values["dice"].values()))),
-               "test_hd95_mean": float(np.mean([v for v in values["hd95"].values() if v]))}
+               "test_hd95_mean": float(np.mean([v for v in values["hd95"].values()
+                                                if v is not None]))}
     for kind in ("dice", "hd95"):
         for name, value in values[kind].items():
             metrics[f"test_{kind}_{metric_key(name)}"] = value
@@ -117,23 +173,40 @@ def _finetune_and_evaluate(root: Path, dataset: str, init: str, seed: int, out: 
                 "spec_hash": spec_hash(ft_spec)})
     out["finetune_models"].append(root / ft_model)
 
-    ev_spec = _spec(root, f"evaluate/{rel}", "evaluate", wildcards,
-                    dataset={"processed_dir": data_dirs[0]}, model=ft_model, split="test")
-    values = eval_values(dataset, init, seed)
+    labels = {"0": "background", **{str(i): n for i, n in enumerate(DATASETS[dataset], 1)}}
+    ev_spec = _spec(root, f"evaluate/{rel}", "evaluate", wildcards, model=ft_model, split="test",
+                    dataset={"processed_dir": data_dirs[0], "labels": labels})
+    path = root / "results" / "evaluate" / rel / "metrics.json"
+    values, per_case = evaluate_cases(root, dataset, init, seed, path.parent)
     metrics = _metrics_payload(values)
     with tracked_run("evaluate", ev_spec, data_dirs=data_dirs, upstream_model=ft_model) as ev:
         ev.set_tags({"upstream.run_id": ft.run_id})
         _log(ev, metrics)
-    path = root / "results" / "evaluate" / rel / "metrics.json"
     write_json(path, {"run_id": ev.run_id, "stage": "evaluate", "metrics": metrics,
-                      "per_class": values, "spec_hash": spec_hash(ev_spec)})
+                      "per_class": values, "spec_hash": spec_hash(ev_spec), "grid": "original",
+                      "per_case": per_case})
     out["metrics_files"].append(path)
     out["values"][(dataset, init, seed)] = metrics
 
 
-def build_project(root: Path) -> dict:
+def _version_with_dvc(root: Path) -> None:
+    """Real DVC: btcv's raw and processed folders as the outputs of acquire/preprocess stages,
+    committed to dvc.lock (as `hybridmim data version` does in the workflow)."""
+    (root / "dvc.yaml").write_text(
+        "stages:\n"
+        "  acquire:\n    foreach: [btcv]\n    do:\n      cmd: hybridmim data acquire\n"
+        "      outs:\n        - data/raw/${item}\n"
+        "  preprocess:\n    foreach: [btcv]\n    do:\n      cmd: hybridmim data preprocess\n"
+        "      deps:\n        - data/raw/${item}\n      outs:\n        - data/processed/${item}\n")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for args in (["init", "-q"], ["commit", "-f", "-q", "acquire@btcv", "preprocess@btcv"]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, env=env,
+                       capture_output=True)
+
+
+def build_project(root: Path, dvc: bool = False) -> dict:
     """Create the project; return {uri, root, metrics_files, pretrain_files, finetune_models,
-    stale_run, values}."""
+    stale_run, values}. ``dvc``: version btcv with real DVC (else a hand-written dvc.lock)."""
     root.mkdir(parents=True)
     (root / "config").mkdir()
     shutil.copy(ROOT / "config" / "paper_results.yaml", root / "config" / "paper_results.yaml")
@@ -145,11 +218,18 @@ def build_project(root: Path) -> dict:
         folder = root / "data" / "processed" / dataset
         folder.mkdir(parents=True)
         (folder / "splits.json").write_text(json.dumps({"seed": 0, "test": [dataset]}))
+    for dataset, case in itertools.product(DATASETS, CASES):
+        raw_label(root, dataset, case)
     # btcv is versioned by DVC (its hash comes from dvc.lock); msd_spleen is hashed as a tree.
-    (root / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n  preprocess@btcv:\n    cmd: hybridmim data preprocess\n"
-        "    outs:\n    - path: data/processed/btcv\n      hash: md5\n"
-        "      md5: 1111aaaa2222bbbb.dir\n")
+    if dvc:
+        _version_with_dvc(root)
+        _git(root, "add", "-A")  # dvc init staged its files: the runs' tree must be clean
+        _git(root, "commit", "-qm", "data versions")
+    else:
+        (root / "dvc.lock").write_text(
+            "schema: '2.0'\nstages:\n  preprocess@btcv:\n    cmd: hybridmim data preprocess\n"
+            "    outs:\n    - path: data/processed/btcv\n      hash: md5\n"
+            "      md5: 1111aaaa2222bbbb.dir\n")
     out = {"uri": f"sqlite:///{root}/results/mlflow/mlflow.db", "root": root,
            "metrics_files": [], "values": {}, "finetune_models": []}
     with pytest.MonkeyPatch.context() as mp:

@@ -15,6 +15,7 @@ from hybridmim.report.collect import ReportInputError, collect_pretrain_runs, co
 
 log = logging.getLogger(__name__)
 
+REPORT_INPUTS = "report_inputs.json"
 DEFAULT_PAPER_RESULTS = PAPER_RESULTS  # config/paper_results.yaml, shipped inside the package
 
 
@@ -27,12 +28,14 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     ``metrics_files``: the evaluate jobs' metrics.json (their run ids select the MLflow runs).
     ``pretrain_metrics_files``: the pretraining jobs' metrics.json (loss curves; may be empty).
     ``paper_results``: defaults to config/paper_results.yaml of this checkout.
+    The inputs are recorded in ``out_dir``/report_inputs.json: the audit rebuilds the report from
+    them (contract 3).
     """
     from hybridmim.report.figures import write_figures
     from hybridmim.report.tables import (comparison_table, load_paper_results, paper_table,
                                          per_class_tables)
 
-    out_dir = Path(out_dir)
+    out_dir, metrics_files = Path(out_dir), list(metrics_files)
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
     paper = load_paper_results(paper_results or DEFAULT_PAPER_RESULTS)
     runs = collect_runs(tracking_uri, metrics_files)
@@ -48,9 +51,25 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     _, paths = paper_table(comparison_long, paper, tables_dir)
     written.update({f"paper_vs_ours.{k}": p for k, p in paths.items()})
     written.update(write_figures(tracking_uri, runs, pretrain_runs, figures_dir))
+    written["report_inputs"] = write_report_inputs(
+        out_dir, tracking_uri, metrics_files, pretrain_files,
+        paper_results or DEFAULT_PAPER_RESULTS)
     for name, path in written.items():
         log.info("report: wrote %s (%s)", path, name)
     return written
+
+
+def write_report_inputs(out_dir: Path, tracking_uri: str, metrics_files: list,
+                        pretrain_files: list, paper_results: str | os.PathLike) -> Path:
+    """Record what a report was built from (paths as given, i.e. relative to the working dir)."""
+    from hybridmim.atomic import write_json
+
+    path = out_dir / REPORT_INPUTS
+    write_json(path, {"tracking_uri": tracking_uri,
+                      "metrics_files": [str(p) for p in metrics_files],
+                      "pretrain_metrics_files": [str(p) for p in pretrain_files],
+                      "paper_results": str(paper_results)})
+    return path
 
 
 __all__ = ["ReportInputError", "build_report", "collect_runs"]

@@ -31,6 +31,9 @@ from typing import Any
 import pandas as pd
 
 from hybridmim.atomic import write_json, write_text
+from hybridmim.report.audit_data import DvcData
+from hybridmim.report.audit_files import audit_report_files
+from hybridmim.report.recompute import DEFAULT_SAMPLE, check_predictions
 from hybridmim.hashing import sha256_file, tree_hash
 from hybridmim.report.collect import (ReportInputError, from_mlflow_value, metric_disagreements,
                                       same_number)
@@ -45,13 +48,16 @@ REQUIRED_TAGS = ("config_hash", "git_commit", "git_dirty", "device", "version.to
                  "version.monai", "version.hybridmim", "snakemake.rule")
 
 
-def _check(kind: str, number: str, source: str, ok: bool | None, reason: str) -> dict[str, str]:
-    status = "warn" if ok is None else ("pass" if ok else "fail")
+def _check(kind: str, number: str, source: str, ok: bool | None | str,
+           reason: str) -> dict[str, str]:
+    """``ok``: True pass, False fail, None warn, "skip" (not applicable here, with why)."""
+    status = ok if ok == "skip" else "warn" if ok is None else ("pass" if ok else "fail")
     return {"check": kind, "number": number, "source": source, "status": status, "reason": reason}
 
 
 class Auditor:
-    def __init__(self, results_dir: Path, tracking_uri: str, project_root: Path):
+    def __init__(self, results_dir: Path, tracking_uri: str, project_root: Path,
+                 sample: int | None = DEFAULT_SAMPLE, sample_seed: int = 0):
         from mlflow.tracking import MlflowClient
 
         self.results_dir, self.project_root = results_dir, project_root
@@ -61,6 +67,9 @@ class Auditor:
         # run id → the table numbers that rest on it (directly or through a downstream run)
         self.affects: dict[str, set[str]] = {}
         self._metrics_files: dict[str, list[Path]] | None = None
+        self.dvc = DvcData(project_root)
+        # per-case recompute: cases per evaluate run (None: every case), and the sample's seed
+        self.sample, self.sample_seed = sample, sample_seed
 
     # ----------------------------------------------------------------------------- lookups
     def run(self, run_id: str) -> Any | None:
@@ -110,9 +119,9 @@ class Auditor:
         table = pd.read_csv(csv_path)
         absent = [c for c in AUDITED_COLUMNS if c not in table.columns]
         if absent:
-            return [_check("table", csv_path.name, source, False,
-                           f"columns {absent} missing: the numbers cannot be traced; re-run the "
-                           "report")], set()
+            # Tables of other shapes are audited by re-building them (audit_files); their run
+            # ids still feed the run checks.
+            return [], self.run_ids_of(table, csv_path)
         checks, run_ids = [], set()
         for _, row in table.iterrows():
             ids = [] if pd.isna(row["run_ids"]) else [
@@ -122,6 +131,19 @@ class Auditor:
                 self.affects.setdefault(run_id, set()).add(f"{csv_path.name}: {row['cell']}")
             checks.append(self._check_number(csv_path, row, ids))
         return checks, run_ids
+
+    def run_ids_of(self, table: pd.DataFrame, csv_path: Path) -> set[str]:
+        """The run ids of a table or figure data file (its ``run_ids`` column, if any)."""
+        if "run_ids" not in table.columns:
+            return set()
+        ids: set[str] = set()
+        for i, value in enumerate(table["run_ids"]):
+            row = {r for r in ("" if pd.isna(value) else str(value)).split(RUN_ID_SEPARATOR) if r}
+            label = table["cell"].iloc[i] if "cell" in table.columns else f"row {i + 1}"
+            for run_id in row:
+                self.affects.setdefault(run_id, set()).add(f"{csv_path.name}: {label}")
+            ids |= row
+        return ids
 
     def _check_number(self, csv_path: Path, row: pd.Series, ids: list[str]) -> dict[str, str]:
         number = f"{csv_path.name}: {row['cell']} = {row['mean']}"
@@ -203,14 +225,21 @@ class Auditor:
         wildcards = "/".join(_FOLDER_PREFIX.get(k, "") + tags[f"snakemake.wildcard.{k}"]
                              for k in _WILDCARD_ORDER if f"snakemake.wildcard.{k}" in tags)
         who = f"{stage} run {run_id} ({wildcards})"
+        deleted = run.info.lifecycle_stage == "deleted"
         checks = [_check("run finished", who, run_id, run.info.status == "FINISHED",
-                         f"status {run.info.status}")]
+                         f"status {run.info.status}" + ("" if run.info.status == "FINISHED" else
+                                                        ": its numbers are not final results")),
+                  _check("run not deleted", who, run_id, not deleted,
+                         "deleted from the MLflow store (restore it with `mlflow runs restore` or "
+                         "re-run the job)" if deleted else "active")]
         absent = [t for t in REQUIRED_TAGS if not tags.get(t)]
         checks.append(_check("provenance tags", who, run_id, not absent,
                              f"missing tags {absent}" if absent else "all recorded"))
         checks += self._check_git(who, run_id, tags)
         checks += self._check_metrics_file(who, run)
         checks += self._check_data(who, run)
+        if stage == "evaluate":
+            checks += self._check_predictions(who, run)
         upstream_checks, upstream = self._check_upstream(who, run)
         return checks + upstream_checks, upstream
 
@@ -254,6 +283,14 @@ class Auditor:
                                      f"file {recorded}, run config_hash {tagged}"))
         return checks
 
+    def _check_predictions(self, who: str, run: Any) -> list[dict[str, str]]:
+        files = self.metrics_files().get(run.info.run_id, [])
+        if not files:
+            return []  # _check_metrics_file already failed it
+        payload = json.loads(files[0].read_text())
+        return check_predictions(_check, who, run, files[0], payload, self.on_disk, self.sha256,
+                                 self.sample, self.sample_seed)
+
     def _data_folder(self, run: Any, name: str) -> Path:
         """The folder a data_hash.<name> tag hashed, from the run's params (the job spec)."""
         params = run.data.params
@@ -286,6 +323,7 @@ class Auditor:
                     checks.append(_check("data hash", label, str(self.project_root / "dvc.lock"),
                                          False, f"dvc.lock has no entry for {folder} any more"))
                     continue
+                checks.append(self._check_data_on_disk(label, name, folder))
                 ok, now = current["hash"] == recorded, current["hash"]
                 where = str(self.project_root / "dvc.lock")
             elif source == "sha256-tree":
@@ -305,6 +343,23 @@ class Auditor:
                                  "changed since the run — re-run it or check out that data "
                                  "version"))
         return checks
+
+    def _check_data_on_disk(self, label: str, name: str, folder: Path) -> dict[str, str]:
+        """The files on disk still hash to dvc.lock (DVC's own status), raw inputs included."""
+        try:
+            files, stage = self.dvc.changes(folder)
+        except Exception as exc:  # dvc raises its own exception types (not a repo, no git, ...)
+            return _check("data on disk", label, str(folder), False,
+                          f"DVC cannot check {folder} against dvc.lock: {exc}")
+        if not files and not stage:
+            return _check("data on disk", label, str(folder), True,
+                          "dvc data status: unchanged since dvc.lock (raw inputs included)")
+        shown = files or stage
+        listed = "; ".join(shown[:10]) + (f"; … ({len(shown) - 10} more)" if len(shown) > 10
+                                          else "")
+        return _check("data on disk", label, str(folder), False,
+                      f"dataset {name}: data changed on disk since the run read it — {listed}. "
+                      "Restore it (`dvc checkout`) or re-run the pipeline")
 
     def _check_upstream(self, who: str, run: Any) -> tuple[list[dict[str, str]], str | None]:
         tags, run_id = run.data.tags, run.info.run_id
@@ -348,14 +403,23 @@ class Auditor:
 
 
 def audit(results_dir: str | os.PathLike, tracking_uri: str | None,
-          project_root: str | os.PathLike) -> list[dict[str, str]]:
-    """Run every check, write ``<results>/audit.json`` and ``audit.md``, return the checks."""
+          project_root: str | os.PathLike, strict: bool = False, recompute: bool = False,
+          sample: int = DEFAULT_SAMPLE, sample_seed: int = 0,
+          html: str | os.PathLike | None = None) -> list[dict[str, str]]:
+    """Run every check, write ``<results>/audit.json`` and ``audit.md``, return the checks.
+
+    ``strict``: warnings (a run from a dirty tree, a commit missing here) fail. ``recompute``:
+    re-compute every case's Dice/HD95, not a ``sample`` of cases per run (seeded by
+    ``sample_seed``). ``html``: the Snakemake HTML report (default ``<results>/report.html``;
+    skipped with a note when absent).
+    """
     from hybridmim.tracking.store import resolve_tracking_uri
 
     results_dir, project_root = Path(results_dir), Path(project_root).resolve()
     # An explicit URI wins; only without one do $MLFLOW_TRACKING_URI and the default apply.
     tracking_uri = tracking_uri or resolve_tracking_uri(None)
-    auditor = Auditor(results_dir, tracking_uri, project_root)
+    auditor = Auditor(results_dir, tracking_uri, project_root,
+                      sample=None if recompute else sample, sample_seed=sample_seed)
     tables = sorted((results_dir / "tables").glob("*.csv"))
     checks: list[dict[str, str]] = []
     if not tables:
@@ -369,14 +433,22 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None,
         if csv_path.name == "paper_vs_ours.csv":
             checks += auditor.check_paper_values(csv_path,
                                                  project_root / "config" / "paper_results.yaml")
+    for csv_path in sorted((results_dir / "figures").glob("*.csv")):
+        run_ids |= auditor.run_ids_of(pd.read_csv(csv_path), csv_path)
+    if tables:
+        checks += audit_report_files(_check, results_dir, project_root, tracking_uri,
+                                     Path(html) if html else None)
     checks += auditor.check_runs(run_ids)
+    if strict:
+        checks = [{**c, "status": "fail", "reason": f"{c['reason']} (a failure under --strict)"}
+                  if c["status"] == "warn" else c for c in checks]
     write_outputs(results_dir, tracking_uri, checks)
     return checks
 
 
 def summary(checks: list[dict[str, str]]) -> dict[str, int]:
     counts = Counter(c["status"] for c in checks)
-    return {status: counts.get(status, 0) for status in ("pass", "fail", "warn")}
+    return {status: counts.get(status, 0) for status in ("pass", "fail", "warn", "skip")}
 
 
 def write_outputs(results_dir: Path, tracking_uri: str, checks: list[dict[str, str]]) -> None:
@@ -385,14 +457,14 @@ def write_outputs(results_dir: Path, tracking_uri: str, checks: list[dict[str, s
                                             "checks": checks})
     lines = ["# Audit", "", f"MLflow store: `{tracking_uri}`", "",
              f"**{'FAILED' if totals['fail'] else 'PASSED'}** — {totals['pass']} passed, "
-             f"{totals['fail']} failed, {totals['warn']} warnings ({len(checks)} checks; every "
-             "check in audit.json).", ""]
+             f"{totals['fail']} failed, {totals['warn']} warnings, {totals['skip']} skipped "
+             f"({len(checks)} checks; every check in audit.json).", ""]
     by_kind = Counter((c["check"], c["status"]) for c in checks)
-    lines += ["| check | pass | fail | warn |", "|---|---|---|---|"]
+    lines += ["| check | pass | fail | warn | skip |", "|---|---|---|---|---|"]
     for kind in dict.fromkeys(c["check"] for c in checks):
         lines.append(f"| {kind} | {by_kind[(kind, 'pass')]} | {by_kind[(kind, 'fail')]} | "
-                     f"{by_kind[(kind, 'warn')]} |")
-    for status, title in (("fail", "Failures"), ("warn", "Warnings")):
+                     f"{by_kind[(kind, 'warn')]} | {by_kind[(kind, 'skip')]} |")
+    for status, title in (("fail", "Failures"), ("warn", "Warnings"), ("skip", "Skipped")):
         listed = [c for c in checks if c["status"] == status]
         if listed:
             lines += ["", f"## {title}", ""]
@@ -414,9 +486,10 @@ def exit_status(checks: list[dict[str, str]]) -> int:
 
 
 def main(results_dir: str | os.PathLike = "results", tracking_uri: str | None = None,
-         project_root: str | os.PathLike = ".") -> int:
-    """CLI entry: audit, log the summary and each failure, return the exit status."""
-    checks = audit(results_dir, tracking_uri, project_root)
+         project_root: str | os.PathLike = ".", **options: Any) -> int:
+    """CLI entry: audit (``options``: those of ``audit``), log the summary and each failure,
+    return the exit status."""
+    checks = audit(results_dir, tracking_uri, project_root, **options)
     for check in checks:
         if check["status"] == "fail":
             log.error("audit FAIL %s — %s: %s", check["check"], check["number"], check["reason"])

@@ -2,26 +2,45 @@
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot global state), so
 a report built inside a long-lived process never opens a window or leaks figures. Every file is
-written atomically.
+written atomically. Beside each ``<name>.png`` the numbers it plots go to ``<name>.csv`` (long,
+one row per plotted value, ``run_ids`` of the runs behind it), which the audit re-derives.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from hybridmim.atomic import atomic_path
-from hybridmim.report.tables import aggregate, fraction_text, order_inits
+from hybridmim.atomic import atomic_path, write_text
+from hybridmim.report.tables import RUN_ID_SEPARATOR, aggregate, fraction_text, order_inits
 
 # The per-step loss terms the pretraining loop logs (hybridmim.pretrain.train).
 LOSS_TERMS = ("train/total", "train/pr", "train/num", "train/loc", "train/con", "train/cl")
 
 
+# Off while the audit re-builds the report: it compares the figures' data, not their pixels.
+_RENDER = contextvars.ContextVar("render_figures", default=True)
+
+
+@contextlib.contextmanager
+def data_only() -> Iterator[None]:
+    """Within the block the figure functions write their data CSVs but draw no image."""
+    token = _RENDER.set(False)
+    try:
+        yield
+    finally:
+        _RENDER.reset(token)
+
+
 def save_png(fig: Figure, path: str | Path) -> Path:
+    if not _RENDER.get():
+        return Path(path)
     FigureCanvasAgg(fig)
     with atomic_path(path, suffix=".png") as tmp:
         # The temporary name ends in .tmp, so the format must be given explicitly.
@@ -29,11 +48,20 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     return Path(path)
 
 
+def write_figure_data(frame: pd.DataFrame, png_path: str | Path) -> Path:
+    """The numbers a figure plots, as ``<name>.csv`` beside it (contract 2)."""
+    path = Path(png_path).with_suffix(".csv")
+    write_text(path, frame.to_csv(index=False))
+    return path
+
+
 def _seed_stats(runs: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
     rows = []
     for keys, group in runs.groupby(by, sort=True):
         mean, std, n = aggregate(group[metric].to_list())
-        rows.append({**dict(zip(by, keys)), "mean": mean * 100, "std": std * 100, "n": n})
+        ids = group.sort_values("seed")["run_id"] if "run_id" in group else []
+        rows.append({**dict(zip(by, keys)), "metric": metric, "mean": mean * 100,
+                     "std": std * 100, "n": n, "run_ids": RUN_ID_SEPARATOR.join(ids)})
     return pd.DataFrame.from_records(rows)
 
 
@@ -43,6 +71,7 @@ def plot_dice_by_init(runs: pd.DataFrame, path: str | Path,
     # With several label fractions the bars show the full-label setting (the largest fraction).
     full = runs.loc[runs["fraction"] == runs["fraction"].max()]
     stats = _seed_stats(full, ["dataset", "backbone", "init"], metric)
+    write_figure_data(stats, path)
     groups = list(dict.fromkeys(zip(stats["dataset"], stats["backbone"])))
     inits = order_inits(stats["init"])
     width = 0.8 / len(inits)
@@ -75,6 +104,7 @@ def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
     if runs["fraction"].nunique() < 2:
         return None
     stats = _seed_stats(runs, ["dataset", "backbone", "init", "fraction"], metric)
+    write_figure_data(stats, path)
     panels = list(dict.fromkeys(zip(stats["dataset"], stats["backbone"])))
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
@@ -126,6 +156,11 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
     terms = [t for t in LOSS_TERMS if t in curves]
     if not terms:
         return None
+    ids = dict(zip(pretrain_runs["label"], pretrain_runs["run_id"]))
+    write_figure_data(pd.concat([frame.assign(term=term, run=label, run_ids=ids[label])
+                                 for term in terms for label, frame in curves[term].items()],
+                                ignore_index=True)[["term", "run", "step", "value", "run_ids"]],
+                      path)
     cols = min(3, len(terms))
     rows = -(-len(terms) // cols)
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")

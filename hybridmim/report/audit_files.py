@@ -1,0 +1,176 @@
+"""Audit every file a reader sees: re-build the report from the live MLflow runs, compare.
+
+Contract 3: the report is rebuilt by its own builder (``build_report``) from the inputs it
+recorded in ``<results>/report_inputs.json``, into a temporary folder, and every file of
+``<results>/tables`` and every figure's data (``<results>/figures/*.csv``) is parsed back and
+compared number by number with its rebuilt twin (``readback``: tolerance = the rounding each file
+shows). The HTML report (``snakemake --report``) embeds result files as data URIs; each embedded
+table or figure-data file is compared the same way.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from hybridmim.report.readback import compare_cells, read_cells
+
+Check = Callable[..., dict[str, str]]
+HTML_REPORT = "report.html"
+# The results block of Snakemake's HTML template (other scripts declare `var results` too).
+_RESULTS_JS = re.compile(r'<script id="results">\s*var results = ')
+
+
+def audited_files(results_dir: Path) -> dict[str, Path]:
+    """{path relative to the results folder: path} of every table file and figure data file."""
+    files = {}
+    tables, figures = results_dir / "tables", results_dir / "figures"
+    for path in sorted(tables.rglob("*")) if tables.is_dir() else []:
+        if path.is_file() and not path.name.startswith("."):
+            files[path.relative_to(results_dir).as_posix()] = path
+    for path in sorted(figures.glob("*.csv")) if figures.is_dir() else []:
+        files[path.relative_to(results_dir).as_posix()] = path
+    return files
+
+
+def _kind(rel: str) -> str:
+    return "figure data" if rel.startswith("figures/") else "table file"
+
+
+def rebuild_report(results_dir: Path, project_root: Path, tracking_uri: str, into: Path) -> None:
+    """``build_report`` on the inputs the report recorded, with the audit's MLflow store."""
+    from hybridmim.report import REPORT_INPUTS, build_report
+    from hybridmim.report.collect import ReportInputError
+    from hybridmim.report.figures import data_only
+
+    manifest = results_dir / REPORT_INPUTS
+    if not manifest.is_file():
+        raise ReportInputError(f"{manifest} does not exist: the report's inputs are unknown; "
+                               "re-run the report (hybridmim report) with this version")
+    inputs = json.loads(manifest.read_text())
+
+    def resolved(path: str) -> Path:
+        return Path(path) if Path(path).is_absolute() else project_root / path
+
+    paper = inputs.get("paper_results")
+    if not paper or not resolved(paper).is_file():
+        paper = project_root / "config" / "paper_results.yaml"
+    with data_only():  # the images are not compared, only the numbers they plot
+        build_report(tracking_uri, [resolved(p) for p in inputs.get("metrics_files", [])],
+                     [resolved(p) for p in inputs.get("pretrain_metrics_files", [])], into,
+                     paper_results=resolved(str(paper)))
+
+
+def compare_file(check: Check, kind: str, label: str, source: str, shown_text: str | None,
+                 shown_path: Path, rebuilt: Path | None) -> list[dict[str, str]]:
+    """One check per difference (naming line, row, column), or one passing check."""
+    if rebuilt is None or not rebuilt.is_file():
+        return [check(kind, label, source, False,
+                      "the report does not produce this file from the live MLflow runs: it is "
+                      "stale or was added by hand — delete it and re-run the report")]
+    if shown_text is None:
+        return [check(kind, label, source, False,
+                      "missing: the report writes it from the live MLflow runs; re-run the report")]
+    try:
+        problems = compare_cells(read_cells(shown_path, shown_text), read_cells(rebuilt))
+    except UnicodeDecodeError:  # a binary file (none is expected here): compare bytes
+        problems = [] if shown_path.read_bytes() == rebuilt.read_bytes() else [
+            "its bytes differ from the re-built file"]
+    if problems:
+        return [check(kind, f"{label}: {problem.split(':')[0]}", source, False,
+                      f"{problem} — the file no longer matches the MLflow runs; re-run the "
+                      "report") for problem in problems]
+    return [check(kind, label, source, True,
+                  "every number agrees with the report re-built from the MLflow runs "
+                  "(tolerance: the rounding the file shows)")]
+
+
+def audit_report_files(check: Check, results_dir: Path, project_root: Path, tracking_uri: str,
+                       html: Path | None) -> list[dict[str, str]]:
+    """Checks for every table file, figure data file and the HTML report's embedded files."""
+    from hybridmim.report.collect import ReportInputError
+
+    shown = audited_files(results_dir)
+    with tempfile.TemporaryDirectory(prefix="hybridmim-audit-") as tmp:
+        rebuilt_dir = Path(tmp)
+        try:
+            rebuild_report(results_dir, project_root, tracking_uri, rebuilt_dir)
+        except (ReportInputError, OSError, ValueError, KeyError) as exc:
+            return [check("report re-built", str(results_dir), tracking_uri, False,
+                          f"the report cannot be re-built from the live MLflow runs: {exc}")]
+        rebuilt = audited_files(rebuilt_dir)
+        checks = [check("report re-built", str(results_dir), tracking_uri, True,
+                        f"{len(rebuilt)} table and figure data files re-built from the MLflow "
+                        "runs the report recorded")]
+        for rel in sorted(set(shown) | set(rebuilt)):
+            path = shown.get(rel, results_dir / rel)
+            text = _text(path) if rel in shown else None
+            checks += compare_file(check, _kind(rel), rel, str(path), text, path,
+                                   rebuilt.get(rel))
+        checks += audit_html(check, html or results_dir / HTML_REPORT, results_dir,
+                             project_root, rebuilt_dir)
+    return checks
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return ""  # compare_file falls back to bytes
+
+
+def embedded_files(html_text: str) -> dict[str, bytes]:
+    """{path as the workflow named it: bytes} of every result a Snakemake HTML report embeds."""
+    found = _RESULTS_JS.search(html_text)
+    if not found:
+        raise ValueError("no embedded results (`var results = ...`) found: not a self-contained "
+                         "Snakemake HTML report")
+    results, _ = json.JSONDecoder().raw_decode(html_text, found.end())
+    files = {}
+    for path, entry in results.items():
+        uri = str((entry or {}).get("data_uri", ""))
+        header, sep, payload = uri.partition(";base64,")
+        if header.startswith("data:") and sep:
+            files[path] = base64.b64decode(payload)
+    return files
+
+
+def audit_html(check: Check, html: Path, results_dir: Path, project_root: Path,
+               rebuilt_dir: Path) -> list[dict[str, Any]]:
+    if not html.is_file():
+        return [check("html report", str(html), str(html), "skip",
+                      f"{html} does not exist (made by `snakemake --report {html}` after the "
+                      "workflow): not audited")]
+    try:
+        embedded = embedded_files(html.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return [check("html report", str(html), str(html), False, str(exc))]
+    checks, others = [], 0
+    results_abs = results_dir.resolve()
+    for name, payload in sorted(embedded.items()):
+        path = Path(name) if Path(name).is_absolute() else project_root / name
+        try:
+            rel = path.resolve().relative_to(results_abs).as_posix()
+        except ValueError:
+            rel = ""
+        audited = rel.startswith("tables/") or (rel.startswith("figures/")
+                                                and rel.endswith(".csv"))
+        if not audited:
+            others += 1  # figures and other media: their data is audited through figures/*.csv
+            continue
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        checks += compare_file(check, "html report", f"{html.name} › {rel}", str(html), text,
+                               Path(rel), rebuilt_dir / rel)
+    if not checks:
+        checks.append(check("html report", str(html), str(html), False,
+                            "embeds no table or figure data: it was not made from this report"))
+    checks.append(check("html report", f"{html.name}: other embedded files", str(html), True,
+                        f"{others} embedded figure/media files not compared (their numbers are "
+                        "audited through the figures' data CSVs)"))
+    return checks

@@ -1,0 +1,206 @@
+"""Re-compute per-case Dice and HD95 from the saved test predictions (contract 1).
+
+An evaluate job saves each test prediction (``predictions/<case>.nii.gz``: a uint8 label map on
+the raw image's grid, raw label values) and names, per case in metrics.json, the prediction, its
+sha256 and the raw ground-truth file it was scored against. The audit then:
+
+- checks every prediction file still has its recorded sha256 (cheap, every case);
+- re-computes Dice and HD95 with the evaluation's own metric code (``case_metrics``: MONAI's
+  ``DiceMetric`` and ``compute_hausdorff_distance`` with the label file's voxel spacing) for a
+  seeded sample of cases per run, or every case with ``--recompute``, and compares them with the
+  logged per-case values;
+- checks that the logged per-case values average to the run's logged class and mean metrics.
+
+Tolerance: Dice ±1e-6 (it is a ratio of voxel counts); HD95 ±1e-3 mm or 1e-4 relative (distance
+transforms on another device may differ in the last bits).
+
+Default sample: ``DEFAULT_SAMPLE`` = 3 cases per run. An error that touches every case (a wrong
+grid, spacing, label mapping or class order) is caught by any one case; a wrong value in one case
+out of N is caught with probability 3/N per audit; the cost stays bounded on full-size CT (an
+original-grid HD95 takes seconds per case on CPU). The sample is seeded by ``--sample-seed`` and
+the run id, so a re-run audits the same cases; ``--recompute`` checks every case.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+DEFAULT_SAMPLE = 3
+DICE_TOLERANCE = 1e-6
+HD95_TOLERANCE_MM, HD95_REL_TOLERANCE = 1e-3, 1e-4
+
+Check = Callable[..., dict[str, str]]
+
+
+def class_masks(label_map: np.ndarray, labels: dict[str, str],
+                regions: dict[str, list[int]] | None) -> np.ndarray:
+    """Raw label values → (K, X, Y, Z) bool, one channel per evaluated structure, in the order of
+    ``hybridmim.evaluate.metrics.class_names``."""
+    if regions:
+        return np.stack([np.isin(label_map, list(values)) for values in regions.values()])
+    keys = [k for k in sorted(labels, key=int) if int(k) != 0]
+    return np.stack([label_map == int(k) for k in keys])
+
+
+def classes_of_run(params: dict[str, str]) -> tuple[dict[str, str], dict[str, list[int]] | None]:
+    """The evaluate spec's label map and regions, from the run's (flattened) params."""
+    labels = {k.removeprefix("dataset.labels."): v for k, v in params.items()
+              if k.startswith("dataset.labels.")}
+    regions = {k.removeprefix("dataset.regions."): json.loads(v) for k, v in params.items()
+               if k.startswith("dataset.regions.")}
+    if not labels:
+        raise ValueError("the run has no dataset.labels params: its classes are unknown")
+    return labels, regions or None
+
+
+def load_label_map(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(integer array, affine, voxel spacing in mm: the affine's column norms) of a NIfTI label
+    map; trailing singleton axes (X, Y, Z, 1) are dropped."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj)
+    if data.ndim < 3 or any(n != 1 for n in data.shape[3:]):
+        raise ValueError(f"{path} has shape {data.shape}; a 3-D label map was expected")
+    spacing = tuple(float(s) for s in np.linalg.norm(image.affine[:3, :3], axis=0))
+    return np.rint(data.reshape(data.shape[:3])).astype(np.int64), image.affine, spacing
+
+
+def recompute_case(prediction: Path, label: Path, labels: dict[str, str],
+                   regions: dict[str, list[int]] | None) -> dict[str, dict[str, Any]]:
+    import torch
+
+    from hybridmim.evaluate.metrics import case_metrics, class_names
+
+    pred, pred_affine, _ = load_label_map(prediction)
+    truth, truth_affine, spacing = load_label_map(label)
+    if pred.shape != truth.shape or not np.allclose(pred_affine, truth_affine, atol=1e-4):
+        raise ValueError(f"prediction {prediction} (shape {pred.shape}) is not on the grid of "
+                         f"its label {label} (shape {truth.shape}) — shapes or affines differ")
+    names = class_names(labels, regions)
+    return case_metrics(torch.from_numpy(class_masks(pred, labels, regions)),
+                        torch.from_numpy(class_masks(truth, labels, regions)), spacing, names)
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _agrees(kind: str, logged: float, now: float) -> bool:
+    if math.isnan(logged) or math.isnan(now):
+        return math.isnan(logged) and math.isnan(now)
+    if kind == "dice":
+        return abs(logged - now) <= DICE_TOLERANCE
+    return math.isclose(logged, now, rel_tol=HD95_REL_TOLERANCE, abs_tol=HD95_TOLERANCE_MM)
+
+
+def sample_cases(cases: list[str], run_id: str, sample: int | None, seed: int) -> list[str]:
+    """The cases to re-compute: all (``sample`` None) or a sample seeded by seed and run id."""
+    if sample is None or sample >= len(cases):
+        return list(cases)
+    return sorted(random.Random(f"{seed}:{run_id}").sample(sorted(cases), sample))
+
+
+def check_predictions(check: Check, who: str, run: Any, metrics_path: Path, payload: dict,
+                      on_disk: Callable[[str], Path], sha256: Callable[[Path], str],
+                      sample: int | None, seed: int) -> list[dict[str, str]]:
+    """Checks of one evaluate run's saved predictions and per-case values."""
+    from hybridmim.evaluate.metrics import metric_key
+
+    run_id, source = run.info.run_id, str(metrics_path)
+    per_case = payload.get("per_case") or []
+    saved = [entry for entry in per_case if entry.get("prediction")]
+    if not per_case or len(saved) != len(per_case):
+        return [check("predictions", who, source, False,
+                      f"{metrics_path} names no saved prediction for {len(per_case) - len(saved)}"
+                      f" of {len(per_case)} cases: the per-case numbers cannot be re-computed — "
+                      "re-run the evaluate job with this version")]
+    checks = [_check_means(check, who, source, run, per_case, metric_key)]
+    changed = set()
+    for entry in per_case:
+        path, case = on_disk(entry["prediction"]), str(entry.get("case"))
+        label = f"{who} case {case}"
+        if not path.is_file():
+            changed.add(case)
+            checks.append(check("prediction file", label, str(path), False,
+                                f"{path} does not exist any more; re-run the evaluate job"))
+        elif sha256(path) != entry.get("prediction_sha256"):
+            changed.add(case)
+            checks.append(check("prediction file", label, str(path), False,
+                                f"{path} has sha256 {sha256(path)} but the run recorded "
+                                f"{entry.get('prediction_sha256')}: the prediction was "
+                                "overwritten since the run — re-run the evaluate job"))
+    if not changed:
+        checks.append(check("prediction file", who, source, True,
+                            f"all {len(per_case)} predictions have their recorded sha256"))
+    grid = payload.get("grid", "original")
+    if grid != "original":
+        checks.append(check("per-case recompute", who, source, "skip",
+                            f"metrics computed on the {grid} grid: the original-grid "
+                            "predictions cannot reproduce them"))
+        return checks
+    try:
+        labels, regions = classes_of_run(run.data.params)
+    except ValueError as exc:
+        return checks + [check("per-case recompute", who, run_id, False, str(exc))]
+    chosen = set(sample_cases([str(e.get("case")) for e in per_case], run_id, sample, seed))
+    for entry in per_case:
+        case = str(entry.get("case"))
+        if case not in chosen or case in changed:
+            continue
+        checks.append(_recompute_one(check, f"{who} case {case}", entry, on_disk, labels,
+                                     regions))
+    return checks
+
+
+def _check_means(check: Check, who: str, source: str, run: Any, per_case: list[dict],
+                 metric_key: Callable[[str], str]) -> dict[str, str]:
+    """The logged per-case values must average (class: over defined cases; mean: over classes)
+    to the run's logged metrics, so that the per-case numbers are the ones behind the tables."""
+    from hybridmim.report.collect import from_mlflow_value, same_number
+
+    names = [k for k in per_case[0] if isinstance(per_case[0][k], dict)]
+    wrong = []
+    for kind in ("dice", "hd95"):
+        values = {}
+        for name in names:
+            defined = [v for v in (_number(e.get(name, {}).get(kind)) for e in per_case)
+                       if not math.isnan(v)]
+            values[name] = float(np.mean(defined)) if defined else math.nan
+        defined = [v for v in values.values() if not math.isnan(v)]
+        expected = {f"test_{kind}_{metric_key(n)}": v for n, v in values.items()}
+        expected[f"test_{kind}_mean"] = float(np.mean(defined)) if defined else math.nan
+        for metric, value in expected.items():
+            logged = run.data.metrics.get(metric)
+            if logged is None or not same_number(from_mlflow_value(logged), value, rel_tol=1e-7):
+                wrong.append(f"{metric}: per-case values give {value}, MLflow has {logged}")
+    return check("per-case = logged means", who, source, not wrong,
+                 "; ".join(wrong) if wrong else
+                 f"{len(per_case)} cases average to the run's logged class and mean metrics")
+
+
+def _recompute_one(check: Check, label: str, entry: dict, on_disk: Callable[[str], Path],
+                   labels: dict[str, str], regions: dict[str, list[int]] | None
+                   ) -> dict[str, str]:
+    prediction, truth = on_disk(entry["prediction"]), on_disk(str(entry.get("label", "")))
+    if not entry.get("label") or not truth.is_file():
+        return check("per-case recompute", label, str(truth), False,
+                     f"ground truth {truth} is missing: restore the raw data (dvc pull)")
+    try:
+        now = recompute_case(prediction, truth, labels, regions)
+    except (ValueError, OSError) as exc:
+        return check("per-case recompute", label, str(prediction), False, str(exc))
+    wrong = []
+    for name, values in now.items():
+        for kind in ("dice", "hd95"):
+            logged = _number((entry.get(name) or {}).get(kind))
+            if not _agrees(kind, logged, values[kind]):
+                wrong.append(f"{name} {kind}: logged {logged}, re-computed {values[kind]}")
+    return check("per-case recompute", label, str(prediction), not wrong,
+                 "; ".join(wrong) + f" (from {prediction} and {truth})" if wrong else
+                 f"Dice and HD95 of {len(now)} classes re-computed from {prediction.name}")
