@@ -53,3 +53,42 @@ def test_stock_dynunet_loads_the_weights_and_computes_the_same_in_eval_mode():
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(stock.eval()(x), net.eval()(x))
+
+
+# --- L_CL needs encoder dropout -----------------------------------------------------------------
+
+def _config_with(tmp_path, mutate):
+    import yaml
+
+    from conftest import ROOT
+
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    mutate(cfg)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_contrastive_term_without_encoder_dropout_is_refused_at_parse_time(tmp_path):
+    from hybridmim import config as hcfg
+
+    no_dropout = _config_with(tmp_path, lambda c: c["backbones"]["unet"].update(dropout=0.0))
+    with pytest.raises(hcfg.ConfigError, match=r"(?s)pretraining\.methods\.hybridmim on "
+                       r"backbones\.unet.*two views are identical.*backbone\.dropout"):
+        hcfg.load_config(no_dropout)
+
+    # Without the contrastive term the same backbone is fine.
+    def no_cl(c):
+        c["backbones"]["unet"]["dropout"] = 0.0
+        c["pretraining"]["methods"]["hybridmim"]["loss_weights"]["cl"] = 0.0
+    hcfg.load_config(_config_with(tmp_path, no_cl))
+
+
+def test_pretrain_spec_refuses_unetr_without_dropout():
+    from hybridmim.pretrain.spec import PretrainSpecError, check_contrastive_views
+
+    unetr = {"name": "unetr", "dropout_rate": 0.0}
+    with pytest.raises(PretrainSpecError, match="backbone.dropout_rate"):
+        check_contrastive_views(unetr, {"kind": "hybridmim"})
+    check_contrastive_views({**unetr, "dropout_rate": 0.1}, {"kind": "hybridmim"})
+    check_contrastive_views(unetr, {"kind": "simmim"})  # SimMIM has no contrastive term

@@ -188,6 +188,19 @@ def freeze_unused_parameters(network: nn.Module) -> list[str]:
     return frozen
 
 
+# The rates that make two passes of the ENCODER differ (the two views of the contrastive loss).
+# UNet: the method's dropout sits in the first block (encoder) and the decoder.
+_ENCODER_DROPOUT_KEYS = {"unet": ("dropout",),
+                         "swinunetr": ("drop_rate", "attn_drop_rate", "dropout_path_rate"),
+                         "unetr": ("dropout_rate",)}
+
+
+def encoder_dropout(backbone: dict[str, Any]) -> dict[str, float]:
+    """{key: rate} of the backbone's encoder dropout settings (all 0 = deterministic encoder)."""
+    spec = resolve_backbone(backbone)
+    return {k: spec[k] for k in _ENCODER_DROPOUT_KEYS[spec["name"]]}
+
+
 def bottleneck_channels(backbone: dict[str, Any]) -> int:
     """Channels of the encoder output the region and projection heads read."""
     spec = resolve_backbone(backbone)
