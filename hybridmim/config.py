@@ -101,11 +101,27 @@ def check_consistency(config: dict) -> None:
                               f"fine-tuning and evaluation jobs run on one GPU each (the grid "
                               f"runs many jobs in parallel); only pretraining launches torchrun "
                               f"with one DDP process per GPU")
+    _check_contrastive_views(config)
     geo = pre["geometry"]
     if geo["crop"] % geo["region"] or geo["region"] % geo["patch"]:
         raise ConfigError(f"pretraining.geometry: crop ({geo['crop']}) must be a multiple of "
                           f"region ({geo['region']}) and region a multiple of patch "
                           f"({geo['patch']})")
+
+
+def _check_contrastive_views(config: dict) -> None:
+    """Every pretrained (backbone, method) with L_CL on needs encoder dropout (pretrain/spec.py)."""
+    from hybridmim.pretrain.spec import PretrainSpecError, check_contrastive_views
+
+    pre = config["pretraining"]
+    for bb in pre["backbones"]:
+        backbone = {k: v for k, v in config["backbones"][bb].items() if k != "pretrain_optim"}
+        for name, method in pre["methods"].items():
+            try:
+                check_contrastive_views(backbone, {"name": name, **method},
+                                        where=f"pretraining.methods.{name} on backbones.{bb}")
+            except PretrainSpecError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from hybridmim.checkpoints import import_class
+from hybridmim.models.dropout import place_unet_dropout
 
 # Paper defaults (method.md); a resolved job spec normally sets every key explicitly.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -144,6 +145,8 @@ def network_kwargs(backbone: dict[str, Any], out_channels: int, crop: int) -> tu
             # DynUNet's transposed convs undo strides[1:]; the last (stride-1) stage needs kernel 1.
             "upsample_kernel_size": list(UNET_STRIDES[1:]),
             "filters": spec["filters"],
+            # DynUNet puts this rate after every convolution; build_segmentation_network keeps
+            # it in the first block and the decoder only (hybridmim.models.dropout).
             "dropout": spec["dropout"],
             # Lists, not tuples, so the kwargs survive a JSON round trip (MONAI accepts both).
             "norm_name": ["INSTANCE", {"affine": True}],
@@ -162,6 +165,8 @@ def build_segmentation_network(backbone: dict[str, Any], out_channels: int,
     """Build the stock MONAI network; returns (network, class path, kwargs) for model files."""
     class_path, kwargs = network_kwargs(backbone, out_channels, crop)
     network = import_class(class_path)(**kwargs)
+    if backbone["name"] == "unet":
+        place_unet_dropout(network)
     freeze_unused_parameters(network)
     return network, class_path, kwargs
 
@@ -181,6 +186,19 @@ def freeze_unused_parameters(network: nn.Module) -> list[str]:
                 param.requires_grad_(False)
                 frozen.append(f"{name}.norm_cross_attn.{pname}")
     return frozen
+
+
+# The rates that make two passes of the ENCODER differ (the two views of the contrastive loss).
+# UNet: the method's dropout sits in the first block (encoder) and the decoder.
+_ENCODER_DROPOUT_KEYS = {"unet": ("dropout",),
+                         "swinunetr": ("drop_rate", "attn_drop_rate", "dropout_path_rate"),
+                         "unetr": ("dropout_rate",)}
+
+
+def encoder_dropout(backbone: dict[str, Any]) -> dict[str, float]:
+    """{key: rate} of the backbone's encoder dropout settings (all 0 = deterministic encoder)."""
+    spec = resolve_backbone(backbone)
+    return {k: spec[k] for k in _ENCODER_DROPOUT_KEYS[spec["name"]]}
 
 
 def bottleneck_channels(backbone: dict[str, Any]) -> int:

@@ -5,10 +5,13 @@ Errors name the spec key and say what to do, before any model or data is touched
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from hybridmim.pretrain.losses import DEFAULT_WEIGHTS, LOSS_TERMS
 from hybridmim.pretrain.masking import MASKING_MODES, REGION_GROUPINGS, MaskGeometry
+
+log = logging.getLogger(__name__)
 
 METHOD_KINDS = ("hybridmim", "simmim")
 SIMMIM_WEIGHTS = {"pr": 1.0, "num": 0.0, "loc": 0.0, "con": 0.0, "cl": 0.0}
@@ -70,6 +73,32 @@ def resolve_method(method: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def check_contrastive_views(backbone: dict[str, Any], method: dict[str, Any],
+                            where: str = "pretrain spec") -> None:
+    """Refuse L_CL on an encoder without dropout: its two views would be identical.
+
+    The second view of the contrastive term is the same masked input through the same weights; only
+    dropout makes it differ. Without encoder dropout z1 == z2 and the term is a constant that
+    trains nothing (UNETR's MONAI default dropout_rate is 0.0).
+    """
+    from hybridmim.models.backbones import encoder_dropout
+
+    if method.get("kind", method.get("name")) == "simmim":
+        return
+    weight = {**DEFAULT_WEIGHTS, **(method.get("loss_weights") or {})}["cl"]
+    try:
+        rates = encoder_dropout(backbone)
+    except ValueError as exc:  # an invalid backbone block
+        raise PretrainSpecError(f"{where}: {exc}") from None
+    if weight > 0 and not any(rates.values()):
+        keys = " or ".join(f"backbone.{k}" for k in rates)
+        raise PretrainSpecError(
+            f"{where}: method {method.get('name', method.get('kind'))!r} has a contrastive term "
+            f"(loss_weights.cl = {weight}) but backbone {backbone['name']!r} has no encoder "
+            f"dropout ({rates}): its two views are identical and L_CL is a constant that trains "
+            f"nothing. Set {keys} > 0 (the paper uses 0.1) or loss_weights.cl to 0")
+
+
 def validate_pretrain_spec(spec: dict[str, Any]) -> None:
     if not isinstance(spec, dict):
         raise PretrainSpecError(f"pretrain spec must be a JSON object, got {type(spec).__name__}")
@@ -102,6 +131,12 @@ def validate_pretrain_spec(spec: dict[str, Any]) -> None:
             raise PretrainSpecError(f"pretrain spec: optim.{key} must be a number >= 0, "
                                     f"got {optim[key]!r}")
     method = resolve_method(spec["method"])
+    try:
+        check_contrastive_views(spec["backbone"], method)
+    except PretrainSpecError as exc:
+        # A config with this is refused at parse time (hybridmim.config); a hand-written spec may
+        # still do it on purpose (the DDP equivalence test needs dropout-free passes).
+        log.warning("%s", exc)
     if method["loss_weights"].get("cl", 0) > 0:
         crops = data["crops_per_volume"]
         val_batch = min(data.get("val_volumes", 0), data["volumes_per_step"]) * crops
