@@ -24,6 +24,7 @@ from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, fo
 from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
 from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
 from hybridmim.hashing import spec_hash as compute_spec_hash
+from hybridmim.performance import prepare_network
 from hybridmim.progress import StepProgress
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,10 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     crop = int(meta["crop"])
     window = meta.get("window") or dataset.get("window")
     device = runtime.select_device()
-    precision = runtime.resolve_precision(spec.get("precision", "auto"), device)
+    precision_choice = runtime.precision_choice(spec.get("precision", "auto"), device)
+    precision = precision_choice.precision
     network = build_network(blob).to(device).eval()
+    prepare_network(network, device, precision)
 
     split = spec["split"]
     splits = load_splits(processed_dir)
@@ -97,7 +100,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     with tracked_run("evaluate", spec, data_dirs=[processed_dir], upstream_model=model_path,
                      device=runtime.device_name(device)) as run:
         run.set_tags({"upstream.run_id": upstream_run_id, "split": split,
-                      "cases": len(cases)})
+                      "cases": len(cases), **precision_choice.tags()})
         per_case, case_ids, overlay_rows = [], [], []
         progress = StepProgress(len(cases), f"evaluate {spec['run_name']}", every_s=30)
         for index in range(len(cases)):
