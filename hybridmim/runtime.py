@@ -71,14 +71,18 @@ def select_device(dist_info: DistInfo | None = None) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` → bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
-    if precision not in {"auto", "fp32", "bf16", "fp16"}:
-        raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {precision!r}")
-    if device.type != "cuda":
-        return "fp32"
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return precision
+    """`auto` → bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, fp32 elsewhere
+    (hybridmim/precision.py; `precision_choice` also gives the reason)."""
+    return precision_choice(precision, device).precision
+
+
+def precision_choice(precision: str, device: torch.device):
+    """The precision a job runs in and why (a PrecisionChoice; its .tags() go on the run)."""
+    from hybridmim.precision import choose_precision
+
+    choice = choose_precision(precision, device)
+    log.info("precision %s (%s)", choice.precision, choice.reason)
+    return choice
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from hybridmim.finetune.inference import probabilities_to_masks
 from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
                                         save_label_map)
 from hybridmim.hashing import spec_hash as compute_spec_hash
+from hybridmim.performance import prepare_network
 from hybridmim.progress import StepProgress
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,10 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"class names {names} collide as metric names {keys}; rename labels")
     window = meta.get("window") or dataset.get("window")
     device = runtime.select_device()
-    precision = runtime.resolve_precision(spec.get("precision", "auto"), device)
+    precision_choice = runtime.precision_choice(spec.get("precision", "auto"), device)
+    precision = precision_choice.precision
     network = build_network(blob).to(device).eval()
+    prepare_network(network, device, precision)
 
     split = spec["split"]
     splits = load_splits(processed_dir)
@@ -119,7 +122,8 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     with tracked_run("evaluate", spec, data_dirs=[processed_dir], upstream_model=model_path,
                      device=runtime.device_name(device)) as run:
         run.set_tags({"upstream.run_id": upstream_run_id, "split": split,
-                      "cases": len(case_ids_wanted), "grid": grid})
+                      "cases": len(case_ids_wanted), "grid": grid,
+                      **precision_choice.tags()})
         per_case, case_ids, overlay_rows, files = [], [], [], []
         progress = StepProgress(len(case_ids_wanted), f"evaluate {spec['run_name']}", every_s=30)
         for index, case_id in enumerate(case_ids_wanted):

@@ -28,6 +28,7 @@ from hybridmim.evaluate.metrics import (check_class_indices, class_names, foregr
                                         ground_truth_masks, metric_key)
 from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
 from hybridmim.hashing import spec_hash as compute_spec_hash
+from hybridmim.performance import prepare_network
 from hybridmim.preemption import Preempted, TerminationGuard
 from hybridmim.progress import StepProgress
 
@@ -141,7 +142,9 @@ class FinetuneJob:
         self.steps = int(self.optim["steps"])
         runtime.configure_threads(spec.get("threads"))
         self.device = runtime.select_device()
-        self.precision = runtime.resolve_precision(spec.get("precision", "auto"), self.device)
+        self.precision_choice = runtime.precision_choice(spec.get("precision", "auto"),
+                                                         self.device)
+        self.precision = self.precision_choice.precision
 
     # ---- data ---------------------------------------------------------------------------------
     def datasets(self):
@@ -245,6 +248,7 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
     if state is None:
         init_report = initialise_network(network, spec["init"])
     network.to(job.device)
+    forward = prepare_network(network, job.device, job.precision, spec)
     optimizer = torch.optim.AdamW(network.parameters(), lr=float(job.optim["lr"]),
                                   weight_decay=float(job.optim["weight_decay"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -271,7 +275,7 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
             upstream_model=spec["init"].get("checkpoint"),
             device=runtime.device_name(job.device), resume_run_id=run_id) as run:
         if init_report is not None:
-            run.set_tags({"init.source": init_report["source"],
+            run.set_tags({"init.source": init_report["source"], **job.precision_choice.tags(),
                           "train_cases": len(train_ids), "val_cases": len(val_ids),
                           **{f"init.{k}": v for k, v in init_report["counts"].items()}})
             run.log_dict({"train_ids": train_ids, "val_ids": val_ids, "init": init_report},
@@ -297,7 +301,7 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
             image = batch["image"].flatten(0, 1).to(job.device, non_blocking=True)
             target = job.target(batch["label"].flatten(0, 1).to(job.device, non_blocking=True))
             with runtime.autocast(job.device, job.precision):
-                logits = network(image)
+                logits = forward(image)
             # The loss (softmax/sigmoid, Dice ratios) runs in fp32 for stability.
             loss = loss_fn(logits.float(), target)
             if not torch.isfinite(loss):
@@ -318,7 +322,7 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
             if step % log_every == 0 or step == job.steps:
                 run.log_metrics({"train_loss": loss.item(), "lr": lr}, step)
             if step % val_every == 0 or step == job.steps:
-                scores = job.validate(network, val_ds)
+                scores = job.validate(forward, val_ds)
                 run.log_metrics(scores, step)
                 history.append({"step": step, **scores})
                 # A NaN mean (no validation case holds any structure) still yields a best.pt.

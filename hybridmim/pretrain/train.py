@@ -76,7 +76,9 @@ class _PretrainJob:
         self.method = resolve_method(spec["method"])
         self.geometry = MaskGeometry.coerce(spec["geometry"])
         self.device = runtime.select_device(dist)
-        self.precision = runtime.resolve_precision(spec.get("precision", "auto"), self.device)
+        self.precision_choice = runtime.precision_choice(spec.get("precision", "auto"),
+                                                         self.device)
+        self.precision = self.precision_choice.precision
         self.total_steps = int(spec["optim"]["steps"])
         self.seed = int(spec["seed"])
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
@@ -112,7 +114,9 @@ class _PretrainJob:
         self.val_dataset = (build_val_dataset(spec, self.seed + VALIDATION_SEED_OFFSET)
                             if dist.is_main else None)
 
-        network: torch.nn.Module = self.model
+        from hybridmim.performance import prepare_network
+
+        network: torch.nn.Module = prepare_network(self.model, self.device, self.precision, spec)
         if dist.enabled:
             network = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None,
@@ -200,7 +204,7 @@ class _PretrainJob:
                          resume_run_id=self.run_id) as run, TerminationGuard() as guard:
             self.run_id = run.run_id or self.run_id
             if self.dist.is_main and self.step == 0:
-                run.set_tags({"precision": self.precision, "world_size": self.dist.world_size,
+                run.set_tags({**self.precision_choice.tags(), "world_size": self.dist.world_size,
                               "method.kind": self.method["kind"]})
             self._train(run, guard)
             if self.dist.is_main:
