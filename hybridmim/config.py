@@ -15,13 +15,11 @@ from typing import Any
 
 import yaml
 
-from hybridmim.data.registry import DatasetSpec, dataset_from_config
+from hybridmim.data.registry import ACQUISITION_KEYS, DatasetSpec, dataset_from_config
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 DATA_DIR = "data"
 RESULTS_DIR = "results"
-# Keys of a dataset config block that steer acquisition/generation, not the registry entry.
-ACQUISITION_KEYS = {"registry", "num_cases", "num_test", "seed", "manual_path"}
 
 
 class ConfigError(ValueError):
