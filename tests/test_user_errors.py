@@ -156,3 +156,23 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = subprocess.run([a for a in argv if a != "--debug"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_workflow_does_not_retry_a_data_job_that_failed_on_bad_input(tmp_path):
+    """The default profile retries failed jobs once (for preempted training); a data job on bad
+    input fails the same way again, so it runs once and its error is printed once."""
+    from conftest import copy_project
+
+    project = copy_project(tmp_path / "project")
+    (project / "mine.yaml").write_text(json.dumps({"datasets": {"mine": {
+        "folder": str(tmp_path / "not_there"), "modality": "CT", "labels": LABELS}}}))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "data/raw/mine/dataset.json",
+                           "--cores", "1", "--configfile", "config/config.yaml", "mine.yaml"],
+                          cwd=project, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Trying to restart job" not in output, output[-3000:]
+    assert output.count("no such folder") == 1, output[-3000:]
+    log = (project / "logs" / "data" / "acquire_mine.log").read_text()
+    assert "Traceback" not in log and log.count("no such folder") == 1, log
