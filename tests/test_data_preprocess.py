@@ -60,7 +60,9 @@ def test_overrides_and_user_blocks():
     assert own.modality == "CT" and own.labels == {0: "background", 1: "kidney", 2: "cyst"}
     assert own.source == {"kind": "folder", "path": "/data/kidneys"}
     assert own.split.fractions == (0.5, 0.25, 0.25) and own.split.seed == 3
-    assert own.windows["finetune"]["kind"] == "ct"
+    # A user's CT is clipped to its own foreground intensities (fingerprint), not to the abdomen's.
+    assert own.windows["finetune"]["kind"] == "ct_foreground"
+    assert own.preprocess.spacing == "median"
     # Single-channel MRI needs no 'channels' key (it used to be refused).
     mri = dataset_from_config("my_brains", {"modality": "MRI", "labels": {0: "bg", 1: "lesion"},
                                             "folder": "/data/brains"})

@@ -106,3 +106,25 @@ def test_readme_own_dataset_block_runs_the_whole_workflow(tmp_path):
     assert fingerprint["foreground_intensity"]["p99.5"] > fingerprint["foreground_intensity"]["p0.5"]
     log = (project / "logs" / "data" / f"preprocess_{name}.log").read_text()
     assert "recipe spacing [2.0, 2.0, 2.0] mm (median of the dataset" in log
+
+
+def test_ct_foreground_window_comes_from_the_fingerprint():
+    from hybridmim.data.intensity import apply_window, resolve_window, validate_window
+    from hybridmim.data.registry import dataset_from_config
+
+    spec = dataset_from_config("head_ct", {"modality": "CT", "labels": {0: "bg", 1: "bleed"},
+                                           "folder": "/x"})
+    window = spec.windows["finetune"]
+    index = {"fingerprint": {"foreground_intensity": {"p0.5": 20.0, "p50": 50.0,
+                                                      "p99.5": 80.0}}}
+    resolved = validate_window(resolve_window(window, index), "w")
+    assert (resolved["kind"], resolved["a_min"], resolved["a_max"]) == ("ct", 20.0, 80.0)
+    assert apply_window(np.array([20.0, 50.0, 80.0, 500.0]), resolved).tolist() == [0, 0.5, 1, 1]
+    with pytest.raises(ValueError, match="re-run the preprocess step"):
+        resolve_window(window, {"fingerprint": {}}, "head_ct window")
+    # An explicit window in the block wins.
+    explicit = {"kind": "ct", "a_min": -100.0, "a_max": 300.0, "b_min": 0.0, "b_max": 1.0,
+                "clip": True}
+    spec = dataset_from_config("head_ct", {"modality": "CT", "labels": {0: "bg", 1: "bleed"},
+                                           "folder": "/x", "windows": {"finetune": explicit}})
+    assert resolve_window(spec.windows["finetune"], index) == explicit

@@ -21,8 +21,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from hybridmim.data.intensity import (CT_FINETUNE_WINDOW, CT_PRETRAIN_WINDOW,
-                                      MRI_FINETUNE_WINDOW, MRI_PRETRAIN_WINDOW, validate_window)
+from hybridmim.data.intensity import (CT_FINETUNE_WINDOW, CT_FOREGROUND_WINDOW,
+                                      CT_PRETRAIN_WINDOW, MRI_FINETUNE_WINDOW,
+                                      MRI_PRETRAIN_WINDOW, validate_window)
 
 MODALITIES = ("CT", "MRI")
 MEDIAN_SPACING = "median"
@@ -268,11 +269,15 @@ def dataset_from_config(name: str, block: Mapping[str, Any]) -> DatasetSpec:
     # the order of the image files (the integrity check refuses a dataset.json that disagrees).
     recipe = dataclasses.replace(_MRI_RECIPE if modality == "MRI" else _CT_RECIPE,
                                  spacing=MEDIAN_SPACING)
+    # CT fine-tuning clips to the dataset's own foreground intensities (its fingerprint), not to
+    # the abdominal window of the built-in CT datasets.
+    windows = _MRI_WINDOWS if modality == "MRI" else {**_CT_WINDOWS,
+                                                      "finetune": CT_FOREGROUND_WINDOW}
     base = DatasetSpec(
         name=name, modality=modality, channels=(modality,), labels={0: "background"},
         preprocess=recipe,
         split=SplitRecipe(kind="fraction", name="config", fractions=(0.7, 0.1, 0.2), seed=0),
-        source={}, windows=_MRI_WINDOWS if modality == "MRI" else _CT_WINDOWS,
+        source={}, windows=windows,
         description=f"user dataset {name}")
     return _apply_block(base, name, {k: v for k, v in block.items() if k != "modality"})
 
