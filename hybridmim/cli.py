@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -80,7 +81,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 def cmd_data_version(args: argparse.Namespace) -> None:
     from hybridmim.data.versioning import version_dataset
 
-    result = version_dataset(args.dataset, args.out, args.project_root)
+    block = json.loads(args.dataset_json) if args.dataset_json else None
+    result = version_dataset(args.dataset, args.out, args.project_root, block)
     print(json.dumps(result, indent=2))
 
 
@@ -221,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="HybridMIM reproduction: data, pretraining, fine-tuning, evaluation, report "
                     "and audit. The Snakemake workflow (workflow/Snakefile) calls these.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: HYBRIDMIM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="acquire, preprocess and split datasets")
@@ -241,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
     p.add_argument("--out", required=True, help="JSON file that receives the recorded hashes")
     p.add_argument("--project-root", default=".", help="the DVC project (repository) root")
+    p.add_argument("--dataset-json", help="the dataset's config block as JSON: versions a dataset "
+                   "that dvc.yaml does not list through datasets/dvc.yaml")
     p.set_defaults(func=cmd_data_version)
 
     track = sub.add_parser("tracking", help="MLflow store management")
@@ -291,19 +297,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ------------------------------------------------------------------------------------------------
+# Errors: a user's mistake (bad config, bad data, missing file) is one message and exit code 2; a
+# bug in this code keeps its traceback. --debug (or HYBRIDMIM_DEBUG=1) always shows it.
+USER_ERROR_EXIT_CODE = 2
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    import gzip
+    import tarfile
+    import zipfile
+
+    if isinstance(exc, (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile,
+                        tarfile.TarError, gzip.BadGzipFile)):
+        return True
+    if any(cls.__module__.startswith("hybridmim") for cls in type(exc).__mro__):
+        return True  # the project's own error classes (ManualDownloadRequired, StoreError, ...)
+    if isinstance(exc, RuntimeError) and exc.__traceback__ is not None:
+        # A plain RuntimeError the project raised on purpose (e.g. a failed `dvc` command).
+        import traceback
+
+        innermost = traceback.extract_tb(exc.__traceback__)[-1].filename
+        return Path(innermost).resolve().is_relative_to(Path(__file__).resolve().parent)
+    return False
+
+
+def _user_error_message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        # "[Errno 2] No such file or directory: 'x'" → "x: No such file or directory"
+        target = f" -> {exc.filename2}" if exc.filename2 else ""
+        return f"{exc.filename}{target}: {exc.strerror}"
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return f"{type(exc).__name__}: {text}"
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Run the chosen sub-command; turn a user error into one logged message and exit code 2."""
+    debug = args.debug or os.environ.get("HYBRIDMIM_DEBUG", "") not in ("", "0")
+    try:
+        args.func(args)
+    except Exception as exc:
+        if debug or not _is_user_error(exc):
+            raise
+        log.error("%s\n(run with `hybridmim --debug ...` for the traceback)",
+                  _user_error_message(exc))
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
 def main(argv: list[str] | None = None) -> None:
     from hybridmim.progress import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        # Bad input: one clear line naming the file/key, no traceback unless --verbose.
-        if args.verbose:
-            raise
-        log.error("%s: %s", type(exc).__name__, exc)
-        sys.exit(2)
+    run_command(args)
 
 
 if __name__ == "__main__":

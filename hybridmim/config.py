@@ -15,14 +15,12 @@ from typing import Any
 
 import yaml
 
-from hybridmim.data.registry import DatasetSpec, dataset_from_config
+from hybridmim.data.registry import ACQUISITION_KEYS, DatasetSpec, dataset_from_config
 from hybridmim.resources import CONFIG_SCHEMA
 
 SCHEMA = CONFIG_SCHEMA  # workflow/schemas/config.schema.yaml, shipped inside the package
 DATA_DIR = "data"
 RESULTS_DIR = "results"
-# Keys of a dataset config block that steer acquisition/generation, not the registry entry.
-ACQUISITION_KEYS = {"registry", "num_cases", "num_test", "seed", "manual_path"}
 
 
 class ConfigError(ValueError):

@@ -289,5 +289,5 @@ def test_every_problem_is_reported_at_once(tmp_path):
     problems = check_dataset(folder, {0: "bg", 1: "a", 2: "b"}, ("t1", "t2"))
     assert any("declares 1 channel(s)" in p for p in problems)
     assert any("case_1: image has 1 channel(s), the dataset declares 2" in p for p in problems)
-    assert any("labels [0, 1] differ from the registry's label map [0, 1, 2]" in p
+    assert any("labels [0, 1] differ from the label map of the registry entry [0, 1, 2]" in p
                for p in problems)

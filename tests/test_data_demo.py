@@ -10,7 +10,7 @@ import pytest
 
 from hybridmim.data import demo
 from hybridmim.data.demo import generate_demo
-from hybridmim.data.layout import REQUIRED_INDEX_FIELDS
+from hybridmim.data.layout import MSD_INDEX_FIELDS
 
 EXPECTED_LABELS = {"brats": {0, 1, 2, 4}, "btcv": set(range(14)), "liver": {0, 1, 2},
                    "spleen": {0, 1}}
@@ -51,7 +51,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
 def test_layout_and_dataset_json(raw, kind):
     folder = raw[kind]
     index = json.loads((folder / "dataset.json").read_text())
-    assert set(REQUIRED_INDEX_FIELDS) <= set(index)
+    assert set(MSD_INDEX_FIELDS) <= set(index)
     assert index["name"] == f"demo_{kind}"
     assert (index["numTraining"], index["numTest"]) == (6, 2)
     assert index["tensorImageSize"] == ("4D" if kind == "brats" else "3D")

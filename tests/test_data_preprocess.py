@@ -60,7 +60,13 @@ def test_overrides_and_user_blocks():
     assert own.modality == "CT" and own.labels == {0: "background", 1: "kidney", 2: "cyst"}
     assert own.source == {"kind": "folder", "path": "/data/kidneys"}
     assert own.split.fractions == (0.5, 0.25, 0.25) and own.split.seed == 3
-    assert own.windows["finetune"]["kind"] == "ct"
+    # A user's CT is clipped to its own foreground intensities (fingerprint), not to the abdomen's.
+    assert own.windows["finetune"]["kind"] == "ct_foreground"
+    assert own.preprocess.spacing == "median"
+    # Single-channel MRI needs no 'channels' key (it used to be refused).
+    mri = dataset_from_config("my_brains", {"modality": "MRI", "labels": {0: "bg", 1: "lesion"},
+                                            "folder": "/data/brains"})
+    assert mri.num_channels == 1 and mri.preprocess.normalize == "zscore_nonzero_channelwise"
 
 
 @pytest.mark.parametrize("call, message", [
@@ -69,8 +75,13 @@ def test_overrides_and_user_blocks():
     (lambda: get_dataset("btcv", {"split": "nnunet"}), "unknown split 'nnunet'"),
     (lambda: get_dataset("btcv", {"spacing": [1, 1]}), "'spacing' must be three"),
     (lambda: dataset_from_config("mine", {"modality": "CT", "folder": "/x"}), r"\['labels'\]"),
+    (lambda: dataset_from_config("mine", {"modality": "MRI", "lables": {0: "bg"},
+                                          "folder": "/x"}),
+     r"unknown key 'lables' \(did you mean 'labels'\?\); allowed keys are \[.*'manual_path'"),
     (lambda: dataset_from_config("mine", {"modality": "MRI", "labels": {0: "bg"},
-                                          "folder": "/x"}), "must list its 'channels'"),
+                                          "foldr": "/x"}), r"'foldr' \(did you mean 'folder'\?\)"),
+    (lambda: dataset_from_config("mine", {"modality": "CT", "labels": {0: "bg"}, "folder": "/x",
+                                          "num_case": 3}), r"'num_case' \(did you mean 'num_cases"),
     (lambda: dataset_from_config("mine", {"modality": "PET", "labels": {0: "bg"},
                                           "folder": "/x"}), "modality must be CT or MRI"),
     (lambda: dataset_from_config("mine", {"modality": "CT", "labels": {1: "x"}, "folder": "/x"}),

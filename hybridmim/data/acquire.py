@@ -169,24 +169,38 @@ def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.Path
     kind = source.get("kind")
     previous = _read_marker(raw_dir)
 
+    # What the integrity check accepted the data against: a changed label map or channel list
+    # must check the data again.
+    checked_against = {"labels": sorted(int(k) for k in labels), "channels": list(channels)}
+
     def finish(identity: dict) -> dict:
         return {"format": MARKER_FORMAT, "dataset": name, "source_kind": kind,
-                "source": identity}
+                "source": identity, "checked_against": checked_against}
 
-    def checked_writer(identity: dict):
+    user_dataset = kind == "folder"
+    declared_by = (f"the config block of dataset {name!r}" if user_dataset
+                   else f"the registry entry {name!r}")
+
+    def checked_writer(identity: dict, shown_as: Path | str | None = None):
+        # The check runs on a temporary copy that is deleted on failure: name what the user has.
+        shown_as = shown_as or f"{raw_dir} (as converted from {kind} source)"
+
         def verify(folder: Path) -> None:
-            assert_dataset_ok(folder, labels, channels)
+            assert_dataset_ok(folder, labels, channels, shown_as=shown_as,
+                              declared_by=declared_by)
             (folder / MARKER).write_text(json.dumps(finish(identity), indent=2) + "\n")
         return verify
 
-    if previous and previous.get("format") == MARKER_FORMAT and previous.get("source_kind") == kind:
+    if previous and previous.get("format") == MARKER_FORMAT and previous.get(
+            "source_kind") == kind and previous.get("checked_against") in (None, checked_against):
         done = previous.get("source", {})
         if kind == "url" and "url" in done and done.get("md5") == source.get("md5") and done.get(
                 "url") == source.get("url"):
             log.info("%s already acquired from %s", name, source.get("url"))
             return raw_dir
+        configured = Path(source["path"]) if kind == "folder" and source.get("path") else None
         if (kind in ("manual", "folder") or "folder" in done) and _unchanged_manual(
-                done, manual, downloads, name, source):
+                done, manual or configured, downloads, name, source):
             log.info("%s already acquired (source unchanged)", name)
             return raw_dir
 
@@ -202,14 +216,16 @@ def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.Path
 
     if kind == "folder":
         folder = Path(source["path"]) if manual is None else manual
+        _require_folder(folder, name)
         identity = _folder_identity(folder)
-        convert_folder(folder, raw_dir, verify=checked_writer(identity))
+        convert_folder(folder, raw_dir, verify=checked_writer(identity, shown_as=folder))
         return raw_dir
 
     if kind == "url" and manual is not None and manual.is_dir():
         # The user extracted the published archive already (e.g. downloaded elsewhere).
         convert_msd(manual, raw_dir, archive_root=source.get("archive_root"),
-                    verify=checked_writer(_folder_identity(manual)))
+                    verify=checked_writer(_folder_identity(manual),
+                                          shown_as=f"{raw_dir} (as converted from {manual})"))
         return raw_dir
 
     if kind == "url":
@@ -281,6 +297,18 @@ def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.Path
 
     raise ValueError(f"dataset {name!r}: unknown source kind {kind!r} (expected url, manual, "
                      "folder or generated)")
+
+
+def _require_folder(folder: Path, name: str) -> None:
+    """A user's dataset folder must exist and be a folder (not the archive it came in)."""
+    where = f"datasets.{name}.folder"
+    if folder.is_file():
+        raise NotADirectoryError(f"{folder} ({where}) is a file, not a folder: extract the "
+                                 f"archive and point '{where}' at the folder that holds "
+                                 f"imagesTr/, labelsTr/ and dataset.json")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} ({where}): no such folder; point '{where}' at the "
+                                f"folder that holds imagesTr/, labelsTr/ and dataset.json")
 
 
 def _find_manual(downloads: Path, name: str, source: dict,

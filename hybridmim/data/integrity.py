@@ -33,7 +33,7 @@ AFFINE_ATOL = 1e-3
 class DatasetIntegrityError(ValueError):
     """A dataset with problems; ``problems`` lists each one, prefixed with its case."""
 
-    def __init__(self, raw_dir: Path, problems: Sequence[str]):
+    def __init__(self, raw_dir: Path | str, problems: Sequence[str]):
         self.problems = list(problems)
         shown = "\n  - ".join(self.problems)
         super().__init__(
@@ -159,8 +159,10 @@ def _entries(index: dict) -> Iterable[tuple[str, list[str], str | None]]:
 
 
 def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Iterable[int],
-                  channels: Sequence[str] | int, workers: int = 2) -> list[str]:
-    """Every problem of the dataset at ``raw_dir``, each prefixed by its case (or dataset.json)."""
+                  channels: Sequence[str] | int, workers: int = 2,
+                  declared_by: str = "the registry entry") -> list[str]:
+    """Every problem of the dataset at ``raw_dir``, each prefixed by its case (or dataset.json).
+    ``declared_by`` says where the expected labels/channels come from, for the messages."""
     raw_dir = Path(raw_dir)
     label_values = {int(k) for k in label_map}
     num_channels = channels if isinstance(channels, int) else len(channels)
@@ -179,12 +181,14 @@ def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Ite
         return problems + ["dataset.json: no 'training' list"]
     if isinstance(index.get("modality"), dict) and len(index["modality"]) != num_channels:
         problems.append(f"dataset.json: declares {len(index['modality'])} channel(s) "
-                        f"{list(index['modality'].values())}, the registry {num_channels}")
+                        f"{list(index['modality'].values())}, while {declared_by} expects "
+                        f"{num_channels} (list "
+                        f"the channels in order under the dataset's 'channels')")
     if isinstance(index.get("labels"), dict):
         declared = {int(k) for k in index["labels"]}
         if declared != label_values:
-            problems.append(f"dataset.json: labels {sorted(declared)} differ from the registry's "
-                            f"label map {sorted(label_values)}")
+            problems.append(f"dataset.json: labels {sorted(declared)} differ from the label map "
+                            f"of {declared_by} {sorted(label_values)}")
     for key, listed in (("numTraining", "training"), ("numTest", "test")):
         if key in index and index[key] != len(index.get(listed, [])):
             problems.append(f"dataset.json: {key} is {index[key]} but '{listed}' lists "
@@ -215,9 +219,14 @@ def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Ite
 
 
 def assert_dataset_ok(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Iterable[int],
-                      channels: Sequence[str] | int, workers: int = 2) -> None:
-    """Raise one DatasetIntegrityError listing EVERY problem, or return quietly."""
-    problems = check_dataset(raw_dir, label_map, channels, workers=workers)
+                      channels: Sequence[str] | int, workers: int = 2, *,
+                      shown_as: str | os.PathLike | None = None,
+                      declared_by: str = "the registry entry") -> None:
+    """Raise one DatasetIntegrityError listing EVERY problem, or return quietly. ``shown_as``
+    names the folder in the message when ``raw_dir`` is a temporary copy the user never saw (the
+    problems' relative paths then point into the user's own folder)."""
+    problems = check_dataset(raw_dir, label_map, channels, workers=workers,
+                             declared_by=declared_by)
     if problems:
-        raise DatasetIntegrityError(Path(raw_dir), problems)
+        raise DatasetIntegrityError(shown_as or Path(raw_dir), problems)
     log.info("%s passed the integrity check", raw_dir)

@@ -12,6 +12,10 @@ A window is a plain JSON dict so it can travel inside a job spec:
   that non-zero z-scoring leaves untouched) go to b_min, so the brain's surroundings look like the
   CT air in the pretraining input instead of mid-grey.
 - ``{"kind": "identity"}`` — values as stored (MRI fine-tuning uses its z-scores directly).
+- ``{"kind": "ct_foreground", "b_min", "b_max", "clip"}`` — a ``ct`` window whose a_min/a_max are
+  the 0.5th/99.5th percentiles of the dataset's labelled voxels, read from the fingerprint the
+  preprocess step records (nnU-Net's CT clipping); the default fine-tuning window of a user's own
+  CT dataset. ``resolve_window`` turns it into a ``ct`` window for one preprocessed dataset.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ WINDOW_KEYS: dict[str, tuple[str, ...]] = {
     "ct": ("a_min", "a_max", "b_min", "b_max", "clip"),
     "mri_pretrain": ("z_min", "z_max", "b_min", "b_max"),
     "identity": (),
+    "ct_foreground": ("b_min", "b_max", "clip"),
 }
+CT_FOREGROUND_WINDOW = {"kind": "ct_foreground", "b_min": 0.0, "b_max": 1.0, "clip": True}
 
 CT_FINETUNE_WINDOW = {"kind": "ct", "a_min": -175.0, "a_max": 250.0, "b_min": 0.0, "b_max": 1.0,
                       "clip": True}
@@ -62,6 +68,21 @@ def validate_window(window: Any, where: str = "window") -> dict:
     return checked
 
 
+def resolve_window(window: dict, processed_index: dict, where: str = "window") -> dict:
+    """A ``ct_foreground`` window as the ``ct`` window it stands for in this preprocessed dataset
+    (``processed_index``: its dataset.json); any other window unchanged."""
+    if window.get("kind") != "ct_foreground":
+        return window
+    intensity = (processed_index.get("fingerprint") or {}).get("foreground_intensity") or {}
+    if "p0.5" not in intensity or intensity["p99.5"] <= intensity["p0.5"]:
+        raise ValueError(f"{where}: a ct_foreground window needs the foreground intensity "
+                         f"percentiles of the preprocessed dataset's fingerprint, which has "
+                         f"{intensity or 'none'}; re-run the preprocess step, or set an explicit "
+                         f"window (kind: ct, a_min, a_max, ...) in the dataset's 'windows'")
+    return {"kind": "ct", "a_min": float(intensity["p0.5"]), "a_max": float(intensity["p99.5"]),
+            "b_min": window["b_min"], "b_max": window["b_max"], "clip": window["clip"]}
+
+
 def _is_tensor(image) -> bool:
     # torch is not imported here: the registry (and through it the Snakefile's config parsing)
     # imports this module, and an object can only be a tensor if torch is already loaded.
@@ -89,6 +110,9 @@ def apply_window(image, window: dict):
     if kind == "ct":
         return _linear(image, window["a_min"], window["a_max"], window["b_min"], window["b_max"],
                        window["clip"])
+    if kind == "ct_foreground":
+        raise ValueError("a ct_foreground window must be resolved against its dataset first "
+                         "(hybridmim.data.intensity.resolve_window)")
     if kind == "mri_pretrain":
         mapped = _linear(image, window["z_min"], window["z_max"], window["b_min"], window["b_max"],
                          True)

@@ -4,7 +4,8 @@
 
 ``dataset.json`` holds name, description, reference, licence, tensorImageSize, modality
 ({"0": channel name, ...}), labels ({"0": "background", ...}), numTraining, numTest, training
-([{"image": ..., "label": ...}]) and test ([image, ...]). A multi-channel image is either one 4D
+([{"image": ..., "label": ...}]) and test ([image, ...]). Only ``modality``, ``labels`` and
+``training`` are required (the code reads nothing else); the others are checked when present. A multi-channel image is either one 4D
 NIfTI (channels last, as MSD stores BraTS) or a list of 3D files, one per channel, in channel
 order. An entry may carry an explicit ``"case"`` id; otherwise the id is the image file name
 without ``.nii.gz`` (for a list of channel files: the label's file name).
@@ -27,8 +28,10 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
-REQUIRED_INDEX_FIELDS = ("name", "description", "reference", "licence", "tensorImageSize",
-                         "modality", "labels", "numTraining", "numTest", "training", "test")
+# What the code reads; every other MSD field is optional (and what make_index writes).
+REQUIRED_INDEX_FIELDS = ("modality", "labels", "training")
+MSD_INDEX_FIELDS = ("name", "description", "reference", "licence", "tensorImageSize",
+                    "modality", "labels", "numTraining", "numTest", "training", "test")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -60,7 +63,7 @@ def read_index(raw_dir: Path) -> dict:
     except json.JSONDecodeError as error:
         raise LayoutError(f"{path}: not valid JSON ({error}); re-create it with the converter "
                           f"or the demo generator") from None
-    missing = [key for key in ("labels", "modality", "training") if key not in index]
+    missing = [key for key in REQUIRED_INDEX_FIELDS if key not in index]
     if missing:
         raise LayoutError(f"{path}: lacks {missing}; see hybridmim/data/layout.py for the fields")
     return index

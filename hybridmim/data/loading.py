@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hybridmim.data.intensity import apply_window, validate_window
+from hybridmim.data.intensity import apply_window, resolve_window, validate_window
 from hybridmim.data.preprocess import read_processed_index
 from hybridmim.data.splits import load_splits
 
@@ -85,7 +85,8 @@ class PretrainCropDataset(Dataset):
             if entry.get("modality") and str(entry["modality"]).upper() != modality:
                 raise ValueError(f"{processed_dir}: preprocessed as {modality}, but the pretraining "
                                  f"spec says {entry['modality']}")
-            window = validate_window(entry["window"], f"{processed_dir} window")
+            window = validate_window(resolve_window(dict(entry["window"]), index),
+                                     f"{processed_dir} window")
             if isinstance(split_ids, str):
                 ids = load_splits(processed_dir)[split_ids]
             else:
@@ -147,7 +148,8 @@ class SegmentationDataset(Dataset):
         unlabelled = [r["case"] for r in self.records if r["label"] is None]
         if unlabelled:
             raise ValueError(f"{self.processed_dir}: cases {unlabelled[:5]} have no label")
-        self.window = validate_window(dict(window), f"{self.processed_dir} window")
+        self.window = validate_window(resolve_window(dict(window), index),
+                                      f"{self.processed_dir} window")
         self.crop, self.num_samples, self.train = _cube(crop), int(num_samples), bool(train)
         self.regions = dict(regions) if regions else None
         values = sorted(int(v) for v in index["labels"])

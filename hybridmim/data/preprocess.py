@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from hybridmim.data.fingerprint import ForegroundSampler, describe_recipe, resolve_spacing
 from hybridmim.data.layout import (CaseFiles, LayoutError, atomic_directory, list_cases,
                                    read_index, write_json)
 from hybridmim.data.registry import DatasetSpec
@@ -56,6 +57,8 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
     if not cases:
         raise LayoutError(f"{raw_dir / 'dataset.json'}: lists no cases")
     fingerprint = raw_fingerprint(raw_dir, cases)
+    # A "median" target spacing (user datasets' default) is resolved from the files' headers.
+    spec, data_fingerprint = resolve_spacing(spec, [case.images[0] for case in cases])
     recipe = preprocessing_recipe(spec)
     wanted_hash = recipe_hash(recipe)
     if _up_to_date(out_dir, wanted_hash, fingerprint):
@@ -64,6 +67,7 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
         return out_dir
     _check_channels(raw_dir, index, spec)
     transforms = _CaseTransforms(spec)
+    foreground = transforms.foreground = ForegroundSampler()
     records = []
     with atomic_directory(out_dir) as temp:
         (temp / "cases").mkdir()
@@ -83,8 +87,11 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
             shutil.copy2(out_dir / "splits.json", temp / "splits.json")
         description = {key: value for key, value in index.items()
                        if key not in ("training", "test")}
+        data_fingerprint.update(foreground.summary())
+        log.info("%s", describe_recipe(spec.name, recipe, data_fingerprint))
         description.update({"dataset": spec.name, "labels": recipe["labels"],
                             "channels": list(spec.channels), "recipe": recipe,
+                            "fingerprint": data_fingerprint,
                             "recipe_hash": wanted_hash, "raw_fingerprint": fingerprint,
                             "cases": records})
         write_json(temp / "dataset.json", description)
@@ -167,6 +174,7 @@ class _CaseTransforms:
                                       Orientationd, Spacingd)
         recipe = spec.preprocess
         self.spec = spec
+        self.foreground: ForegroundSampler | None = None
         self.threshold = threshold = recipe.foreground_threshold
         self.loader = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")
 
@@ -223,6 +231,8 @@ class _CaseTransforms:
         resample, crop = self.stages[labelled]
         data = resample(data)
         labelled_voxels = int((data["label"] > 0).sum()) if labelled else 0
+        if labelled and self.foreground is not None:
+            self.foreground.add(data["image"].numpy(), data["label"].numpy())
         out = crop(data)
         affine = np.asarray(out["image"].affine, dtype=float)
         spacing = [round(float(s), 6) for s in np.linalg.norm(affine[:3, :3], axis=0)]

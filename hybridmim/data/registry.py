@@ -21,10 +21,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from hybridmim.data.intensity import (CT_FINETUNE_WINDOW, CT_PRETRAIN_WINDOW,
-                                      MRI_FINETUNE_WINDOW, MRI_PRETRAIN_WINDOW, validate_window)
+from hybridmim.data.intensity import (CT_FINETUNE_WINDOW, CT_FOREGROUND_WINDOW,
+                                      CT_PRETRAIN_WINDOW, MRI_FINETUNE_WINDOW,
+                                      MRI_PRETRAIN_WINDOW, validate_window)
 
 MODALITIES = ("CT", "MRI")
+MEDIAN_SPACING = "median"
 NORMALIZATIONS = ("none", "zscore_nonzero_channelwise")
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -39,7 +41,9 @@ class PreprocessRecipe:
     """Everything that decides the bytes of the preprocessed cache (and hence its recipe hash).
     Intensity windows are NOT here: they are applied when reading, so changing one never forces a
     rebuild."""
-    spacing: tuple[float, float, float] | None  # target voxel size in mm (x, y, z); None = keep
+    # Target voxel size in mm (x, y, z); None = keep each case's own; "median" = the dataset's
+    # median spacing, resolved by the preprocess step from its fingerprint (user datasets).
+    spacing: tuple[float, float, float] | str | None
     normalize: str  # "none" (CT keeps HU) or "zscore_nonzero_channelwise" (MRI)
     # A voxel whose value is above this in any channel is foreground for the bounding-box crop.
     # CT: -175 HU, the bottom of the fine-tuning window, which is where MONAI's recipe crops
@@ -50,7 +54,8 @@ class PreprocessRecipe:
 
     def to_dict(self) -> dict:
         return {"orientation": self.orientation,
-                "spacing": list(self.spacing) if self.spacing is not None else None,
+                "spacing": (list(self.spacing) if isinstance(self.spacing, tuple)
+                            else self.spacing),
                 "normalize": self.normalize, "foreground_threshold": self.foreground_threshold,
                 "include_unlabelled": self.include_unlabelled}
 
@@ -217,6 +222,21 @@ REGISTRY: dict[str, DatasetSpec] = {spec.name: spec for spec in [
 BLOCK_KEYS = {"modality", "channels", "labels", "regions", "folder", "source", "spacing",
               "normalize", "foreground_threshold", "include_unlabelled", "split", "windows",
               "description"}
+# Keys of a config block that steer acquisition/generation, not the dataset's definition.
+ACQUISITION_KEYS = {"registry", "num_cases", "num_test", "seed", "manual_path"}
+CONFIG_BLOCK_KEYS = BLOCK_KEYS | ACQUISITION_KEYS
+
+
+def unknown_key_message(where: str, unknown, allowed) -> str:
+    """``where``: unknown key 'lables' (did you mean 'labels'?); allowed keys are [...]."""
+    import difflib
+
+    parts = []
+    for key in sorted(map(str, unknown)):
+        close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"{where}: unknown key{'s' if len(parts) > 1 else ''} {', '.join(parts)}; allowed "
+            f"keys are {sorted(allowed)}")
 
 
 def get_dataset(name: str, overrides: Mapping[str, Any] | None = None) -> DatasetSpec:
@@ -235,6 +255,7 @@ def dataset_from_config(name: str, block: Mapping[str, Any]) -> DatasetSpec:
     is a registry entry overrides that entry instead."""
     if name in REGISTRY:
         return get_dataset(name, block)
+    _check_keys(name, block or {})
     missing = [key for key in ("modality", "labels") if key not in (block or {})]
     if "folder" not in (block or {}) and "source" not in (block or {}):
         missing.append("folder")
@@ -244,23 +265,32 @@ def dataset_from_config(name: str, block: Mapping[str, Any]) -> DatasetSpec:
             f"'modality' (CT or MRI), 'labels' ({{0: background, 1: ...}}) and 'folder' (a folder "
             f"with imagesTr/, labelsTr/ and dataset.json in the MSD layout)")
     modality = _modality(name, block["modality"])
-    if modality == "MRI" and "channels" not in block:
-        raise DatasetConfigError(f"dataset {name!r}: an MRI dataset must list its 'channels' "
-                                 f"(e.g. [t1, t1ce, t2, flair]) in the order of the image files")
+    # One channel unless the block lists them: a multi-channel dataset must name its channels in
+    # the order of the image files (the integrity check refuses a dataset.json that disagrees).
+    recipe = dataclasses.replace(_MRI_RECIPE if modality == "MRI" else _CT_RECIPE,
+                                 spacing=MEDIAN_SPACING)
+    # CT fine-tuning clips to the dataset's own foreground intensities (its fingerprint), not to
+    # the abdominal window of the built-in CT datasets.
+    windows = _MRI_WINDOWS if modality == "MRI" else {**_CT_WINDOWS,
+                                                      "finetune": CT_FOREGROUND_WINDOW}
     base = DatasetSpec(
-        name=name, modality=modality, channels=("CT",), labels={0: "background"},
-        preprocess=_MRI_RECIPE if modality == "MRI" else _CT_RECIPE,
+        name=name, modality=modality, channels=(modality,), labels={0: "background"},
+        preprocess=recipe,
         split=SplitRecipe(kind="fraction", name="config", fractions=(0.7, 0.1, 0.2), seed=0),
-        source={}, windows=_MRI_WINDOWS if modality == "MRI" else _CT_WINDOWS,
+        source={}, windows=windows,
         description=f"user dataset {name}")
     return _apply_block(base, name, {k: v for k, v in block.items() if k != "modality"})
 
 
-def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> DatasetSpec:
-    unknown = set(block) - BLOCK_KEYS
+def _check_keys(name: str, block: Mapping[str, Any]) -> None:
+    unknown = set(block) - CONFIG_BLOCK_KEYS
     if unknown:
-        raise DatasetConfigError(f"dataset {name!r}: unknown key(s) {sorted(unknown)}; "
-                                 f"allowed keys are {sorted(BLOCK_KEYS)}")
+        raise DatasetConfigError(unknown_key_message(f"datasets.{name}", unknown,
+                                                     CONFIG_BLOCK_KEYS))
+
+
+def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> DatasetSpec:
+    _check_keys(name, block)
     changes: dict[str, Any] = {}
     recipe_changes: dict[str, Any] = {}
     where = f"dataset {name!r}"
@@ -286,11 +316,14 @@ def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> Data
         changes["source"] = source
     if "spacing" in block:
         spacing = block["spacing"]
-        if spacing is not None and (not isinstance(spacing, (list, tuple)) or len(spacing) != 3
-                                    or any(float(s) <= 0 for s in spacing)):
+        if spacing is not None and spacing != MEDIAN_SPACING and (
+                not isinstance(spacing, (list, tuple)) or len(spacing) != 3
+                or any(float(s) <= 0 for s in spacing)):
             raise DatasetConfigError(f"{where}: 'spacing' must be three positive numbers in mm "
-                                     f"(x, y, z) or null to keep the native spacing")
-        recipe_changes["spacing"] = tuple(float(s) for s in spacing) if spacing else None
+                                     f"(x, y, z), {MEDIAN_SPACING!r} (the dataset's median) or "
+                                     f"null to keep the native spacing")
+        recipe_changes["spacing"] = (spacing if spacing == MEDIAN_SPACING else
+                                     tuple(float(s) for s in spacing) if spacing else None)
     if "normalize" in block:
         if block["normalize"] not in NORMALIZATIONS:
             raise DatasetConfigError(f"{where}: 'normalize' must be one of {NORMALIZATIONS}")

@@ -3,16 +3,26 @@
 The Snakemake data rules build the data with the same CLI the DVC stages declare; committing the
 stages afterwards makes dvc.lock hold the hashes, so `dvc status` is clean, `dvc push` shares the
 data and every training run can tag the exact data version it read.
+
+The built-in datasets have their stages in the project's dvc.yaml. A dataset declared only in a
+config gets its two stages written into ``datasets/dvc.yaml`` (one parametrised stage pair over
+every such dataset, the same shape as dvc.yaml's, with the dataset's config block in the command),
+so that the tracked dvc.yaml is never edited and the runs stay "clean" for the audit. Commit
+``datasets/dvc.yaml`` and ``datasets/dvc.lock`` with your config to share the data version.
 """
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from hybridmim.atomic import write_json
-from hybridmim.tracking.provenance import data_hash
+import yaml
+
+from hybridmim.atomic import write_json, write_text
+from hybridmim.tracking.provenance import CONFIG_STAGES_DIR, data_hash
 
 STAGES = ("acquire", "preprocess")
 
@@ -27,16 +37,48 @@ def _dvc(args: list[str], cwd: Path, timeout: int = 1800) -> str:
     return proc.stdout
 
 
-def commit_dataset(name: str, project_root: str | os.PathLike = ".") -> dict[str, Any]:
-    """`dvc commit` the dataset's stages and return the hashes dvc.lock now holds."""
+_HEADER = ("# Written by `hybridmim data version` for the datasets declared only in a config (the\n"
+           "# built-in ones are in ../dvc.yaml). Same stages as dvc.yaml's; the command carries the\n"
+           "# dataset's config block. Commit this file and dvc.lock beside it to share the data.\n")
+
+
+def write_config_stages(name: str, block: Mapping[str, Any], project_root: Path) -> Path:
+    """Add (or update) dataset ``name`` in datasets/dvc.yaml; other entries are kept."""
+    path = project_root / CONFIG_STAGES_DIR / "dvc.yaml"
+    document = yaml.safe_load(path.read_text()) if path.exists() else None
+    datasets = dict(((document or {}).get("vars") or [{}])[0].get("datasets") or {})
+    arg = shlex.quote(json.dumps(dict(block), sort_keys=True))
+    datasets[name] = {
+        "acquire": f"hybridmim data acquire --dataset {name} --dataset-json {arg}",
+        "preprocess": f"hybridmim data preprocess --dataset {name} --dataset-json {arg}"}
+    stage = {"acquire": {"deps": [], "outs": ["data/raw/${key}"]},
+             "preprocess": {"deps": ["data/raw/${key}"], "outs": ["data/processed/${key}"]}}
+    document = {"vars": [{"datasets": dict(sorted(datasets.items()))}], "stages": {
+        kind: {"foreach": "${datasets}", "do": {
+            "wdir": "..", "cmd": f"${{item.{kind}}}",
+            **({"deps": stage[kind]["deps"]} if stage[kind]["deps"] else {}),
+            "outs": stage[kind]["outs"]}} for kind in STAGES}}
+    write_text(path, _HEADER + yaml.safe_dump(document, sort_keys=False, width=1000))
+    return path
+
+
+def commit_dataset(name: str, project_root: str | os.PathLike = ".",
+                   block: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`dvc commit` the dataset's stages and return the hashes dvc.lock now holds. A dataset that
+    dvc.yaml does not list is versioned through datasets/dvc.yaml, written from its config
+    ``block``."""
     root = Path(project_root).resolve()
     stages = [f"{stage}@{name}" for stage in STAGES]
     listed = _dvc(["stage", "list", "--name-only"], root).split()
     missing = [s for s in stages if s not in listed]
-    if missing:
-        raise RuntimeError(f"dvc.yaml has no stages {missing}: add dataset {name!r} to the "
-                           f"`datasets` list under vars: in dvc.yaml, or set "
+    if missing and block is None:
+        raise RuntimeError(f"dvc.yaml has no stages {missing} and no config block of dataset "
+                           f"{name!r} was given (hybridmim data version --dataset-json) to "
+                           f"version it through {CONFIG_STAGES_DIR}/dvc.yaml; or set "
                            f"data_versioning.dvc: false in the config")
+    if missing:
+        stage_file = write_config_stages(name, block, root).relative_to(root).as_posix()
+        stages = [f"{stage_file}:{stage}" for stage in stages]
     _dvc(["commit", "--force", *stages], root)
     result: dict[str, Any] = {"dataset": name, "stages": stages}
     for kind in ("raw", "processed"):
@@ -47,7 +89,8 @@ def commit_dataset(name: str, project_root: str | os.PathLike = ".") -> dict[str
     return result
 
 
-def version_dataset(name: str, out: str | os.PathLike, project_root: str = ".") -> dict:
-    result = commit_dataset(name, project_root)
+def version_dataset(name: str, out: str | os.PathLike, project_root: str = ".",
+                    block: Mapping[str, Any] | None = None) -> dict:
+    result = commit_dataset(name, project_root, block)
     write_json(out, result)
     return result

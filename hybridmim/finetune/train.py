@@ -29,6 +29,7 @@ from hybridmim.evaluate.metrics import (check_class_indices, class_names, foregr
 from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.performance import prepare_network
+from hybridmim.jobguard import guarded_job
 from hybridmim.preemption import Preempted, TerminationGuard
 from hybridmim.progress import StepProgress
 
@@ -233,6 +234,7 @@ def _nanmean(values: list[float]) -> float:
     return sum(kept) / len(kept) if kept else float("nan")
 
 
+@guarded_job(lambda spec: checkpoints.state_dir_for(spec["out"]))
 def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
     """Train, validate, checkpoint and publish one fine-tuning job; return its metrics.json."""
     from hybridmim.models.backbones import build_segmentation_network

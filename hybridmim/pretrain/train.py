@@ -39,6 +39,7 @@ import torch
 from hybridmim import checkpoints, runtime
 from hybridmim.atomic import write_json
 from hybridmim.hashing import spec_hash as compute_spec_hash
+from hybridmim.jobguard import guarded_job
 from hybridmim.preemption import Preempted, TerminationGuard
 from hybridmim.pretrain.feed import StepFeed, global_crop_rows
 from hybridmim.pretrain.losses import HybridMIMLoss
@@ -55,6 +56,7 @@ PREEMPT_ENV = "HYBRIDMIM_PREEMPT_AT_STEP"
 VALIDATION_SEED_OFFSET = 7_777_777
 
 
+@guarded_job(lambda spec: checkpoints.state_dir_for(spec["out"]))
 def run_pretraining(spec: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) the pretraining job; returns the content of its metrics.json."""
     validate_pretrain_spec(spec)

@@ -52,6 +52,10 @@ def _dvc_lock_hashes(lock_path: Path) -> dict[str, str]:
     return hashes
 
 
+# Stages of datasets declared only in a config live in this folder's dvc.yaml (data/versioning.py).
+CONFIG_STAGES_DIR = "datasets"
+
+
 def data_hash(folder: str | os.PathLike, project_root: str | os.PathLike = ".") -> dict[str, str]:
     """Hash of a data folder: DVC's (from dvc.lock) when DVC versions it, else computed here.
 
@@ -64,9 +68,10 @@ def data_hash(folder: str | os.PathLike, project_root: str | os.PathLike = ".") 
     except ValueError:
         rel = None
     if rel is not None:
-        hit = _dvc_lock_hashes(root / "dvc.lock").get(rel)
-        if hit:
-            return {"hash": hit, "source": "dvc.lock"}
+        for lock in (root / "dvc.lock", root / CONFIG_STAGES_DIR / "dvc.lock"):
+            hit = _dvc_lock_hashes(lock).get(rel)
+            if hit:
+                return {"hash": hit, "source": "dvc.lock"}
     return {"hash": tree_hash(folder), "source": "sha256-tree"}
 
 

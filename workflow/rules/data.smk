@@ -1,5 +1,8 @@
 # Data: acquire (download / locate / generate, convert, check) and preprocess (+ splits) per
 # dataset, then record both folders' hashes in dvc.lock. Same CLI as the DVC stages in dvc.yaml.
+# These jobs are deterministic (`retries: 0`): bad input fails the same way twice, so the profile's
+# retry (meant for preempted training jobs) would only print the error twice. Downloads retry
+# transient network errors themselves (hybridmim.data.download).
 
 
 localrules:
@@ -18,6 +21,7 @@ rule init_tracking:
         "../envs/hybridmim.yaml"
     log:
         "logs/init_tracking.log",
+    retries: 0
     shell:
         "hybridmim tracking init --uri {params.uri:q} --artifact-root {params.artifact_root:q}"
         " --marker {output} > {log} 2>&1"
@@ -35,6 +39,7 @@ rule acquire_data:
     resources:
         mem_mb=4000,
         runtime=240,
+    retries: 0
     shell:
         "hybridmim data acquire --dataset {wildcards.dataset} --dataset-json {params.block}"
         " > {log} 2>&1"
@@ -55,6 +60,7 @@ rule preprocess_data:
     resources:
         mem_mb=8000,
         runtime=240,
+    retries: 0
     shell:
         "hybridmim data preprocess --dataset {wildcards.dataset} --dataset-json {params.block}"
         " > {log} 2>&1"
@@ -67,11 +73,15 @@ rule version_data:
         "data/processed/{dataset}/splits.json",
     output:
         "results/data_versions/{dataset}.json",
+    params:
+        block=lambda w: spec_arg(config["datasets"][w.dataset]),
     conda:
         "../envs/hybridmim.yaml"
     log:
         "logs/data/version_{dataset}.log",
     resources:
         dvc=1,
+    retries: 0
     shell:
-        "hybridmim data version --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "hybridmim data version --dataset {wildcards.dataset} --dataset-json {params.block}"
+        " --out {output} > {log} 2>&1"

@@ -1,4 +1,5 @@
-# Report: tables and figures built from the MLflow runs of exactly this grid's jobs.
+# Report: tables and figures built from the MLflow runs of exactly this grid's jobs. Deterministic
+# jobs: never retried (`retries: 0`), unlike the training jobs a preemption may interrupt.
 
 
 localrules:
@@ -20,6 +21,7 @@ rule report:
         "../envs/hybridmim.yaml"
     log:
         "logs/report.log",
+    retries: 0
     shell:
         "hybridmim report --tracking-uri {params.uri:q} --metrics {input.metrics}"
         " --pretrain-metrics {params.pretrain_metrics} --out results > {log} 2>&1"
@@ -39,5 +41,6 @@ rule audit:
         "../envs/hybridmim.yaml"
     log:
         "logs/audit.log",
+    retries: 0
     shell:
         "hybridmim audit --results results --tracking-uri {params.uri:q} > {log} 2>&1"

@@ -1,0 +1,227 @@
+"""One process per training job, and no training process without its workflow.
+
+``guarded_job`` wraps a job's entry point (``run_pretraining``, ``run_finetuning``). While the job
+runs it
+
+- holds an exclusive lock (``flock``) on ``<state folder>/job.lock``, which records the holder's
+  PID, host and start time. A second process on the same job waits up to
+  ``HYBRIDMIM_LOCK_WAIT_S`` seconds (default 120: long enough for an orphan that noticed its
+  workflow is gone to save its state and stop), then refuses with a message naming the holder.
+  The kernel drops the lock when the holder dies, however it dies.
+- watches the workflow that started it (the nearest ``snakemake`` ancestor process, else the
+  parent): when that is gone, the job stops as on preemption (SIGTERM to itself: the loop saves
+  its resume state and exits), so killing ``snakemake`` never leaves a trainer behind that keeps
+  writing the state and log a re-run is about to use.
+- writes every attempt's log to ``<state folder>/attempts/<UTC time>-<host>-<pid>.log``, so the log
+  of a killed or preempted attempt is kept when the re-run's output replaces the rule's log file.
+
+Under torchrun only rank 0 takes the lock and writes the attempt log; every rank watches its
+parent. ``HYBRIDMIM_WATCH_PARENT=0`` switches the watch off.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "job.lock"
+ATTEMPTS_DIR = "attempts"
+DEFAULT_WAIT_S = 120.0
+POLL_S = 0.5
+STOP_GRACE_S = 300.0  # after asking the loop to stop, how long before the process is ended hard
+
+
+class JobLockedError(RuntimeError):
+    """Another live process runs the same job; the message names its PID and host."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The lock
+def _holder(lock_path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(lock_path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def job_lock(state_dir: str | os.PathLike, wait_s: float | None = None) -> Iterator[Path]:
+    """Hold the job's lock for the duration of the block (see the module docstring)."""
+    import fcntl
+
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = state_dir / LOCK_NAME
+    wait_s = float(os.environ.get("HYBRIDMIM_LOCK_WAIT_S", DEFAULT_WAIT_S)) if wait_s is None \
+        else wait_s
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _holder(lock_path)
+                who = (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                       f"(since {holder.get('started', '?')})")
+                if time.monotonic() >= deadline:
+                    raise JobLockedError(
+                        f"{state_dir}: this job is already running as {who}; two processes must "
+                        f"not train the same job. Wait for it to finish, or stop it (on that "
+                        f"host: kill {holder.get('pid', '<pid>')}) and run again.") from None
+                if not announced:
+                    log.warning("%s: held by %s; waiting up to %.0f s for it to stop", state_dir,
+                                who, wait_s)
+                    announced = True
+                time.sleep(POLL_S)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": _utc_now()}).encode(), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ------------------------------------------------------------------------------------------------
+# The parent watch
+def _proc_stat(pid: int) -> tuple[str, int, str] | None:
+    """(state, parent pid, start time) of a process from /proc, or None when it does not exist."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), fields[19]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def workflow_process() -> tuple[int, str | None]:
+    """The process whose end means the job must end: the nearest ancestor running snakemake,
+    else the parent. Returns (pid, start time or None where /proc is unavailable)."""
+    parent = os.getppid()
+    pid = parent
+    for _ in range(32):
+        stat = _proc_stat(pid)
+        if stat is None:
+            break
+        if "snakemake" in _cmdline(pid):
+            return pid, stat[2]
+        if stat[1] <= 1:
+            break
+        pid = stat[1]
+    stat = _proc_stat(parent)
+    return parent, stat[2] if stat else None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    if started is None:  # no /proc: fall back to signal 0 (cannot tell a zombie or reused PID)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X") and stat[2] == started
+
+
+class ParentWatch:
+    """A daemon thread that stops this process (SIGTERM to itself) once the workflow is gone."""
+
+    def __init__(self, poll_s: float = POLL_S):
+        self.pid, self.started = workflow_process()
+        self.what = "snakemake" if "snakemake" in _cmdline(self.pid) else "parent process"
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="parent-watch", daemon=True)
+
+    def __enter__(self) -> "ParentWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if not _alive(self.pid, self.started):
+                log.warning("the workflow that started this job (%s, PID %d) is gone: saving "
+                            "state and stopping", self.what, self.pid)
+                os.kill(os.getpid(), signal.SIGTERM)
+                if not self._stop.wait(STOP_GRACE_S):
+                    log.error("the job did not stop within %.0f s of its workflow's end; "
+                              "ending it", STOP_GRACE_S)
+                    os._exit(143)
+                return
+
+
+# ------------------------------------------------------------------------------------------------
+# Attempt logs and the decorator
+@contextlib.contextmanager
+def attempt_log(state_dir: str | os.PathLike) -> Iterator[Path]:
+    """Copy this attempt's log records to a file of its own in the state folder."""
+    folder = Path(state_dir) / ATTEMPTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = folder / f"{stamp}-{socket.gethostname()}-{os.getpid()}.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    try:
+        yield path
+    except BaseException as exc:
+        log.error("attempt ended by %s: %s", type(exc).__name__, exc)
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def guarded_job(state_dir_of: Callable[[dict[str, Any]], str | os.PathLike]):
+    """Decorate ``run_xxx(spec)``: lock, parent watch and attempt log around the whole job."""
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(spec: dict[str, Any], *args: Any, **kwargs: Any):
+            try:
+                state_dir = Path(state_dir_of(spec))
+            except (KeyError, TypeError):
+                return func(spec, *args, **kwargs)  # no output path: the job's checks say so
+            leader = os.environ.get("RANK", "0") == "0"
+            watch = os.environ.get("HYBRIDMIM_WATCH_PARENT", "1") != "0"
+            with contextlib.ExitStack() as stack:
+                if leader:
+                    stack.enter_context(job_lock(state_dir))
+                    stack.enter_context(attempt_log(state_dir))
+                if watch:
+                    stack.enter_context(ParentWatch())
+                return func(spec, *args, **kwargs)
+        return wrapper
+    return decorate
