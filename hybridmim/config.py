@@ -341,7 +341,8 @@ def variant_entry(config: dict, dataset: str, backbone: str, init: str) -> dict[
         return None
     checkpoint = pretrained_for(config, dataset, backbone, init)
     return {"of": variants[init]["of"], "changes": variants[init]["changes"],
-            "pretrained_as": Path(checkpoint).parent.parent.name}
+            "pretrained_as": Path(checkpoint).parent.parent.name,
+            "corpus": Path(checkpoint).parent.name}
 
 
 def _grid_common(config: dict, stage: str, dataset: str, backbone: str, init: str,
