@@ -16,7 +16,9 @@ from typing import Any
 import yaml
 
 from hybridmim.data.registry import ACQUISITION_KEYS, DatasetSpec, dataset_from_config
+from hybridmim.hashing import spec_hash
 from hybridmim.resources import CONFIG_SCHEMA
+from hybridmim.variants import VariantError, resolve_variants
 
 SCHEMA = CONFIG_SCHEMA  # workflow/schemas/config.schema.yaml, shipped inside the package
 DATA_DIR = "data"
@@ -69,30 +71,36 @@ def check_consistency(config: dict) -> None:
     for bb in pre["backbones"]:
         if bb not in backbones:
             raise ConfigError(f"pretraining.backbones lists {bb!r}; define it under backbones:")
+    variants = variants_of(config)
+    methods = list(pre["methods"]) + list(variants)
     ft = config["finetuning"]
-    for ds in ft["datasets"]:
-        if ds not in datasets:
-            raise ConfigError(f"finetuning.datasets lists {ds!r}, not defined under datasets:")
-    for bb in ft["backbones"]:
-        if bb not in backbones:
-            raise ConfigError(f"finetuning.backbones lists {bb!r}; define it under backbones:")
-    for init in ft["inits"]:
-        if init != "scratch" and init not in pre["methods"]:
-            raise ConfigError(f"finetuning.inits lists {init!r}: use 'scratch' or a method under "
-                              f"pretraining.methods ({sorted(pre['methods'])})")
-        if init != "scratch":
-            missing = [bb for bb in ft["backbones"] if bb not in pre["backbones"]]
-            if missing:
-                raise ConfigError(f"finetuning.inits uses {init!r} but backbones {missing} are "
-                                  f"not in pretraining.backbones")
+    for where, block in grid_blocks(config):
+        for ds in block["datasets"]:
+            if ds not in datasets:
+                raise ConfigError(f"{where}.datasets lists {ds!r}, not defined under datasets:")
+        for bb in block["backbones"]:
+            if bb not in backbones:
+                raise ConfigError(f"{where}.backbones lists {bb!r}; define it under backbones:")
+        for init in block["inits"]:
+            if init != "scratch" and init not in methods:
+                raise ConfigError(f"{where}.inits lists {init!r}: use 'scratch', a method under "
+                                  f"pretraining.methods or a variant of pretraining.variants "
+                                  f"({methods})")
+            if init != "scratch":
+                missing = [bb for bb in block["backbones"] if bb not in pre["backbones"]]
+                if missing:
+                    raise ConfigError(f"{where}.inits uses {init!r} but backbones {missing} are "
+                                      f"not in pretraining.backbones")
     corpus_for = ft.get("pretrained_corpus") or {"CT": "ct", "MRI": "mri"}
-    if any(i != "scratch" for i in ft["inits"]):
-        for ds in ft["datasets"]:
-            modality = dataset_spec(config, ds).modality
-            corpus = corpus_for.get(modality)
-            if corpus not in pre["corpora"]:
-                raise ConfigError(f"finetuning.pretrained_corpus.{modality} is {corpus!r}, which "
-                                  f"is not under pretraining.corpora ({sorted(pre['corpora'])})")
+    for where, block in grid_blocks(config):
+        if any(i != "scratch" for i in block["inits"]):
+            for ds in block["datasets"]:
+                modality = dataset_spec(config, ds).modality
+                corpus = corpus_for.get(modality)
+                if corpus not in pre["corpora"]:
+                    raise ConfigError(f"finetuning.pretrained_corpus.{modality} is {corpus!r}, "
+                                      f"which is not under pretraining.corpora "
+                                      f"({sorted(pre['corpora'])})")
     for stage in ("finetuning", "evaluation"):
         if _resources(config, stage)["gpus"] > 1:
             raise ConfigError(f"{stage}.resources.gpus is {_resources(config, stage)['gpus']}: "
@@ -120,6 +128,43 @@ def _check_contrastive_views(config: dict) -> None:
                                         where=f"pretraining.methods.{name} on backbones.{bb}")
             except PretrainSpecError as exc:
                 raise ConfigError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Ablation variants and the fine-tuning grid's blocks
+GRID_KEYS = ("datasets", "backbones", "inits", "label_fractions", "seeds")
+
+
+def variants_of(config: dict) -> dict[str, dict[str, Any]]:
+    """The declared ablation variants, resolved against their base (hybridmim.variants)."""
+    try:
+        return resolve_variants(config["pretraining"])
+    except VariantError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def method_block(config: dict, method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(method settings, geometry) of a declared method or ablation variant."""
+    pre = config["pretraining"]
+    if method in pre["methods"]:
+        return copy.deepcopy(pre["methods"][method]), dict(pre["geometry"])
+    variants = variants_of(config)
+    if method not in variants:
+        raise ConfigError(f"pretraining method {method!r} is neither under pretraining.methods "
+                          f"({sorted(pre['methods'])}) nor a variant ({sorted(variants)})")
+    return copy.deepcopy(variants[method]["method"]), dict(variants[method]["geometry"])
+
+
+def grid_blocks(config: dict) -> list[tuple[str, dict[str, Any]]]:
+    """The main fine-tuning grid and each of ``finetuning.subgrids`` with its lists filled in
+    from the main grid; (config key, block) pairs."""
+    ft = config["finetuning"]
+    main = {"datasets": ft["datasets"], "backbones": ft["backbones"], "inits": ft["inits"],
+            "label_fractions": ft.get("label_fractions", [1.0]), "seeds": ft.get("seeds", [0])}
+    blocks = [("finetuning", main)]
+    for i, sub in enumerate(ft.get("subgrids") or []):
+        blocks.append((f"finetuning.subgrids[{i}]", {k: sub.get(k, main[k]) for k in GRID_KEYS}))
+    return blocks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,26 +243,41 @@ def pretrain_model_path(backbone: str, method: str, corpus: str) -> str:
 
 
 def pretrain_targets(config: dict) -> list[str]:
-    """The pretrained models the fine-tuning grid needs (only those)."""
-    ft = config["finetuning"]
-    corpus_for = ft.get("pretrained_corpus") or {"CT": "ct", "MRI": "mri"}
+    """The pretrained models the fine-tuning grid needs (only those, each spec once)."""
     targets = set()
-    for init in ft["inits"]:
-        if init == "scratch":
-            continue
-        for bb in ft["backbones"]:
-            for ds in ft["datasets"]:
-                corpus = corpus_for[dataset_spec(config, ds).modality]
-                targets.add(pretrain_model_path(bb, init, corpus))
+    for job in finetune_grid(config):
+        path = pretrained_for(config, job["dataset"], job["backbone"], job["init"])
+        if path:
+            targets.add(path)
     return sorted(targets)
+
+
+def pretrain_content_hash(spec: dict[str, Any]) -> str:
+    """Hash of what a pretraining job computes: its spec without the names and paths that only
+    label it (run name, output path, provenance, the method's name)."""
+    content = {k: v for k, v in spec.items() if k not in ("run_name", "out", "provenance")}
+    content["method"] = {k: v for k, v in spec["method"].items() if k != "name"}
+    return spec_hash(content)
+
+
+def pretrained_as(config: dict, backbone: str, method: str, corpus: str) -> str:
+    """The method whose pretraining job serves ``method``: the first declared method or variant
+    (methods first, then variants in order) whose resolved spec has the same content hash. A
+    variant that resolves to a spec already in the grid is therefore not pretrained twice."""
+    wanted = pretrain_content_hash(pretrain_spec(config, backbone, method, corpus))
+    for name in [*config["pretraining"]["methods"], *variants_of(config)]:
+        if name == method:
+            break
+        if pretrain_content_hash(pretrain_spec(config, backbone, name, corpus)) == wanted:
+            return name
+    return method
 
 
 def pretrain_spec(config: dict, backbone: str, method: str, corpus: str, rule: str = "pretrain"
                   ) -> dict[str, Any]:
     pre = config["pretraining"]
-    if method not in pre["methods"]:
-        raise ConfigError(f"pretraining method {method!r} is not under pretraining.methods")
-    meth = {"name": method, **copy.deepcopy(pre["methods"][method])}
+    block, geometry = method_block(config, method)
+    meth = {"name": method, **block}
     meth.setdefault("kind", "hybridmim")
     if meth["kind"] == "simmim":
         # The SimMIM-style baseline is defined, not configured: full reconstruction, L_PR only.
@@ -236,7 +296,7 @@ def pretrain_spec(config: dict, backbone: str, method: str, corpus: str, rule: s
                    "pretraining")
     spec.update({
         "backbone": backbone_spec(config, backbone, corpus_channels(config, corpus)),
-        "geometry": dict(pre["geometry"]),
+        "geometry": geometry,
         "method": meth,
         "data": {"datasets": datasets, "crops_per_volume": pre.get("crops_per_volume", 2),
                  "volumes_per_step": pre.get("volumes_per_step", 2),
@@ -266,11 +326,18 @@ def evaluate_dir(dataset: str, backbone: str, init: str, fraction: Any, seed: An
 
 
 def finetune_grid(config: dict) -> list[dict[str, str]]:
-    ft = config["finetuning"]
-    return [{"dataset": ds, "backbone": bb, "init": init, "fraction": _frac_tag(frac),
-             "seed": str(seed)}
-            for ds in ft["datasets"] for bb in ft["backbones"] for init in ft["inits"]
-            for frac in ft.get("label_fractions", [1.0]) for seed in ft.get("seeds", [0])]
+    """Every fine-tuning job: the main grid, then each subgrid's new cells (no job twice)."""
+    jobs: dict[tuple, dict[str, str]] = {}
+    for _, block in grid_blocks(config):
+        for ds in block["datasets"]:
+            for bb in block["backbones"]:
+                for init in block["inits"]:
+                    for frac in block["label_fractions"]:
+                        for seed in block["seeds"]:
+                            job = {"dataset": ds, "backbone": bb, "init": init,
+                                   "fraction": _frac_tag(frac), "seed": str(seed)}
+                            jobs.setdefault(tuple(job.values()), job)
+    return list(jobs.values())
 
 
 def pretrained_for(config: dict, dataset: str, backbone: str, init: str) -> str | None:
@@ -278,7 +345,19 @@ def pretrained_for(config: dict, dataset: str, backbone: str, init: str) -> str 
         return None
     corpus_for = config["finetuning"].get("pretrained_corpus") or {"CT": "ct", "MRI": "mri"}
     corpus = corpus_for[dataset_spec(config, dataset).modality]
-    return pretrain_model_path(backbone, init, corpus)
+    return pretrain_model_path(backbone, pretrained_as(config, backbone, init, corpus), corpus)
+
+
+def variant_entry(config: dict, dataset: str, backbone: str, init: str) -> dict[str, Any] | None:
+    """What a fine-tuning/evaluation job of an ablation variant records about it (the report
+    pairs it with its base through this): base, changes, the pretraining job that served it."""
+    variants = variants_of(config)
+    if init not in variants:
+        return None
+    checkpoint = pretrained_for(config, dataset, backbone, init)
+    return {"of": variants[init]["of"], "changes": variants[init]["changes"],
+            "pretrained_as": Path(checkpoint).parent.parent.name,
+            "corpus": Path(checkpoint).parent.name}
 
 
 def _grid_common(config: dict, stage: str, dataset: str, backbone: str, init: str,
@@ -320,6 +399,9 @@ def finetune_spec(config: dict, dataset: str, backbone: str, init: str, fraction
         "log_every": ft.get("log_every", 10),
         "num_workers": ft.get("num_workers", 0),
     })
+    variant = variant_entry(config, dataset, backbone, init)
+    if variant:
+        spec["variant"] = variant
     return spec
 
 
@@ -338,6 +420,9 @@ def evaluate_spec(config: dict, dataset: str, backbone: str, init: str, fraction
         "sw_overlap": evaluation.get("sw_overlap", 0.5),
         "grid": evaluation.get("grid", "original"),
     })
+    variant = variant_entry(config, dataset, backbone, init)
+    if variant:
+        spec["variant"] = variant
     return spec
 
 

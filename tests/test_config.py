@@ -101,7 +101,8 @@ def test_dry_run_plans_the_whole_grid():
     proc = _snakemake("-n", "--cores", "2", "--quiet", "rules")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
-    for rule, count in [("pretrain", 2), ("finetune", 8), ("evaluate", 8), ("report", 1)]:
+    # 2 HybridMIM + SimMIM and 3 ablations on CT; 8 main cells + 4 arms + 2 scarce-label cells
+    for rule, count in [("pretrain", 6), ("finetune", 14), ("evaluate", 14), ("report", 1)]:
         assert any(line.split()[:2] == [rule, str(count)] for line in text.splitlines()), text
 
 
@@ -119,8 +120,84 @@ def test_paper_config_plans_the_full_dag_without_data():
     counts = {parts[0]: int(parts[1]) for parts in
               (line.split() for line in proc.stdout.splitlines()) if len(parts) == 2
               and parts[1].isdigit()}
-    # 4 datasets x 3 backbones x 6 inits x 4 label fractions x 3 seeds
-    assert counts["finetune"] == counts["evaluate"] == 864
-    # 3 backbones x 5 pretraining methods x 2 corpora (CT, MRI)
-    assert counts["pretrain"] == 30
+    # 4 datasets x 3 backbones x 3 inits x 4 label fractions x 3 seeds + 12 ablations x 3 seeds
+    assert counts["finetune"] == counts["evaluate"] == 432 + 36
+    # 3 backbones x 2 methods x 2 corpora (CT, MRI) + 12 UNet ablations on CT
+    assert counts["pretrain"] == 24
     assert counts["acquire_data"] == counts["preprocess_data"] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Ablation variants and subgrids
+def test_variants_are_named_by_their_change_and_resolved_against_the_base(tmp_path):
+    def change_base(c):
+        c["pretraining"]["methods"]["hybridmim"]["temperature"] = 0.3
+    config = hcfg.load_config(_load(tmp_path, change_base))
+    assert list(hcfg.variants_of(config)) == ["hybridmim-no_cl", "hybridmim-mask0.6",
+                                              "hybridmim-box_full"]
+    spec = hcfg.pretrain_spec(config, "unet", "hybridmim-no_cl", "ct")
+    base = hcfg.pretrain_spec(config, "unet", "hybridmim", "ct")
+    assert spec["method"]["loss_weights"] == {**base["method"]["loss_weights"], "cl": 0.0}
+    assert spec["method"]["temperature"] == 0.3  # a change of the base reaches its variants
+    assert spec["method"]["name"] == "hybridmim-no_cl"
+    evaluate = hcfg.evaluate_spec(config, "demo_spleen", "unet", "hybridmim-mask0.6", "1", "0")
+    assert evaluate["variant"] == {"of": "hybridmim", "changes": "mask0.6",
+                                   "pretrained_as": "hybridmim-mask0.6", "corpus": "ct"}
+    assert "variant" not in hcfg.evaluate_spec(config, "demo_spleen", "unet", "hybridmim", "1",
+                                               "0")
+
+
+def test_variant_names_for_each_ablation_axis():
+    from hybridmim.variants import variant_name
+
+    assert variant_name("hybridmim", {"loss_weights": {"num": 0, "loc": 0, "con": 0, "cl": 0}}) \
+        == "hybridmim-pr_only"
+    assert variant_name("hybridmim", {"geometry": {"crop": 128, "region": 64}}) \
+        == "hybridmim-crop128-region64"
+    assert variant_name("hybridmim", {"masking": "hierarchical"}) \
+        == "hybridmim-hierarchical_masking"
+    assert variant_name("hybridmim", {"region_grouping": "raster", "mask_ratio": 0.2}) \
+        == "hybridmim-mask0.2-raster_grouping"
+
+
+@pytest.mark.parametrize("variant, key", [
+    ({"mask_ration": 0.6}, "mask_ration"),
+    ({"loss_weights": {"cll": 0.0}}, "cll"),
+    ({"kind": "simmim"}, "kind"),
+    ({"geometry": {"patch": 5}}, "pretraining.variants.hybridmim[0].geometry"),
+    ({"geometry": {"region": 32}}, "pretraining.variants.hybridmim[0].geometry"),
+])
+def test_bad_variant_fails_at_parse_time_naming_the_key(tmp_path, variant, key):
+    def mutate(c):
+        c["pretraining"]["variants"] = {"hybridmim": [variant]}
+    with pytest.raises(hcfg.ConfigError) as err:
+        hcfg.load_config(_load(tmp_path, mutate))
+    assert key in str(err.value)
+
+
+def test_subgrid_init_must_be_declared(tmp_path):
+    def mutate(c):
+        c["finetuning"]["subgrids"] = [{"datasets": ["demo_spleen"], "inits": ["hybridmim-no_pr"]}]
+    with pytest.raises(hcfg.ConfigError) as err:
+        hcfg.load_config(_load(tmp_path, mutate))
+    assert "finetuning.subgrids[0].inits" in str(err.value)
+    assert "hybridmim-no_cl" in str(err.value)  # the message lists what exists
+
+
+def test_variant_with_an_existing_spec_is_not_pretrained_twice(tmp_path):
+    def mutate(c):
+        # mask_ratio 0.4 is the base's own value: the same pretraining job under another name.
+        c["pretraining"]["variants"]["hybridmim"].append({"mask_ratio": 0.4})
+        c["finetuning"]["subgrids"][0]["inits"].append("hybridmim-mask0.4")
+    config = hcfg.load_config(_load(tmp_path, mutate))
+    same = hcfg.pretrain_spec(config, "unet", "hybridmim-mask0.4", "ct")
+    base = hcfg.pretrain_spec(config, "unet", "hybridmim", "ct")
+    assert spec_hash(same) != spec_hash(base)  # the names differ ...
+    assert hcfg.pretrain_content_hash(same) == hcfg.pretrain_content_hash(base)  # ... not the job
+    targets = hcfg.pretrain_targets(config)
+    assert "results/pretrain/unet/hybridmim-mask0.4/ct/model.pt" not in targets
+    assert len(targets) == 6
+    ft = hcfg.finetune_spec(config, "demo_spleen", "unet", "hybridmim-mask0.4", "1", "0")
+    assert ft["init"]["checkpoint"] == "results/pretrain/unet/hybridmim/ct/model.pt"
+    assert ft["variant"]["pretrained_as"] == "hybridmim"
+    assert len(hcfg.finetune_grid(config)) == 15

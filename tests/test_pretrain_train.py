@@ -112,6 +112,12 @@ def test_full_run_writes_model_metrics_and_mlflow_run(reference_run):
     for term in ("pr", "num", "loc", "con", "cl", "total", "val/total"):
         assert math.isfinite(metrics["metrics"][f"final/{term}"])
     assert metrics["metrics"]["seconds_per_step"] > 0
+    cost = metrics["metrics"]
+    assert cost["cost/timed_steps"] == 3  # the first step (set-up) is not timed
+    assert 0 < cost["cost/median_step_s"] < cost["cost/total_s"]
+    crops = spec["data"]["volumes_per_step"] * spec["data"]["crops_per_volume"]
+    assert cost["cost/crops_per_s"] == pytest.approx(crops / cost["cost/median_step_s"])
+    assert cost["cost/peak_mem_mb"] > 0  # the model and activations grew the process
 
     model = load_model_file(spec["out"])
     assert model["network"]["class"] == "monai.networks.nets.DynUNet"
@@ -132,6 +138,8 @@ def test_full_run_writes_model_metrics_and_mlflow_run(reference_run):
     assert [m.value for m in lr] == pytest.approx([1e-3 * schedule(s) for s in range(4)])
     _, val = _mlflow_history(spec, metrics["run_id"], "val/total")
     assert [m.step for m in val] == [2, 4]
+    _, clock = _mlflow_history(spec, metrics["run_id"], "cost/train_s")
+    assert sorted({m.step for m in clock}) == [1, 2, 3, 4]  # time-to-quality's x axis
     assert run.data.tags["config_hash"] == metrics["spec_hash"]
     assert run.data.params["optim.steps"] == "4"
 

@@ -2,7 +2,9 @@
 
 The slice is the middle of the ground truth's extent along Z (the axial axis of the RAS-oriented
 cache), so a small structure is visible; a case without foreground falls back to the middle of
-the volume. Axial slices are drawn with anterior up and the patient's left on the left.
+the volume. Axial slices are drawn with anterior up; CT in radiological orientation (the
+patient's right on the image's left: the RAS cache's X, which grows towards the patient's right,
+grows leftwards on screen), other modalities with the patient's left on the left.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def overlay_slice(image: torch.Tensor, truth: torch.Tensor, prediction: torch.Te
             "truth": paint(truth_slice, order), "prediction": paint(pred_slice, order)}
 
 
-def save_overlay_figure(rows: list[dict], names: Sequence[str], path: str | os.PathLike) -> None:
+def save_overlay_figure(rows: list[dict], names: Sequence[str], path: str | os.PathLike,
+                        radiological: bool = False) -> None:
     """Write a PNG with one row per case (image | ground truth | prediction), atomically."""
     import matplotlib
 
@@ -67,6 +70,8 @@ def save_overlay_figure(rows: list[dict], names: Sequence[str], path: str | os.P
                 shown = np.ma.masked_equal(labels, 0) - 1
                 ax.imshow(shown.T, cmap=cmap, origin="lower", vmin=0, vmax=max(len(names) - 1, 1),
                           alpha=0.5, interpolation="nearest")
+            if radiological:
+                ax.invert_xaxis()
             ax.set_title(f"{row['case']} z={row['z']}: {title}", fontsize=8)
             ax.axis("off")
     handles = [Patch(color=cmap(k), label=name) for k, name in enumerate(names)]

@@ -163,7 +163,8 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
         run.log_metrics(metrics, step=0)
 
         write_per_case_csv(csv_path, case_ids, per_case, names)
-        save_overlay_figure(overlay_rows, names, figure_path)
+        save_overlay_figure(overlay_rows, names, figure_path,
+                            radiological=spec["dataset"].get("modality") == "CT")
         result = {
             "run_id": run.run_id, "stage": "evaluate", "split": split, "model": model_path,
             "upstream_run_id": upstream_run_id, "spec_hash": compute_spec_hash(spec),

@@ -41,6 +41,7 @@ from hybridmim.atomic import write_json
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.jobguard import guarded_job
 from hybridmim.preemption import Preempted, TerminationGuard
+from hybridmim.pretrain.cost import CostMeter
 from hybridmim.pretrain.feed import StepFeed, global_crop_rows
 from hybridmim.pretrain.losses import HybridMIMLoss
 from hybridmim.pretrain.masking import MaskGeometry
@@ -81,6 +82,8 @@ class _PretrainJob:
         self.precision_choice = runtime.precision_choice(spec.get("precision", "auto"),
                                                          self.device)
         self.precision = self.precision_choice.precision
+        self.cost = CostMeter(self.device, int(spec["data"]["volumes_per_step"])
+                              * int(spec["data"]["crops_per_volume"]) * dist.world_size)
         self.total_steps = int(spec["optim"]["steps"])
         self.seed = int(spec["seed"])
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
@@ -150,6 +153,7 @@ class _PretrainJob:
         self.run_id = state.get("mlflow_run_id")
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
+        self.cost.restore(state.get("cost"))
         rng, masks = state["rng"], state["mask_rng"]
         # The mask generator is the same on every rank, so one state serves any world size.
         if isinstance(masks, list):  # a state written when each rank had its own mask stream
@@ -185,6 +189,7 @@ class _PretrainJob:
             "scaler": self.scaler.state_dict(), "rng": rng, "mask_rng": masks,
             "history": self.history, "mlflow_run_id": self.run_id,
             "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
+            "cost": self.cost.state(),
         }, self.spec_hash)
 
     def _stop_requested(self, guard: TerminationGuard) -> bool:
@@ -230,6 +235,7 @@ class _PretrainJob:
             if not first_step_of_process:  # the first step of a process pays one-off set-up
                 self.train_seconds += time.perf_counter() - started
                 self.timed_steps += 1
+                self.cost.add_step(time.perf_counter() - started)
             first_step_of_process = False
             if self.step % log_every == 0 or self.step == self.total_steps:
                 last_logged = window.pop_means()
@@ -240,14 +246,15 @@ class _PretrainJob:
                         f"({terms}); lower optim.lr, keep optim.grad_clip > 0 or use precision "
                         f"bf16/fp32")
                 self.history.append({"step": self.step, "lr": lr, **last_logged})
-                run.log_metrics({**{f"train/{k}": v for k, v in last_logged.items()}, "lr": lr},
-                                self.step)
+                run.log_metrics({**{f"train/{k}": v for k, v in last_logged.items()}, "lr": lr,
+                                 "cost/train_s": self.cost.train_s()}, self.step)
             progress.update(self.step, loss=last_logged.get("total", float("nan")), lr=lr)
             if self.val_dataset is not None and (self.step % checkpoint_every == 0
                                                  or self.step == self.total_steps):
                 val = self.stepper.validate(self.val_dataset, self.seed + VALIDATION_SEED_OFFSET,
                                             int(self.spec["data"]["volumes_per_step"]))
-                run.log_metrics({f"val/{k}": v for k, v in val.items()}, self.step)
+                run.log_metrics({**{f"val/{k}": v for k, v in val.items()},
+                                 "cost/train_s": self.cost.train_s()}, self.step)
                 self.history.append({"step": self.step, **{f"val/{k}": v for k, v in val.items()}})
             stop = self._stop_requested(guard)
             if stop or self.step % checkpoint_every == 0 or self.step == self.total_steps:
@@ -272,6 +279,7 @@ class _PretrainJob:
         metrics = {**{f"final/{k}": v for k, v in final.items()}, "steps": self.step}
         if seconds_per_step is not None:
             metrics["seconds_per_step"] = seconds_per_step
+        metrics.update(self.cost.summary())
         run.log_metrics(metrics, self.step)
         run.flush()
         tags = run.client.get_run(run.run_id).data.tags if run.client is not None else {}

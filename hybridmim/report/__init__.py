@@ -51,11 +51,41 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     _, paths = paper_table(comparison_long, paper, tables_dir)
     written.update({f"paper_vs_ours.{k}": p for k, p in paths.items()})
     written.update(write_figures(tracking_uri, runs, pretrain_runs, figures_dir))
+    written.update(write_experiments(tracking_uri, runs, pretrain_runs, tables_dir, figures_dir))
     written["report_inputs"] = write_report_inputs(
         out_dir, tracking_uri, metrics_files, pretrain_files,
         paper_results or DEFAULT_PAPER_RESULTS)
     for name, path in written.items():
         log.info("report: wrote %s (%s)", path, name)
+    return written
+
+
+def write_experiments(tracking_uri: str, runs, pretrain_runs, tables_dir: Path,
+                      figures_dir: Path) -> dict[str, Path]:
+    """The ablation, cost, label-efficiency and paired-statistics tables and their figures,
+    the fine-tuning curves, per-class bars and one overlay gallery per dataset."""
+    from hybridmim.report import experiments as ex
+    from hybridmim.report import plots
+
+    written: dict[str, Path] = {}
+    cases = ex.per_case_dice(tracking_uri, runs)
+    cost_long, paths = ex.pretrain_cost_table(pretrain_runs, tables_dir)
+    written.update({f"pretrain_cost.{k}": p for k, p in paths.items()})
+    ablation_long, paths = ex.ablation_table(runs, cases, cost_long, tables_dir)
+    written.update({f"ablations.{k}": p for k, p in paths.items()})
+    _, paths = ex.label_efficiency_table(runs, tables_dir)
+    written.update({f"label_efficiency.{k}": p for k, p in paths.items()})
+    _, paths = ex.paired_table(runs, cases, tables_dir)
+    written.update({f"paired_differences.{k}": p for k, p in paths.items()})
+    written["ablations_figure"] = plots.plot_ablations(ablation_long, figures_dir / "ablations.png")
+    written["time_to_quality"] = plots.plot_time_to_quality(tracking_uri, pretrain_runs,
+                                                            figures_dir / "time_to_quality.png")
+    written["finetune_curves"] = plots.plot_finetune_curves(tracking_uri, runs,
+                                                            figures_dir / "finetune_curves.png")
+    written["per_class_dice"] = plots.plot_per_class(runs, figures_dir / "per_class_dice.png")
+    for dataset in sorted(runs["dataset"].unique()):
+        written[f"gallery_{dataset}"] = plots.plot_gallery(
+            tracking_uri, runs, dataset, figures_dir / f"gallery_{ex.safe_name(dataset)}.png")
     return written
 
 

@@ -213,6 +213,8 @@ def collect_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
             "Point the report at the store the jobs logged to, or re-run those evaluate jobs")
     metric_columns = [c for c in found.columns if c.startswith("metrics.")]
     tag_columns = [c for c in found.columns if c.startswith("tags.")]
+    # An ablation variant's evaluate spec names its base (params variant.of, .changes, ...).
+    tag_columns += [c for c in found.columns if c.startswith("params.variant.")]
     records = []
     for _, row in found.iterrows():
         path, payload = listed[row["run_id"]]

@@ -1,9 +1,10 @@
-"""Report figures (PNG): Dice per init, label efficiency, pretraining loss curves.
+"""Report figures: Dice per init, label efficiency, pretraining loss curves (more in plots.py).
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot global state), so
-a report built inside a long-lived process never opens a window or leaks figures. Every file is
-written atomically. Beside each ``<name>.png`` the numbers it plots go to ``<name>.csv`` (long,
-one row per plotted value, ``run_ids`` of the runs behind it), which the audit re-derives.
+a report built inside a long-lived process never opens a window or leaks figures. Every figure is
+written as ``<name>.png`` and ``<name>.pdf`` with ``<name>.csv`` beside them holding exactly the
+plotted numbers (long format, one row per value, ``run_ids`` where a value derives from runs);
+every file is written atomically.
 """
 from __future__ import annotations
 
@@ -38,20 +39,21 @@ def data_only() -> Iterator[None]:
         _RENDER.reset(token)
 
 
-def save_png(fig: Figure, path: str | Path) -> Path:
+def save_png(fig: Figure, path: str | Path, data: pd.DataFrame | None = None) -> Path:
+    """Write ``path`` (PNG), the same figure as PDF and, given ``data``, its numbers as CSV."""
+    path = Path(path)
     if not _RENDER.get():
-        return Path(path)
+        if data is not None:
+            write_text(path.with_suffix(".csv"), data.to_csv(index=False))
+        return path
     FigureCanvasAgg(fig)
-    with atomic_path(path, suffix=".png") as tmp:
-        # The temporary name ends in .tmp, so the format must be given explicitly.
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    return Path(path)
-
-
-def write_figure_data(frame: pd.DataFrame, png_path: str | Path) -> Path:
-    """The numbers a figure plots, as ``<name>.csv`` beside it (contract 2)."""
-    path = Path(png_path).with_suffix(".csv")
-    write_text(path, frame.to_csv(index=False))
+    path = Path(path)
+    for fmt in ("png", "pdf"):
+        with atomic_path(path.with_suffix(f".{fmt}"), suffix=f".{fmt}") as tmp:
+            # The temporary name ends in .tmp, so the format must be given explicitly.
+            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+    if data is not None:
+        write_text(path.with_suffix(".csv"), data.to_csv(index=False))
     return path
 
 
@@ -59,9 +61,10 @@ def _seed_stats(runs: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
     rows = []
     for keys, group in runs.groupby(by, sort=True):
         mean, std, n = aggregate(group[metric].to_list())
-        ids = group.sort_values("seed")["run_id"] if "run_id" in group else []
+        ids = RUN_ID_SEPARATOR.join(group.sort_values("seed")["run_id"]) \
+            if "run_id" in group else ""
         rows.append({**dict(zip(by, keys)), "metric": metric, "mean": mean * 100,
-                     "std": std * 100, "n": n, "run_ids": RUN_ID_SEPARATOR.join(ids)})
+                     "std": std * 100, "n": n, "run_ids": ids})
     return pd.DataFrame.from_records(rows)
 
 
@@ -71,7 +74,6 @@ def plot_dice_by_init(runs: pd.DataFrame, path: str | Path,
     # With several label fractions the bars show the full-label setting (the largest fraction).
     full = runs.loc[runs["fraction"] == runs["fraction"].max()]
     stats = _seed_stats(full, ["dataset", "backbone", "init"], metric)
-    write_figure_data(stats, path)
     groups = list(dict.fromkeys(zip(stats["dataset"], stats["backbone"])))
     inits = order_inits(stats["init"])
     width = 0.8 / len(inits)
@@ -95,7 +97,7 @@ def plot_dice_by_init(runs: pd.DataFrame, path: str | Path,
                  "error bars: std over seeds)", fontsize=9)
     ax.legend(title="init", fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    return save_png(fig, path)
+    return save_png(fig, path, stats.assign(fraction=full["fraction"].max(), unit="Dice %"))
 
 
 def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
@@ -104,7 +106,6 @@ def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
     if runs["fraction"].nunique() < 2:
         return None
     stats = _seed_stats(runs, ["dataset", "backbone", "init", "fraction"], metric)
-    write_figure_data(stats, path)
     panels = list(dict.fromkeys(zip(stats["dataset"], stats["backbone"])))
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
@@ -125,7 +126,7 @@ def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Label efficiency (error bars: std over seeds)", fontsize=10)
-    return save_png(fig, path)
+    return save_png(fig, path, stats.assign(unit="Dice %"))
 
 
 def metric_histories(tracking_uri: str, run_id: str,
@@ -150,17 +151,14 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
                          path: str | Path) -> Path | None:
     """One panel per loss term, one line per pretraining run (``label`` column of the frame)."""
     curves: dict[str, dict[str, pd.DataFrame]] = {}
+    points = []
     for _, run in pretrain_runs.iterrows():
         for key, frame in metric_histories(tracking_uri, run["run_id"]).items():
             curves.setdefault(key, {})[run["label"]] = frame
+            points.append(frame.assign(run=run["label"], metric=key, run_ids=run["run_id"]))
     terms = [t for t in LOSS_TERMS if t in curves]
     if not terms:
         return None
-    ids = dict(zip(pretrain_runs["label"], pretrain_runs["run_id"]))
-    write_figure_data(pd.concat([frame.assign(term=term, run=label, run_ids=ids[label])
-                                 for term in terms for label, frame in curves[term].items()],
-                                ignore_index=True)[["term", "run", "step", "value", "run_ids"]],
-                      path)
     cols = min(3, len(terms))
     rows = -(-len(terms) // cols)
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
@@ -172,22 +170,27 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
             ax.set_yscale("log")
         ax.set_title(term, fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel("loss (unitless)")
         ax.grid(alpha=0.3)
         if k == 0:
             ax.legend(fontsize=7)
     fig.suptitle("Pretraining losses (MLflow metric history)", fontsize=10)
-    return save_png(fig, path)
+    return save_png(fig, path, pd.concat(points, ignore_index=True)[
+        ["run", "metric", "step", "value", "run_ids"]])
 
 
 def write_figures(tracking_uri: str, runs: pd.DataFrame, pretrain_runs: pd.DataFrame | None,
                   figures_dir: Path) -> dict[str, Any]:
+    from hybridmim.report.plots import placeholder
+
     written: dict[str, Any] = {"test_dice": plot_dice_by_init(runs, figures_dir / "test_dice.png")}
-    efficiency = plot_label_efficiency(runs, figures_dir / "label_efficiency.png")
-    if efficiency is not None:
-        written["label_efficiency"] = efficiency
-    if pretrain_runs is not None and not pretrain_runs.empty:
-        losses = plot_pretrain_losses(tracking_uri, pretrain_runs,
-                                      figures_dir / "pretrain_losses.png")
-        if losses is not None:
-            written["pretrain_losses"] = losses
+    path = figures_dir / "label_efficiency.png"
+    written["label_efficiency"] = plot_label_efficiency(runs, path) or placeholder(
+        path, "No dataset was fine-tuned at two or more label fractions.",
+        ["dataset", "backbone", "init", "fraction", "metric", "mean", "std", "n", "run_ids"])
+    path = figures_dir / "pretrain_losses.png"
+    losses = (plot_pretrain_losses(tracking_uri, pretrain_runs, path)
+              if pretrain_runs is not None and not pretrain_runs.empty else None)
+    written["pretrain_losses"] = losses or placeholder(
+        path, "No pretraining loss was logged.", ["run", "metric", "step", "value", "run_ids"])
     return written

@@ -81,9 +81,54 @@ def evaluate_outputs():
     ]
 
 
+# Every table and figure the report writes, with its report section and caption (the
+# `snakemake --report` HTML groups them by section; captions in workflow/report/).
+REPORT_TABLES = {
+    "comparison": ("1. Segmentation results", "comparison.rst"),
+    "paper_vs_ours": ("1. Segmentation results", "paper_vs_ours.rst"),
+    "ablations": ("2. Ablations", "ablations.rst"),
+    "pretrain_cost": ("3. Pretraining cost", "pretrain_cost.rst"),
+    "label_efficiency": ("4. Label efficiency", "label_efficiency.rst"),
+    "paired_differences": ("5. Statistics", "paired_differences.rst"),
+}
+REPORT_FIGURES = {
+    "test_dice": ("1. Segmentation results", "test_dice.rst"),
+    "per_class_dice": ("1. Segmentation results", "per_class_dice.rst"),
+    "ablations": ("2. Ablations", "ablations_figure.rst"),
+    "pretrain_losses": ("3. Pretraining cost", "pretrain_losses.rst"),
+    "time_to_quality": ("3. Pretraining cost", "time_to_quality.rst"),
+    "label_efficiency": ("4. Label efficiency", "label_efficiency_figure.rst"),
+    "finetune_curves": ("6. Fine-tuning", "finetune_curves.rst"),
+}
+
+
+def report_datasets():
+    return sorted({job["dataset"] for job in hcfg.finetune_grid(config)})
+
+
+def report_items():
+    """(path, section, caption) of every file the report rule writes; the report shows the
+    tables' CSV and the figures' PNG, the other formats sit beside them."""
+    items = []
+    tables = dict(REPORT_TABLES)
+    tables.update({f"per_class_{d}": ("1. Segmentation results", "per_class.rst")
+                   for d in report_datasets()})
+    for name, (section, caption) in tables.items():
+        items.append((f"results/tables/{name}.csv", section, caption))
+        items += [(f"results/tables/{name}.{ext}", None, None) for ext in ("md", "tex")]
+    figures = dict(REPORT_FIGURES)
+    figures.update({f"gallery_{d}": ("7. Qualitative", "gallery.rst") for d in report_datasets()})
+    for name, (section, caption) in figures.items():
+        items.append((f"results/figures/{name}.png", section, caption))
+        items += [(f"results/figures/{name}.{ext}", None, None) for ext in ("pdf", "csv")]
+    return items
+
+
 def report_outputs():
-    return [
-        "results/tables/comparison.csv",
-        "results/tables/comparison.md",
-        "results/figures/test_dice.png",
-    ]
+    return [path for path, _, _ in report_items()]
+
+
+def flagged_report_outputs():
+    """The report rule's outputs, the shown ones flagged for `snakemake --report`."""
+    return [report(path, caption=f"../report/{caption}", category=section) if section
+            else path for path, section, caption in report_items()]

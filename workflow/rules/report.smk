@@ -13,7 +13,7 @@ rule report:
         pretrain=hcfg.pretrain_targets(config),
         store=STORE_MARKER,
     output:
-        report_outputs(),
+        flagged_report_outputs(),
     params:
         uri=config["tracking"]["uri"],
         pretrain_metrics=lambda w, input: [p.replace("model.pt", "metrics.json") for p in input.pretrain],
@@ -34,7 +34,7 @@ rule audit:
         report_outputs(),
     output:
         "results/audit.json",
-        "results/audit.md",
+        report("results/audit.md", caption="../report/audit.rst", category="8. Audit"),
     params:
         uri=config["tracking"]["uri"],
     conda:

@@ -1,0 +1,416 @@
+"""The paper's other claims as tables: ablations, pretraining cost, label efficiency, and paired
+per-case differences with bootstrap confidence intervals.
+
+Each builder is a function of the MLflow runs (the frames of hybridmim.report.collect and the
+per-case Dice of the evaluate runs' ``per_case.csv`` artifacts) → one long DataFrame → the shared
+CSV/Markdown/LaTeX writer (tables.write_table); ``build_report`` calls them all, so the audit
+re-derives these files exactly as it does the comparison table.
+
+Statistics (docs/method.md, "Statistics"): a comparison A vs B in one (dataset, backbone, label
+fraction) cell pairs the two inits' test cases per seed; the per-case difference is the case's
+Dice (mean over classes) under A minus under B, averaged over the seeds both inits ran. The
+reported difference is the mean over cases, with a 95% percentile bootstrap interval over cases
+(10 000 resamples, numpy default_rng seed 0). An interval that excludes 0 is marked only when the
+cell has at least ``MIN_CASES`` cases or more than one seed; otherwise the note says the cell is
+too small to judge.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hybridmim.report.tables import (RUN_ID_SEPARATOR, escape_latex, format_cell, fraction_text,
+                                     order_inits, summarise, wide_view, write_table)
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+MIN_CASES = 10
+COST_METRICS = {  # MLflow metric of the pretraining run → (column heading, decimals)
+    "cost/median_step_s": ("median s/step", 4),
+    "cost/crops_per_s": ("crops/s", 2),
+    "cost/total_s": ("total time (s)", 1),
+    "cost/peak_mem_mb": ("peak memory (MiB)", 1),
+}
+RATIO_METRIC = "cost/step_ratio_vs_simmim"
+BASELINE_KIND = "simmim"
+
+
+def _note_frame(message: str) -> pd.DataFrame:
+    """The rendered view of a table without rows: one line that says why."""
+    return pd.DataFrame({"": [message]}).set_index("")
+
+
+def _num(value: Any, decimals: int = 2, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-case Dice from MLflow and the paired bootstrap
+# ---------------------------------------------------------------------------------------------
+def per_case_dice(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
+    """(run_id, case, dice): each evaluate run's per-case Dice (mean over the case's classes,
+    undefined classes skipped), read from the run's ``per_case.csv`` artifact in MLflow."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id in runs["run_id"]:
+            if "per_case.csv" not in {a.path for a in client.list_artifacts(run_id)}:
+                continue  # no per-case scores: the run takes part in no paired comparison
+            path = client.download_artifacts(run_id, "per_case.csv", f"{tmp}/{run_id}")
+            table = pd.read_csv(path)
+            dice = table[[c for c in table.columns if c.startswith("dice_")]]
+            frames.append(pd.DataFrame({"run_id": run_id, "case": table["case"].astype(str),
+                                        "dice": dice.mean(axis=1, skipna=True)}))
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "case", "dice"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def paired_bootstrap(differences: np.ndarray) -> tuple[float, float, float]:
+    """Mean of per-case differences and its 95% percentile bootstrap interval (seeded)."""
+    differences = np.asarray(differences, float)
+    if differences.size == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    index = rng.integers(0, differences.size, size=(BOOTSTRAP_RESAMPLES, differences.size))
+    means = differences[index].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(differences.mean()), float(low), float(high)
+
+
+def paired_difference(runs: pd.DataFrame, cases: pd.DataFrame, a: str, b: str
+                      ) -> dict[str, Any] | None:
+    """A vs B on the runs of one cell (same dataset, backbone, fraction): see the module doc."""
+    keyed = cases.merge(runs[["run_id", "init", "seed"]], on="run_id")
+    left = keyed.loc[keyed["init"] == a]
+    right = keyed.loc[keyed["init"] == b]
+    pairs = left.merge(right, on=["seed", "case"], suffixes=("_a", "_b")).dropna(
+        subset=["dice_a", "dice_b"])
+    if pairs.empty:
+        return None
+    per_case = (pairs.assign(diff=pairs["dice_a"] - pairs["dice_b"])
+                .groupby("case", sort=True)["diff"].mean())
+    mean, low, high = paired_bootstrap(per_case.to_numpy())
+    n_cases, n_seeds = int(per_case.size), int(pairs["seed"].nunique())
+    small = n_seeds == 1 and n_cases < MIN_CASES
+    excludes = bool(low > 0 or high < 0)
+    if small:
+        note = f"{n_seeds} seed, {n_cases} cases: too few to judge"
+    else:
+        note = "95% CI excludes 0" if excludes else "95% CI includes 0"
+    run_ids = sorted(set(pairs["run_id_a"]) | set(pairs["run_id_b"]))
+    return {"diff": mean * 100, "ci_low": low * 100, "ci_high": high * 100,
+            "n_cases": n_cases, "n_seeds": n_seeds, "excludes_zero": excludes and not small,
+            "note": note, "pair_run_ids": RUN_ID_SEPARATOR.join(run_ids)}
+
+
+def _variant_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """init → (base, changes, pretrained_as) for the ablation variants among the runs."""
+    cols = {"params.variant.of": "base", "params.variant.changes": "changes",
+            "params.variant.pretrained_as": "pretrained_as"}
+    if "params.variant.of" not in runs.columns:
+        return pd.DataFrame(columns=["init", *cols.values()])
+    found = runs.loc[runs["params.variant.of"].notna(), ["init", *[c for c in cols
+                                                                   if c in runs.columns]]]
+    return found.rename(columns=cols).drop_duplicates("init")
+
+
+def comparisons(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(kind, a, b) pairs to compare: each pretrained init vs scratch, each variant vs base."""
+    inits = set(runs["init"])
+    variants = _variant_columns(runs)
+    pairs = [("pretrained vs scratch", init, "scratch") for init in order_inits(inits)
+             if init != "scratch" and "scratch" in inits and init not in set(variants["init"])]
+    pairs += [("variant vs base", row["init"], row["base"]) for _, row in variants.iterrows()
+              if row["base"] in inits]
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired differences
+# ---------------------------------------------------------------------------------------------
+def paired_table(runs: pd.DataFrame, cases: pd.DataFrame, tables_dir: Path
+                 ) -> tuple[pd.DataFrame, dict[str, Path]]:
+    rows = []
+    for (dataset, backbone, fraction), part in runs.groupby(["dataset", "backbone", "fraction"],
+                                                            sort=True):
+        for kind, a, b in comparisons(part):
+            result = paired_difference(part, cases, a, b)
+            if result is None:
+                continue
+            rows.append({"dataset": dataset, "backbone": backbone, "fraction": fraction,
+                         "kind": kind, "a": a, "b": b, "metric": "paired_dice_diff",
+                         "scale": 100.0, "mean": result["diff"], "std": math.nan,
+                         "n": result["n_cases"], "ci_low": result["ci_low"],
+                         "ci_high": result["ci_high"], "n_cases": result["n_cases"],
+                         "n_seeds": result["n_seeds"], "excludes_zero": result["excludes_zero"],
+                         "note": result["note"], "run_ids": result["pair_run_ids"],
+                         "cell": f"{dataset} / {backbone} / frac {fraction:g} / {a} - {b}"})
+    long = pd.DataFrame.from_records(rows, columns=[
+        "dataset", "backbone", "fraction", "kind", "a", "b", "metric", "scale", "mean", "std",
+        "n", "ci_low", "ci_high", "n_cases", "n_seeds", "excludes_zero", "note", "run_ids",
+        "cell"])
+
+    def view(latex: bool) -> pd.DataFrame:
+        if long.empty:
+            return _note_frame("no pretrained-vs-scratch or variant-vs-base pair in this grid")
+        fmt = escape_latex if latex else str
+        return pd.DataFrame({
+            "dataset": long["dataset"].map(fmt), "backbone": long["backbone"].map(fmt),
+            "labels": long["fraction"].map(lambda f: fmt(fraction_text(f))),
+            "comparison": [fmt(f"{a} − {b}") for a, b in zip(long["a"], long["b"])],
+            "Δ Dice (pp)": [_num(m, signed=True) + (" *" if e else "")
+                            for m, e in zip(long["mean"], long["excludes_zero"])],
+            "95% CI": [f"[{_num(lo, signed=True)}, {_num(hi, signed=True)}]"
+                       for lo, hi in zip(long["ci_low"], long["ci_high"])],
+            "cases × seeds": [f"{c} × {s}" for c, s in zip(long["n_cases"], long["n_seeds"])],
+            "note": long["note"].map(fmt),
+        }).set_index("dataset")
+
+    note = ("Paired difference of test Dice (percentage points) between two inits over the same "
+            "test cases: per case, Dice (mean over classes) under A minus under B, averaged over "
+            f"the seeds both ran; mean over cases with a 95% percentile bootstrap interval over "
+            f"cases ({BOOTSTRAP_RESAMPLES} resamples, numpy default_rng seed {BOOTSTRAP_SEED}). "
+            f"* = interval excludes 0; cells with one seed and fewer than {MIN_CASES} cases say "
+            "so and are never marked.")
+    paths = write_table(long, {"Paired differences": view(False)},
+                        {"Paired differences": view(True)}, tables_dir / "paired_differences",
+                        "Pretrained vs scratch and variant vs base: paired bootstrap", note)
+    return long, paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining cost
+# ---------------------------------------------------------------------------------------------
+def _pretrain_ident(pretrain_runs: pd.DataFrame) -> pd.DataFrame:
+    def tag(name: str) -> pd.Series:
+        column = f"tags.snakemake.wildcard.{name}"
+        return pretrain_runs[column] if column in pretrain_runs else pd.Series(
+            [""] * len(pretrain_runs), index=pretrain_runs.index)
+    kind = (pretrain_runs["tags.method.kind"] if "tags.method.kind" in pretrain_runs
+            else pd.Series([""] * len(pretrain_runs), index=pretrain_runs.index))
+    device = (pretrain_runs["tags.device"] if "tags.device" in pretrain_runs
+              else pd.Series([""] * len(pretrain_runs), index=pretrain_runs.index))
+    return pd.DataFrame({"run_id": pretrain_runs["run_id"], "backbone": tag("backbone"),
+                         "method": tag("method"), "corpus": tag("corpus"),
+                         "kind": kind.fillna(""), "device": device.fillna("")})
+
+
+def pretrain_cost_long(pretrain_runs: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per (pretraining run, cost metric), plus its median s/step ratio to the SimMIM-style
+    run on the same backbone, corpus and device."""
+    columns = ["backbone", "corpus", "method", "kind", "device", "metric", "scale", "mean", "std",
+               "n", "run_ids", "cell"]
+    if pretrain_runs is None or pretrain_runs.empty:
+        return pd.DataFrame(columns=columns)
+    ident = _pretrain_ident(pretrain_runs)
+    rows = []
+    for (_, run), (_, who) in zip(pretrain_runs.iterrows(), ident.iterrows()):
+        for metric in COST_METRICS:
+            value = run.get(f"metrics.{metric}", math.nan)
+            if value is None or pd.isna(value):
+                continue
+            rows.append({**who.drop("run_id").to_dict(), "metric": metric, "scale": 1.0,
+                         "mean": float(value), "std": math.nan, "n": 1,
+                         "run_ids": who["run_id"]})
+    long = pd.DataFrame.from_records(rows, columns=columns[:-1])
+    steps = long.loc[long["metric"] == "cost/median_step_s"]
+    baseline = steps.loc[steps["kind"] == BASELINE_KIND].set_index(
+        ["backbone", "corpus", "device"])
+    ratios = []
+    for _, row in steps.iterrows():
+        key = (row["backbone"], row["corpus"], row["device"])
+        if key not in baseline.index:
+            continue
+        base = baseline.loc[[key]].iloc[0]
+        ratios.append({**row.to_dict(), "metric": RATIO_METRIC,
+                       "mean": row["mean"] / base["mean"],
+                       "run_ids": RUN_ID_SEPARATOR.join(dict.fromkeys(
+                           [row["run_ids"], base["run_ids"]]))})
+    long = pd.concat([long, pd.DataFrame.from_records(ratios, columns=long.columns)],
+                     ignore_index=True)
+    long["cell"] = [f"{b} / {c} / {m} / {metric}" for b, c, m, metric in
+                    zip(long["backbone"], long["corpus"], long["method"], long["metric"])]
+    return long.sort_values(["backbone", "corpus", "method", "metric"], ignore_index=True)
+
+
+def pretrain_cost_table(pretrain_runs: pd.DataFrame | None, tables_dir: Path
+                        ) -> tuple[pd.DataFrame, dict[str, Path]]:
+    long = pretrain_cost_long(pretrain_runs)
+    headings = {**{k: v for k, v in COST_METRICS.items()},
+                RATIO_METRIC: ("s/step ÷ SimMIM-style", 2)}
+
+    def view(latex: bool) -> pd.DataFrame:
+        if long.empty:
+            return _note_frame("no pretraining runs in this grid")
+        fmt = escape_latex if latex else str
+        wide = long.pivot_table(index=["backbone", "corpus", "method", "device"],
+                                columns="metric", values="mean", aggfunc="first", sort=True)
+        out = pd.DataFrame(index=wide.index)
+        for metric, (heading, decimals) in headings.items():
+            values = wide[metric] if metric in wide else pd.Series(math.nan, index=wide.index)
+            out[fmt(heading)] = values.map(lambda v, d=decimals: _num(v, d))
+        out.index = out.index.set_levels([lvl.map(fmt) for lvl in out.index.levels])
+        return out
+
+    note = ("Measured inside each pretraining run (hybridmim/pretrain/cost.py): median wall time "
+            "per training step excluding each process's first step and validation passes; "
+            "crops per second at that median; total job time incl. start-up and validation; "
+            "peak memory = CUDA max allocated on a GPU, growth of the peak resident set size on "
+            "the CPU; ratio = median s/step over the SimMIM-style run's on the same backbone, "
+            "corpus and device (n/a without one). On a shared machine the times are noisy.")
+    paths = write_table(long, {"Pretraining cost": view(False)},
+                        {"Pretraining cost": view(True)}, tables_dir / "pretrain_cost",
+                        "Pretraining cost per method", note)
+    return long, paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablations
+# ---------------------------------------------------------------------------------------------
+def ablation_table(runs: pd.DataFrame, cases: pd.DataFrame, cost_long: pd.DataFrame,
+                   tables_dir: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Each variant's Dice next to its base (same dataset, backbone, fraction) with the
+    difference, its paired 95% CI, and the variant's pretraining s/step relative to the base's."""
+    variants = _variant_columns(runs)
+    summary = summarise(runs, ["test_dice_mean"], ["dataset", "backbone", "fraction", "init"])
+    steps = cost_long.loc[cost_long["metric"] == "cost/median_step_s"] if not cost_long.empty \
+        else cost_long
+    corpus_of = _corpus_by_run(runs)
+    rows = []
+    for _, variant in variants.iterrows():
+        mine = summary.loc[summary["init"] == variant["init"]]
+        for _, cell in mine.iterrows():
+            same = ((summary["dataset"] == cell["dataset"]) & (summary["backbone"] == cell["backbone"])
+                    & (summary["fraction"] == cell["fraction"]))
+            base = summary.loc[same & (summary["init"] == variant["base"])]
+            if base.empty:
+                continue
+            base = base.iloc[0]
+            part = runs.loc[(runs["dataset"] == cell["dataset"])
+                            & (runs["backbone"] == cell["backbone"])
+                            & (runs["fraction"] == cell["fraction"])]
+            paired = paired_difference(part, cases, variant["init"], variant["base"]) or {}
+            corpus = corpus_of.get((cell["dataset"], variant["init"]))
+            ratio, cost_ids = math.nan, ""
+            if corpus is not None and not steps.empty:
+                pick = steps.loc[(steps["backbone"] == cell["backbone"])
+                                 & (steps["corpus"] == corpus)]
+                mine_cost = pick.loc[pick["method"] == variant.get("pretrained_as", variant["init"])]
+                base_cost = pick.loc[pick["method"] == variant["base"]]
+                if len(mine_cost) and len(base_cost):
+                    ratio = float(mine_cost["mean"].iloc[0] / base_cost["mean"].iloc[0])
+                    cost_ids = RUN_ID_SEPARATOR.join(dict.fromkeys(
+                        [mine_cost["run_ids"].iloc[0], base_cost["run_ids"].iloc[0]]))
+            rows.append({
+                "dataset": cell["dataset"], "backbone": cell["backbone"],
+                "fraction": cell["fraction"], "init": variant["init"], "base": variant["base"],
+                "changes": variant["changes"], "metric": "test_dice_mean", "scale": 100.0,
+                "mean": cell["mean"], "std": cell["std"], "n": cell["n"],
+                "base_mean": base["mean"], "base_std": base["std"], "base_n": base["n"],
+                "diff": cell["mean"] - base["mean"],
+                "ci_low": paired.get("ci_low", math.nan),
+                "ci_high": paired.get("ci_high", math.nan),
+                "ci_note": paired.get("note", "no paired cases"),
+                "cost_ratio": ratio, "cost_run_ids": cost_ids,
+                "run_ids": cell["run_ids"], "base_run_ids": base["run_ids"],
+                "cell": f"{cell['dataset']} / {cell['backbone']} / frac {cell['fraction']:g} / "
+                        f"{variant['init']}"})
+    long = pd.DataFrame.from_records(rows, columns=[
+        "dataset", "backbone", "fraction", "init", "base", "changes", "metric", "scale", "mean",
+        "std", "n", "base_mean", "base_std", "base_n", "diff", "ci_low", "ci_high", "ci_note",
+        "cost_ratio", "cost_run_ids", "run_ids", "base_run_ids", "cell"])
+
+    views, latex_views = {}, {}
+    for (dataset, backbone), part in long.groupby(["dataset", "backbone"], sort=True):
+        for latex, target in ((False, views), (True, latex_views)):
+            fmt = escape_latex if latex else str
+            target[f"{dataset} / {backbone}"] = pd.DataFrame({
+                "variant": part["init"].map(fmt), "changes": part["changes"].map(fmt),
+                "labels": part["fraction"].map(lambda f: fmt(fraction_text(f))),
+                "Dice (%)": [format_cell(m, s, n, latex) for m, s, n in
+                             zip(part["mean"], part["std"], part["n"])],
+                "base Dice (%)": [fmt(b) + ": " + format_cell(m, s, n, latex) for b, m, s, n in
+                                  zip(part["base"], part["base_mean"], part["base_std"],
+                                      part["base_n"])],
+                "Δ (pp)": part["diff"].map(lambda v: _num(v, signed=True)),
+                "paired 95% CI": [f"[{_num(lo, signed=True)}, {_num(hi, signed=True)}]"
+                                  for lo, hi in zip(part["ci_low"], part["ci_high"])],
+                "pretrain s/step ÷ base": part["cost_ratio"].map(lambda v: _num(v, 2)),
+                "note": part["ci_note"].map(fmt),
+            }).set_index("variant")
+    if long.empty:
+        views = latex_views = {"Ablations": _note_frame("no ablation variants in this grid")}
+    note = ("Each ablation variant of a base method (pretraining.variants) next to its base on "
+            "the same dataset, backbone and label fraction: test Dice mean ± std over seeds, "
+            "difference in percentage points, paired 95% bootstrap CI over test cases (see "
+            "paired_differences), and the variant's median pretraining s/step relative to the "
+            "base's (1.00 when the variant reused the base's pretraining).")
+    paths = write_table(long, views, latex_views, tables_dir / "ablations",
+                        "Ablations of HybridMIM", note)
+    return long, paths
+
+
+def _corpus_by_run(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(dataset, init) → the pretraining corpus of a variant's runs (their ``variant.corpus``)."""
+    out: dict[tuple[str, str], str] = {}
+    if "params.variant.corpus" not in runs.columns:
+        return out
+    for _, run in runs.iterrows():
+        corpus = run.get("params.variant.corpus")
+        if isinstance(corpus, str) and corpus:
+            out[(run["dataset"], run["init"])] = corpus
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Label efficiency
+# ---------------------------------------------------------------------------------------------
+def label_efficiency_table(runs: pd.DataFrame, tables_dir: Path
+                           ) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Test Dice per label fraction and init, for each dataset × backbone run at ≥ 2 fractions."""
+    counts = runs.groupby(["dataset", "backbone"])["fraction"].nunique()
+    keep = [key for key, n in counts.items() if n >= 2]
+    part = runs.loc[[(d, b) in keep for d, b in zip(runs["dataset"], runs["backbone"])]]
+    # Only inits run at ≥ 2 fractions make a curve (an ablation at one fraction is no line).
+    curves = part.groupby(["dataset", "backbone", "init"])["fraction"].transform("nunique")
+    part = part.loc[curves >= 2]
+    long = summarise(part, ["test_dice_mean"], ["dataset", "backbone", "fraction", "init"]) \
+        if not part.empty else pd.DataFrame(columns=["dataset", "backbone", "fraction", "init",
+                                                     "metric", "unit", "scale", "mean", "std",
+                                                     "n", "seeds", "run_ids", "cell"])
+    if long.empty:
+        views = latex_views = {"Label efficiency": _note_frame(
+            "no dataset was fine-tuned at two or more label fractions")}
+    else:
+        inits = order_inits(long["init"])
+        index = ["dataset", "backbone", "fraction"]
+        views = {"Test Dice (%) by label fraction": wide_view(long, index, "init",
+                                                               column_order=inits)}
+        latex_views = {"Test Dice (%) by label fraction": wide_view(
+            long, index, "init", latex=True, column_order=[escape_latex(i) for i in inits])}
+    note = ("Test Dice (%) against the fraction of training labels, mean ± sample std over "
+            "seeds (n = seeds), for each dataset and backbone fine-tuned at two or more "
+            "fractions; columns are the encoder initialisations.")
+    paths = write_table(long, views, latex_views, tables_dir / "label_efficiency",
+                        "Label efficiency", note)
+    return long, paths
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(text))
+
+
+__all__ = ["ablation_table", "label_efficiency_table", "paired_table", "per_case_dice",
+           "pretrain_cost_table", "pretrain_cost_long", "paired_bootstrap"]

@@ -1,0 +1,158 @@
+"""Ablation variants: declared overrides of a base pretraining method, named by what they change.
+
+``pretraining.variants`` maps a base method to a list of overrides; each override becomes a
+method of its own whose name is the base's name followed by what it changes
+(``hybridmim-no_cl``, ``hybridmim-mask0.6``, ``hybridmim-patch8``). The name is generated, never
+typed twice, so it cannot disagree with what the variant does. A variant never copies its base: it
+is resolved as base ⊕ overrides each time the config is read, so a change of the base reaches
+every variant. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+# The keys a variant may override (those of a method block, except its kind) and geometry.
+METHOD_KEYS = ("box", "masking", "mask_ratio", "region_grouping", "loss_weights", "temperature",
+               "proj_dim", "gather_negatives")
+LOSS_TERMS = ("pr", "num", "loc", "con", "cl")
+GEOMETRY_KEYS = ("crop", "region", "patch")
+
+
+class VariantError(ValueError):
+    """A variant override is unknown or impossible; the message names the key."""
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def change_parts(overrides: dict[str, Any]) -> list[str]:
+    """The readable parts of a variant's name, one per changed key, in a fixed order."""
+    parts: list[str] = []
+    weights = overrides.get("loss_weights") or {}
+    auxiliary = [t for t in LOSS_TERMS if t != "pr"]
+    if all(t in weights and float(weights[t]) == 0.0 for t in auxiliary):
+        parts.append("pr_only")  # the pixel-reconstruction-only ablation
+        weights = {t: v for t, v in weights.items() if t == "pr"}
+    for term in LOSS_TERMS:
+        if term in weights:
+            parts.append(f"no_{term}" if float(weights[term]) == 0.0
+                         else f"{term}{_number(weights[term])}")
+    if "box" in overrides:
+        parts.append(f"box_{overrides['box']}")
+    if "masking" in overrides:
+        parts.append(f"{overrides['masking']}_masking")
+    if "mask_ratio" in overrides:
+        parts.append(f"mask{_number(overrides['mask_ratio'])}")
+    if "region_grouping" in overrides:
+        parts.append(f"{overrides['region_grouping']}_grouping")
+    if "temperature" in overrides:
+        parts.append(f"temp{_number(overrides['temperature'])}")
+    if "proj_dim" in overrides:
+        parts.append(f"proj{overrides['proj_dim']}")
+    if "gather_negatives" in overrides:
+        parts.append("gathered_negatives" if overrides["gather_negatives"] else "local_negatives")
+    for key in GEOMETRY_KEYS:
+        if key in (overrides.get("geometry") or {}):
+            parts.append(f"{key}{overrides['geometry'][key]}")
+    return parts
+
+
+def variant_name(base: str, overrides: dict[str, Any]) -> str:
+    return "-".join([base, *change_parts(overrides)])
+
+
+def _check_keys(overrides: Any, where: str) -> None:
+    if not isinstance(overrides, dict) or not overrides:
+        raise VariantError(f"{where} must be a non-empty mapping of method keys to override "
+                           f"(e.g. {{mask_ratio: 0.6}}), got {overrides!r}")
+    for key, value in overrides.items():
+        if key == "loss_weights":
+            if not isinstance(value, dict) or not value:
+                raise VariantError(f"{where}.loss_weights must map loss terms {list(LOSS_TERMS)} "
+                                   f"to weights, got {value!r}")
+            unknown = sorted(set(value) - set(LOSS_TERMS))
+            if unknown:
+                raise VariantError(f"{where}.loss_weights.{unknown[0]} is not a loss term; "
+                                   f"use one of {list(LOSS_TERMS)}")
+        elif key == "geometry":
+            if not isinstance(value, dict) or not value:
+                raise VariantError(f"{where}.geometry must map some of {list(GEOMETRY_KEYS)} to "
+                                   f"sizes in voxels, got {value!r}")
+            unknown = sorted(set(value) - set(GEOMETRY_KEYS))
+            if unknown:
+                raise VariantError(f"{where}.geometry.{unknown[0]} is not a geometry key; "
+                                   f"use one of {list(GEOMETRY_KEYS)}")
+        elif key not in METHOD_KEYS:
+            raise VariantError(f"{where}.{key} cannot be overridden by a variant; a variant "
+                               f"changes one of {list(METHOD_KEYS) + ['geometry']}")
+
+
+def check_geometry(geometry: dict[str, Any], where: str) -> None:
+    """The masking geometry's own constraints, named by the config key that set them."""
+    for key in GEOMETRY_KEYS:
+        value = geometry.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise VariantError(f"{where}.{key} must be a positive integer, got {value!r}")
+    if geometry["crop"] % geometry["region"]:
+        raise VariantError(f"{where}: crop ({geometry['crop']}) must be a multiple of region "
+                           f"({geometry['region']}); change {where}.crop or {where}.region")
+    if geometry["region"] % geometry["patch"]:
+        raise VariantError(f"{where}: region ({geometry['region']}) must be a multiple of patch "
+                           f"({geometry['patch']}); change {where}.region or {where}.patch")
+    if geometry["crop"] // geometry["region"] < 2:
+        raise VariantError(f"{where}: crop ({geometry['crop']}) holds a single region "
+                           f"({geometry['region']}); the partial box and the location task need "
+                           f"at least 2 regions per axis — lower {where}.region")
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_variants(pretraining: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{variant name: {"of", "changes", "overrides", "method", "geometry"}} in declaration order.
+
+    ``method`` is the base's block with the overrides applied (geometry excluded), ``geometry``
+    the experiment geometry with the variant's geometry overrides applied. Every error names the
+    key under ``pretraining.variants``.
+    """
+    methods = pretraining.get("methods") or {}
+    default_geometry = pretraining.get("geometry") or {}
+    resolved: dict[str, dict[str, Any]] = {}
+    for base, entries in (pretraining.get("variants") or {}).items():
+        where_base = f"pretraining.variants.{base}"
+        if base not in methods:
+            raise VariantError(f"{where_base}: {base!r} is not under pretraining.methods "
+                               f"({sorted(methods)}); a variant overrides a declared method")
+        if (methods[base].get("kind") or "hybridmim") != "hybridmim":
+            raise VariantError(f"{where_base}: only HybridMIM methods have ablations; {base!r} "
+                               f"is of kind {methods[base].get('kind')!r}")
+        if not isinstance(entries, list) or not entries:
+            raise VariantError(f"{where_base} must be a list of overrides, e.g. "
+                               f"[{{loss_weights: {{cl: 0}}}}, {{mask_ratio: 0.6}}]")
+        for i, overrides in enumerate(entries):
+            where = f"{where_base}[{i}]"
+            _check_keys(overrides, where)
+            name = variant_name(base, overrides)
+            if name in methods:
+                raise VariantError(f"{where} is named {name!r}, which is also a method under "
+                                   f"pretraining.methods; remove one of them")
+            if name in resolved:
+                raise VariantError(f"{where} repeats the variant {name!r}; remove the duplicate")
+            geometry = {**default_geometry, **(overrides.get("geometry") or {})}
+            check_geometry(geometry, f"{where}.geometry" if "geometry" in overrides
+                           else "pretraining.geometry")
+            method = _merge(methods[base], {k: v for k, v in overrides.items()
+                                            if k != "geometry"})
+            resolved[name] = {"of": base, "changes": "-".join(change_parts(overrides)),
+                              "overrides": copy.deepcopy(overrides), "method": method,
+                              "geometry": geometry}
+    return resolved
