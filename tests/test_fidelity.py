@@ -203,3 +203,69 @@ def test_swin_slice_first_needs_two_box_tokens_per_axis():
         build_pretrain_model(SWIN, {"crop": 64, "region": 32, "patch": 16}, {"proj_dim": 8})
     build_pretrain_model(SWIN, {"crop": 64, "region": 32, "patch": 16},
                          {"proj_dim": 8, "swin_bottleneck_slice": "after_encoder10"})
+
+
+# --- The contrastive batch: whose crops are each other's negatives ------------------------------
+
+class _TaggedVolumes(torch.utils.data.Dataset):
+    """Volume i yields K crops filled with the value i (the shape of PretrainCropDataset items)."""
+
+    def __init__(self, n: int, crops: int):
+        self.n, self.crops = n, crops
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.full((self.crops, 1, 2, 2, 2), float(i)),
+                "valid": torch.ones(self.crops, 1, 2, 2, 2, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("volumes, crops, distinct", [(2, 2, 2), (1, 2, 1)])
+def test_contrastive_batch_volumes_per_step_times_crops(volumes, crops, distinct):
+    """Default: 2 volumes x 2 crops per step, negatives from both volumes; the authors' runs
+    (volumes_per_step 1, crops_per_volume 2, one process per GPU) contrast 2 crops of ONE volume."""
+    from hybridmim.pretrain.feed import StepFeed
+    from hybridmim.runtime import DistInfo
+
+    feed = StepFeed(_TaggedVolumes(6, crops), volumes, DistInfo(), seed=0,
+                    device=torch.device("cpu"))
+    images, _ = feed.next_batch()
+    assert images.shape[0] == volumes * crops  # the rows NT-Xent contrasts on this process
+    assert len(images.flatten(1)[:, 0].unique()) == distinct
+
+
+def test_contrastive_batch_default_in_the_configs():
+    from hybridmim import config as hcfg
+
+    from conftest import ROOT
+
+    for name in ("config.yaml", "paper.yaml"):
+        cfg = hcfg.load_config(ROOT / "config" / name)
+        data = hcfg.pretrain_spec(cfg, "unet", "hybridmim", "ct")["data"]
+        assert (data["volumes_per_step"], data["crops_per_volume"]) == (2, 2)
+        assert cfg["pretraining"]["methods"]["hybridmim"].get("gather_negatives", False) is False
+
+
+# --- Architecture: stock MONAI DynUNet, not the authors' max-pooling UNet -----------------------
+
+def test_unet_backbone_is_a_strided_dynunet_with_the_documented_parameter_count():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("param_counts",
+                                                  ROOT / "benchmarks" / "param_counts.py")
+    counts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(counts)
+    with torch.device("meta"):  # shapes only: full paper widths without the arithmetic
+        ours, authors = counts.ours(), counts.authors_topology()
+    assert isinstance(ours, DynUNet)
+    assert not any(isinstance(m, nn.MaxPool3d) for m in ours.modules())
+    assert ours.strides == [1, 2, 2, 2, 1]
+    # The last decoder level up-samples to 64 channels (authors: half of 64 = 32).
+    assert ours.upsamples[-1].transp_conv.conv.out_channels == 64
+    assert authors.ups[-1].upsample.deconv.out_channels == 32
+    text = (ROOT / "docs" / "method.md").read_text()
+    for n in (counts.count(ours), counts.count(authors)):
+        assert f"{n:,}" in text, f"docs/method.md does not state the parameter count {n:,}"
