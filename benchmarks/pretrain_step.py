@@ -67,12 +67,16 @@ def _build_stepper(config: dict, method_name: str):
     torch.manual_seed(0)
     device = torch.device(config["device"])
     precision = runtime.resolve_precision(config["precision"], device)
-    method = resolve_method({**METHODS[method_name], "proj_dim": config["proj_dim"]})
+    method = {**METHODS[method_name], "proj_dim": config["proj_dim"]}
+    geo = config["geometry"]
+    if geo["crop"] - geo["region"] < 64:  # the CPU crop: one Swin box token per axis
+        method["swin_bottleneck_slice"] = "after_encoder10"
+    method = resolve_method(method)
     model = build_pretrain_model(config["backbone"], config["geometry"], method).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
     return PretrainStep(
         model=model, forward_model=model,
-        loss_fn=HybridMIMLoss(method["loss_weights"], method["temperature"]),
+        loss_fn=HybridMIMLoss.from_method(method),
         optimizer=optimizer, scheduler=warmup_cosine_scheduler(optimizer, 0, 10_000),
         scaler=runtime.make_grad_scaler(device, precision),
         geometry=MaskGeometry.coerce(config["geometry"]), method=method, device=device,

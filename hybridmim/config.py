@@ -284,7 +284,7 @@ def pretrain_spec(config: dict, backbone: str, method: str, corpus: str, rule: s
         meth["box"] = "full"
         meth["loss_weights"] = {"pr": 1.0, "num": 0.0, "loc": 0.0, "con": 0.0, "cl": 0.0}
     optim = {**pre["optim"], **(config["backbones"][backbone].get("pretrain_optim") or {})}
-    optim.setdefault("grad_clip", 1.0)
+    optim.setdefault("grad_clip", 0.0)  # the authors' pretraining does not clip
     datasets = []
     for name in pre["corpora"][corpus]["datasets"]:
         ds = dataset_spec(config, name)

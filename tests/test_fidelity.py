@@ -92,3 +92,180 @@ def test_pretrain_spec_refuses_unetr_without_dropout():
         check_contrastive_views(unetr, {"kind": "hybridmim"})
     check_contrastive_views({**unetr, "dropout_rate": 0.1}, {"kind": "hybridmim"})
     check_contrastive_views(unetr, {"kind": "simmim"})  # SimMIM has no contrastive term
+
+
+# --- L_Con: the authors' ½·(CE + gradient-free MSE) vs CE ---------------------------------------
+
+def test_consistency_default_is_the_authors_half_cross_entropy():
+    from hybridmim.pretrain.losses import HybridMIMLoss, consistency_loss
+
+    gen = torch.Generator().manual_seed(0)
+    count_logits = torch.randn(2, 8, 9, generator=gen, requires_grad=True)
+    loc_logits = torch.randn(2, 8, 8, generator=gen)
+    implied = (loc_logits > 0).sum(-1)
+    ce = nn.functional.cross_entropy(count_logits.reshape(-1, 9), implied.reshape(-1))
+    mse = ((implied.float() - count_logits.argmax(-1).float()) ** 2).mean()
+
+    authors = consistency_loss(count_logits, loc_logits)      # the default
+    torch.testing.assert_close(authors, (ce + mse) / 2)
+    grad_authors, = torch.autograd.grad(authors, count_logits)
+    full = consistency_loss(count_logits, loc_logits, "cross_entropy")
+    torch.testing.assert_close(full, ce)
+    grad_full, = torch.autograd.grad(full, count_logits)
+    torch.testing.assert_close(grad_authors, grad_full / 2)  # the factor 2 in effective weight
+    assert HybridMIMLoss().consistency == "authors"
+
+
+# --- L_PR: one mean over the batch's scored voxels vs per-sample means --------------------------
+
+def test_pr_normalisation_default_is_one_mean_over_the_batch():
+    from hybridmim.pretrain.losses import HybridMIMLoss, partial_region_loss
+
+    box = (slice(0, 4),) * 3
+    target = torch.full((2, 1, 4, 4, 4), 0.5)
+    recon = torch.zeros(2, 1, 4, 4, 4)
+    recon[0] = 10.0                                 # sample 0 is wrong: error (sigmoid(10)-0.5)^2
+    mask = torch.zeros(2, 1, 4, 4, 4, dtype=torch.bool)
+    mask[0, :, :1, :1, :1] = True                   # 1 scored voxel in sample 0
+    mask[1, :, :2, :2, :2] = True                   # 8 scored voxels in sample 1 (error 0)
+    err = (torch.sigmoid(torch.tensor(10.0)) - 0.5) ** 2
+    torch.testing.assert_close(partial_region_loss(recon, target, box, mask), err / 9)
+    torch.testing.assert_close(partial_region_loss(recon, target, box, mask, None, "sample"),
+                               err / 2)
+    assert HybridMIMLoss().pr_normalisation == "batch"
+
+
+# --- Gradient clipping: off in pretraining (authors), a flag turns it on ------------------------
+
+def test_pretraining_does_not_clip_by_default_and_the_flag_clips():
+    from hybridmim import config as hcfg
+    from hybridmim.pretrain.step import PretrainStep  # noqa: F401  (the loop that reads it)
+
+    from conftest import ROOT
+
+    for name in ("config.yaml", "paper.yaml"):
+        cfg = hcfg.load_config(ROOT / "config" / name)
+        for bb in cfg["pretraining"]["backbones"]:
+            assert hcfg.pretrain_spec(cfg, bb, "hybridmim", "ct")["optim"]["grad_clip"] == 0.0
+        # Fine-tuning keeps its clipping (MONAI's recipes clip; not part of this row).
+        assert cfg["finetuning"]["optim"]["grad_clip"] == 1.0
+    # A per-backbone pretrain_optim block no longer re-fills grad_clip with a default that would
+    # override pretraining.optim.grad_clip.
+    cfg = hcfg.load_config(ROOT / "config" / "config.yaml")
+    cfg["pretraining"]["optim"]["grad_clip"] = 1.0
+    assert hcfg.pretrain_spec(cfg, "unet", "hybridmim", "ct")["optim"]["grad_clip"] == 1.0
+
+
+def test_grad_clip_flag_bounds_the_update():
+    from hybridmim.pretrain.step import clip_gradients
+
+    model = nn.Linear(4, 1)
+    model(torch.full((1, 4), 100.0)).sum().backward()
+    before = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert clip_gradients(model, 0.0) is None                       # default: untouched
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == before
+    norm = clip_gradients(model, 1.0)
+    assert norm == before
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in model.parameters()]).norm(),
+                               torch.tensor(1.0))
+
+
+# --- SwinUNETR partial decoding: slice the bottleneck before encoder10 (authors) or after -------
+
+SWIN = {"name": "swinunetr", "in_channels": 1, "feature_size": 12, "drop_rate": 0.1,
+        "num_heads": [1, 2, 2, 4], "window_size": 4}
+
+
+@pytest.mark.parametrize("where, outside_matters", [("before_encoder10", False),
+                                                    ("after_encoder10", True)])
+def test_swin_bottleneck_slice(where, outside_matters):
+    from hybridmim.models import build_pretrain_model
+    from hybridmim.models.partial_decoding import box_slice
+
+    torch.manual_seed(0)
+    method = {"proj_dim": 8} if where == "before_encoder10" else {
+        "proj_dim": 8, "swin_bottleneck_slice": where}
+    model = build_pretrain_model(SWIN, {"crop": 96, "region": 32, "patch": 16}, method).eval()
+    with torch.no_grad():
+        feats = model.encode(torch.rand(1, 1, 96, 96, 96))
+        reference = model.decode(feats)
+        inside = box_slice(feats.tokens, model.box_start, feats.token_stride)
+        feats.tokens.add_(3.0)
+        inside.sub_(3.0)                       # only the bottleneck outside the box changed
+        changed = not torch.allclose(model.decode(feats), reference, atol=1e-5)
+    assert changed == outside_matters
+
+
+def test_swin_slice_first_needs_two_box_tokens_per_axis():
+    from hybridmim.models import build_pretrain_model
+
+    with pytest.raises(ValueError, match="swin_bottleneck_slice 'after_encoder10'"):
+        build_pretrain_model(SWIN, {"crop": 64, "region": 32, "patch": 16}, {"proj_dim": 8})
+    build_pretrain_model(SWIN, {"crop": 64, "region": 32, "patch": 16},
+                         {"proj_dim": 8, "swin_bottleneck_slice": "after_encoder10"})
+
+
+# --- The contrastive batch: whose crops are each other's negatives ------------------------------
+
+class _TaggedVolumes(torch.utils.data.Dataset):
+    """Volume i yields K crops filled with the value i (the shape of PretrainCropDataset items)."""
+
+    def __init__(self, n: int, crops: int):
+        self.n, self.crops = n, crops
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.full((self.crops, 1, 2, 2, 2), float(i)),
+                "valid": torch.ones(self.crops, 1, 2, 2, 2, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("volumes, crops, distinct", [(2, 2, 2), (1, 2, 1)])
+def test_contrastive_batch_volumes_per_step_times_crops(volumes, crops, distinct):
+    """Default: 2 volumes x 2 crops per step, negatives from both volumes; the authors' runs
+    (volumes_per_step 1, crops_per_volume 2, one process per GPU) contrast 2 crops of ONE volume."""
+    from hybridmim.pretrain.feed import StepFeed
+    from hybridmim.runtime import DistInfo
+
+    feed = StepFeed(_TaggedVolumes(6, crops), volumes, DistInfo(), seed=0,
+                    device=torch.device("cpu"))
+    images, _ = feed.next_batch()
+    assert images.shape[0] == volumes * crops  # the rows NT-Xent contrasts on this process
+    assert len(images.flatten(1)[:, 0].unique()) == distinct
+
+
+def test_contrastive_batch_default_in_the_configs():
+    from hybridmim import config as hcfg
+
+    from conftest import ROOT
+
+    for name in ("config.yaml", "paper.yaml"):
+        cfg = hcfg.load_config(ROOT / "config" / name)
+        data = hcfg.pretrain_spec(cfg, "unet", "hybridmim", "ct")["data"]
+        assert (data["volumes_per_step"], data["crops_per_volume"]) == (2, 2)
+        assert cfg["pretraining"]["methods"]["hybridmim"].get("gather_negatives", False) is False
+
+
+# --- Architecture: stock MONAI DynUNet, not the authors' max-pooling UNet -----------------------
+
+def test_unet_backbone_is_a_strided_dynunet_with_the_documented_parameter_count():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("param_counts",
+                                                  ROOT / "benchmarks" / "param_counts.py")
+    counts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(counts)
+    with torch.device("meta"):  # shapes only: full paper widths without the arithmetic
+        ours, authors = counts.ours(), counts.authors_topology()
+    assert isinstance(ours, DynUNet)
+    assert not any(isinstance(m, nn.MaxPool3d) for m in ours.modules())
+    assert ours.strides == [1, 2, 2, 2, 1]
+    # The last decoder level up-samples to 64 channels (authors: half of 64 = 32).
+    assert ours.upsamples[-1].transp_conv.conv.out_channels == 64
+    assert authors.ups[-1].upsample.deconv.out_channels == 32
+    text = (ROOT / "docs" / "method.md").read_text()
+    for n in (counts.count(ours), counts.count(authors)):
+        assert f"{n:,}" in text, f"docs/method.md does not state the parameter count {n:,}"

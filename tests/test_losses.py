@@ -46,27 +46,29 @@ def test_partial_region_loss_ignores_unmasked_voxels_padding_and_outside_box():
     valid = torch.ones_like(voxel_mask)
     valid[..., 28:] = False  # padding at the far end of the last axis
     recon = torch.randn(3, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
-    base = partial_region_loss(recon, target, BOX, voxel_mask, valid)
+    base = partial_region_loss(recon, target, BOX, voxel_mask, valid, "sample")
 
     changed = target.clone()
     changed[~voxel_mask.expand_as(target)] = 0.5      # unmasked voxels
     changed[~valid.expand_as(target)] = 0.9           # padding, masked or not
     changed[:, :, :16] = 0.1                          # outside the box
-    assert torch.allclose(partial_region_loss(recon, changed, BOX, voxel_mask, valid), base)
+    assert torch.allclose(partial_region_loss(recon, changed, BOX, voxel_mask, valid, "sample"),
+                          base)
 
     recon_changed = recon.clone()
     box_mask = (voxel_mask & valid)[(..., *BOX)]
     recon_changed[~box_mask] = 7.0                    # predictions where nothing is scored
-    assert torch.allclose(partial_region_loss(recon_changed, target, BOX, voxel_mask, valid), base)
+    assert torch.allclose(partial_region_loss(recon_changed, target, BOX, voxel_mask, valid,
+                                              "sample"), base)
 
     # ...whereas a masked, real voxel in the box does count.
     idx = box_mask.nonzero()[0].tolist()
     recon_changed[tuple(idx)] += 5.0
-    assert not torch.allclose(partial_region_loss(recon_changed, target, BOX, voxel_mask, valid),
-                              base)
+    assert not torch.allclose(partial_region_loss(recon_changed, target, BOX, voxel_mask, valid,
+                                                  "sample"), base)
 
-    # The value is the mean squared error over exactly the scored voxels, per sample, then
-    # averaged over the samples (before the DDP-equivalence change: one mean over all of them).
+    # With "sample" normalisation the value is the mean squared error over exactly the scored
+    # voxels, per sample, then averaged over the samples (tests/test_fidelity.py: "batch").
     expected = _per_sample_mean((torch.sigmoid(recon) - target[(..., *BOX)]) ** 2, box_mask)
     assert torch.allclose(base, expected)
 
@@ -75,7 +77,7 @@ def test_partial_region_loss_uses_the_mask_not_zero_intensity():
     target, _, voxel_mask = _batch()
     target[~voxel_mask.expand_as(target)] = 0.0       # real zeros that are NOT masked
     recon = torch.zeros(3, 1, 16, 16, 16)
-    full = partial_region_loss(recon, target, BOX, voxel_mask)
+    full = partial_region_loss(recon, target, BOX, voxel_mask, normalisation="sample")
     sel = voxel_mask[(..., *BOX)]
     assert torch.allclose(full, _per_sample_mean((0.5 - target[(..., *BOX)]) ** 2, sel))
 
@@ -95,7 +97,7 @@ def test_full_box_and_multichannel_targets():
     target, _, voxel_mask = _batch(c=2)
     full = (slice(0, 32),) * 3
     recon = torch.zeros(3, 2, 32, 32, 32)
-    loss = partial_region_loss(recon, target, full, voxel_mask)
+    loss = partial_region_loss(recon, target, full, voxel_mask, normalisation="sample")
     sel = voxel_mask.expand_as(target)
     assert torch.allclose(loss, _per_sample_mean((0.5 - target) ** 2, sel))
 
@@ -124,7 +126,7 @@ def test_contrastive_matches_monai_nt_xent_with_detached_second_view():
 def test_consistency_has_no_gradient_through_its_target():
     count_logits = torch.randn(2, 8, 9, requires_grad=True)
     loc_logits = torch.randn(2, 8, 8, requires_grad=True)
-    loss = consistency_loss(count_logits, loc_logits)
+    loss = consistency_loss(count_logits, loc_logits, "cross_entropy")
     loss.backward()
     assert count_logits.grad.abs().sum() > 0
     assert loc_logits.grad is None

@@ -30,7 +30,10 @@ def _seed():
 
 def model_for(name: str, crop: int = 64, box: str = "partial", **geometry):
     geo = {"crop": crop, "region": 32, "patch": 16, **geometry}
-    return build_pretrain_model(TINY[name], geo, {"box": box, "proj_dim": 16})
+    # SwinUNETR at crop 64 has one box token per axis: encoder10 must run before the slicing
+    # (tests/test_fidelity.py covers the authors' slice-first default at crop 96).
+    return build_pretrain_model(TINY[name], geo, {"box": box, "proj_dim": 16,
+                                                  "swin_bottleneck_slice": "after_encoder10"})
 
 
 def meta_model(name: str, crop: int = 64, box: str = "partial"):
@@ -200,7 +203,8 @@ def test_wrong_input_shape_is_a_clear_error():
 def publish_pretrained(tmp_path, name: str, in_channels: int = 1):
     backbone = {**TINY[name], "in_channels": in_channels}
     model = build_pretrain_model(backbone, {"crop": 64, "region": 32, "patch": 16},
-                                 {"box": "partial", "proj_dim": 16})
+                                 {"box": "partial", "proj_dim": 16,
+                                  "swin_bottleneck_slice": "after_encoder10"})
     path = tmp_path / f"{name}.pt"
     publish_model(path, model.network_class, model.network_kwargs, model.network.state_dict(),
                   meta={"stage": "pretrain"}, heads=model.heads_record())

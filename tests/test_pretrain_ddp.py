@@ -119,7 +119,10 @@ def _spec(root, data_dir, out, volumes_per_step, seed=0):
         "method": {"name": "hybridmim", "kind": "hybridmim", "box": "partial",
                    "masking": "uniform", "mask_ratio": 0.4, "region_grouping": "spatial",
                    "loss_weights": {"pr": 1.0, "num": 0.1, "loc": 0.1, "con": 0.01, "cl": 0.1},
-                   "temperature": 0.5, "proj_dim": 16, "gather_negatives": True},
+                   "temperature": 0.5, "proj_dim": 16, "gather_negatives": True,
+                   # Per-sample L_PR means: the rank average then equals the global-batch loss
+                   # (the authors' one-mean-per-batch default does not split across ranks).
+                   "pr_normalisation": "sample"},
         "data": {"datasets": [{"name": "small_ct", "processed_dir": str(data_dir),
                                "modality": "CT", "window": dict(CT_PRETRAIN_WINDOW)}],
                  "crops_per_volume": 2, "volumes_per_step": volumes_per_step, "val_volumes": 0,

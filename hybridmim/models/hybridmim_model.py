@@ -20,6 +20,7 @@ outputs multiplied by 0 to the loss.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -34,7 +35,8 @@ from hybridmim.models.partial_decoding import EncoderFeatures, adapter_for
 BOX_MODES = ("partial", "full")
 
 
-def check_geometry(backbone: dict[str, Any], geometry: dict[str, Any], box: str) -> None:
+def check_geometry(backbone: dict[str, Any], geometry: dict[str, Any], box: str,
+                   swin_bottleneck_slice: str = "before_encoder10") -> None:
     """Validate crop/region/patch against each other, the encoder stride and the box mode."""
     for key in ("crop", "region", "patch"):
         value = geometry.get(key)
@@ -56,14 +58,22 @@ def check_geometry(backbone: dict[str, Any], geometry: dict[str, Any], box: str)
     if box == "partial" and crop // region < 2:
         raise ValueError(f"method.box 'partial' needs at least 2 regions per axis (the box starts "
                          f"at region 1); crop {crop} / region {region} = {crop // region}")
+    if (backbone["name"] == "swinunetr" and box == "partial"
+            and swin_bottleneck_slice == "before_encoder10" and (crop - region) // stride < 2):
+        # encoder10's InstanceNorm refuses a single voxel in training.
+        raise ValueError(f"geometry: with method.swin_bottleneck_slice 'before_encoder10' the "
+                         f"partial box must hold at least 2 bottleneck tokens per axis; crop "
+                         f"{crop} - region {region} = {crop - region} < 2 x {stride}. Use a crop "
+                         f"of at least {region + 2 * stride} or swin_bottleneck_slice "
+                         f"'after_encoder10'")
 
 
 class HybridMIMModel(nn.Module):
     def __init__(self, backbone: dict[str, Any], geometry: dict[str, Any], box: str = "partial",
-                 proj_dim: int = 384) -> None:
+                 proj_dim: int = 384, swin_bottleneck_slice: str = "before_encoder10") -> None:
         super().__init__()
         spec = resolve_backbone(backbone)
-        check_geometry(spec, geometry, box)
+        check_geometry(spec, geometry, box, swin_bottleneck_slice)
         self.backbone = spec
         self.crop, self.region, self.patch = (geometry["crop"], geometry["region"],
                                               geometry["patch"])
@@ -72,6 +82,8 @@ class HybridMIMModel(nn.Module):
         self.network, self.network_class, self.network_kwargs = build_segmentation_network(
             spec, out_channels=spec["in_channels"], crop=self.crop)
         self._encode, self._decode = adapter_for(self.network)
+        if spec["name"] == "swinunetr":
+            self._decode = functools.partial(self._decode, slice_bottleneck=swin_bottleneck_slice)
         stride = encoder_stride(spec)
         self.grid = (self.crop // self.region,) * 3
         self.patches_per_region = (self.region // self.patch) ** 3
@@ -123,4 +135,6 @@ def build_pretrain_model(backbone: dict[str, Any], geometry: dict[str, Any],
     proj_dim = method.get("proj_dim", 384)
     if not isinstance(proj_dim, int) or proj_dim <= 0:
         raise ValueError(f"method.proj_dim must be a positive int, got {proj_dim!r}")
-    return HybridMIMModel(backbone, geometry, box=method.get("box", "partial"), proj_dim=proj_dim)
+    return HybridMIMModel(backbone, geometry, box=method.get("box", "partial"), proj_dim=proj_dim,
+                          swin_bottleneck_slice=method.get("swin_bottleneck_slice",
+                                                           "before_encoder10"))

@@ -14,9 +14,12 @@ Where a decoder-side block is applied relative to the slicing is chosen so that 
 never a single voxel in a normalised layer (InstanceNorm refuses that in training):
 - DynUNet: the encoder (input block, downsamples, bottleneck) runs on the crop; the skips and the
   bottleneck output are sliced; the up-sampling path and output block run on the box.
-- SwinUNETR: swinViT runs on the crop; encoder10 runs on the full stride-32 bottleneck (tiny) and is
-  sliced after; the skip convolutions encoder1..4 run on their sliced inputs (input voxels and
-  swinViT stages 0-2), as do decoder5..1 and the output block.
+- SwinUNETR: swinViT runs on the crop; the skip convolutions encoder1..4 run on their sliced
+  inputs (input voxels and swinViT stages 0-2), as do decoder5..1 and the output block. The
+  bottleneck block encoder10 runs on the sliced stride-32 bottleneck (``slice_bottleneck``
+  ``before_encoder10``, the authors' code; needs at least 2 box tokens per axis) or on the whole
+  bottleneck, sliced after (``after_encoder10``): its InstanceNorm statistics then come from the
+  whole crop, and a box of one token per axis works.
 - UNETR: the ViT runs on the crop; its token maps (stride 16) are sliced before the up-sampling
   skip paths encoder2..4 and decoder5..2; encoder1 runs on the sliced input voxels.
 """
@@ -94,7 +97,8 @@ def encode_swinunetr(net: SwinUNETR, x: torch.Tensor) -> EncoderFeatures:
     return EncoderFeatures(tokens=hidden[4], token_stride=p * 2 ** 4, maps=maps)
 
 
-def decode_swinunetr(net: SwinUNETR, feats: EncoderFeatures, start: int) -> torch.Tensor:
+def decode_swinunetr(net: SwinUNETR, feats: EncoderFeatures, start: int,
+                     slice_bottleneck: str = "before_encoder10") -> torch.Tensor:
     def sliced(key: str) -> torch.Tensor:
         t, stride = feats.maps[key]
         return box_slice(t, start, stride)
@@ -103,7 +107,13 @@ def decode_swinunetr(net: SwinUNETR, feats: EncoderFeatures, start: int) -> torc
     enc1 = net.encoder2(sliced("stage0"))
     enc2 = net.encoder3(sliced("stage1"))
     enc3 = net.encoder4(sliced("stage2"))
-    dec4 = box_slice(net.encoder10(feats.tokens), start, feats.token_stride)
+    if slice_bottleneck == "before_encoder10":
+        dec4 = net.encoder10(box_slice(feats.tokens, start, feats.token_stride))
+    elif slice_bottleneck == "after_encoder10":
+        dec4 = box_slice(net.encoder10(feats.tokens), start, feats.token_stride)
+    else:
+        raise ValueError(f"method.swin_bottleneck_slice must be before_encoder10 or "
+                         f"after_encoder10, got {slice_bottleneck!r}")
     dec3 = net.decoder5(dec4, sliced("stage3"))
     dec2 = net.decoder4(dec3, enc3)
     dec1 = net.decoder3(dec2, enc2)

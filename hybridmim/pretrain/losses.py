@@ -21,6 +21,9 @@ from torch import nn
 
 DEFAULT_WEIGHTS = {"pr": 1.0, "num": 0.1, "loc": 0.1, "con": 0.01, "cl": 0.1}
 LOSS_TERMS = tuple(DEFAULT_WEIGHTS)
+# First value = default (the authors' code; docs/method.md, fidelity table).
+PR_NORMALISATIONS = ("batch", "sample")
+CONSISTENCY_FORMS = ("authors", "cross_entropy")
 
 
 def _crop_box(t: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
@@ -29,22 +32,22 @@ def _crop_box(t: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
 
 
 def partial_region_loss(recon_logits: torch.Tensor, target: torch.Tensor, box: tuple[slice, ...],
-                        voxel_mask: torch.Tensor, valid: torch.Tensor | None = None
-                        ) -> torch.Tensor:
+                        voxel_mask: torch.Tensor, valid: torch.Tensor | None = None,
+                        normalisation: str = "batch") -> torch.Tensor:
     """MSE of sigmoid(recon) vs the original intensities over masked, real voxels in the box.
 
     ``target`` (B, C, *crop) is the unmasked input; ``voxel_mask`` (B, 1, *crop) True where masked;
     ``valid`` (B, 1|C, *crop) False on padding. Which voxels count comes from these boolean masks,
     never from ``input == 0``.
 
-    Normalisation: the squared error is averaged over each sample's own scored voxels, then over
-    the B samples (a sample with no scored voxel contributes 0 and still counts in B). The authors'
-    code takes one mean over all masked voxels of the batch instead, which weighs a crop by how
-    many of its voxels were scored and makes the loss of a batch differ from the mean of the
-    losses of its parts. Per-sample means give every crop the same weight, and under DDP the
-    average of the ranks' losses (what gradient averaging computes) equals this loss on the
-    global batch, because every rank holds the same number of samples. With no scored voxel at
-    all the loss is 0 (and still differentiable).
+    ``normalisation`` (``method.pr_normalisation``):
+    - ``batch`` (default, the authors' code): one mean over all scored voxels of the batch; a crop
+      weighs as much as the number of its voxels that were scored.
+    - ``sample``: the mean over each sample's own scored voxels, then over the B samples (a sample
+      with no scored voxel contributes 0 and still counts in B). Every crop weighs the same, and
+      under DDP the average of the ranks' losses (what gradient averaging computes) equals the
+      loss of the global batch on one process, which ``batch`` does not guarantee.
+    With no scored voxel at all the loss is 0 (and still differentiable).
     """
     target_box = _crop_box(target, box)
     if recon_logits.shape != target_box.shape:
@@ -56,6 +59,11 @@ def partial_region_loss(recon_logits: torch.Tensor, target: torch.Tensor, box: t
     selected = selected.expand_as(target_box)
     squared = (torch.sigmoid(recon_logits.float()) - target_box.float()).square()
     # Multiply instead of boolean indexing: no host sync, and an empty selection gives 0/1 = 0.
+    if normalisation == "batch":
+        return (squared * selected).sum() / selected.sum().clamp_min(1)
+    if normalisation != "sample":
+        raise ValueError(f"method.pr_normalisation must be one of {list(PR_NORMALISATIONS)}, "
+                         f"got {normalisation!r}")
     per_sample_dims = tuple(range(1, squared.dim()))
     count = selected.sum(per_sample_dims).clamp_min(1)
     return ((squared * selected).sum(per_sample_dims) / count).mean()
@@ -71,11 +79,28 @@ def location_loss(loc_logits: torch.Tensor, location: torch.Tensor) -> torch.Ten
     return F.binary_cross_entropy_with_logits(loc_logits.float(), location.float())
 
 
-def consistency_loss(count_logits: torch.Tensor, loc_logits: torch.Tensor) -> torch.Tensor:
-    """Count head vs the count the location head implies (#sigmoid > 0.5); target is constant."""
+def consistency_loss(count_logits: torch.Tensor, loc_logits: torch.Tensor,
+                     form: str = "authors") -> torch.Tensor:
+    """Count head vs the count the location head implies (#sigmoid > 0.5); target is constant.
+
+    ``form`` (``method.consistency``):
+    - ``authors`` (default, the authors' code): ½·(CE + MSE(implied count, argmax of the count
+      head)). The MSE has no gradient (both sides are thresholded or arg-maxed), so the term
+      trains like ½·CE: half the effective weight of ``cross_entropy``; the MSE only shifts the
+      logged value.
+    - ``cross_entropy``: the CE alone (the paper's description).
+    """
     with torch.no_grad():
         implied = (loc_logits > 0).sum(-1)  # sigmoid(x) > 0.5  <=>  x > 0
-    return F.cross_entropy(count_logits.float().flatten(0, -2), implied.flatten())
+    ce = F.cross_entropy(count_logits.float().flatten(0, -2), implied.flatten())
+    if form == "cross_entropy":
+        return ce
+    if form != "authors":
+        raise ValueError(f"method.consistency must be one of {list(CONSISTENCY_FORMS)}, "
+                         f"got {form!r}")
+    with torch.no_grad():
+        argmax_gap = F.mse_loss(implied.float(), count_logits.argmax(-1).float())
+    return (ce + argmax_gap) / 2
 
 
 def _gather_across_ranks(z: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -153,8 +178,16 @@ class HybridMIMLoss(nn.Module):
     """
 
     def __init__(self, weights: Mapping[str, float] | None = None, temperature: float = 0.5,
-                 gather_negatives: bool = False):
+                 gather_negatives: bool = False, pr_normalisation: str = PR_NORMALISATIONS[0],
+                 consistency: str = CONSISTENCY_FORMS[0]):
         super().__init__()
+        if pr_normalisation not in PR_NORMALISATIONS:
+            raise ValueError(f"method.pr_normalisation must be one of {list(PR_NORMALISATIONS)}, "
+                             f"got {pr_normalisation!r}")
+        if consistency not in CONSISTENCY_FORMS:
+            raise ValueError(f"method.consistency must be one of {list(CONSISTENCY_FORMS)}, "
+                             f"got {consistency!r}")
+        self.pr_normalisation, self.consistency = pr_normalisation, consistency
         weights = dict(weights if weights is not None else DEFAULT_WEIGHTS)
         unknown = sorted(set(weights) - set(LOSS_TERMS))
         if unknown:
@@ -174,6 +207,15 @@ class HybridMIMLoss(nn.Module):
         self.weights = {t: float(w) for t, w in weights.items()}
         self.temperature = float(temperature)
         self.gather_negatives = bool(gather_negatives)
+
+    @classmethod
+    def from_method(cls, method: Mapping[str, Any], **overrides: Any) -> "HybridMIMLoss":
+        """The loss of a resolved method block (hybridmim.pretrain.spec.resolve_method)."""
+        kwargs = {"weights": method["loss_weights"], "temperature": method["temperature"],
+                  "gather_negatives": method["gather_negatives"],
+                  "pr_normalisation": method["pr_normalisation"],
+                  "consistency": method["consistency"], **overrides}
+        return cls(**kwargs)
 
     def enabled(self, term: str) -> bool:
         return self.weights[term] > 0
@@ -202,7 +244,7 @@ class HybridMIMLoss(nn.Module):
             unweighted["pr"] = partial_region_loss(
                 need("recon", outputs.get("recon"), "pr"), target,
                 need("box", outputs.get("box"), "pr"), need("voxel_mask", voxel_mask, "pr"),
-                valid)
+                valid, self.pr_normalisation)
         if self.enabled("num"):
             unweighted["num"] = count_loss(need("count_logits", outputs.get("count_logits"), "num"),
                                            need("count", count, "num"))
@@ -212,7 +254,7 @@ class HybridMIMLoss(nn.Module):
         if self.enabled("con"):
             unweighted["con"] = consistency_loss(
                 need("count_logits", outputs.get("count_logits"), "con"),
-                need("loc_logits", outputs.get("loc_logits"), "con"))
+                need("loc_logits", outputs.get("loc_logits"), "con"), self.consistency)
         if self.enabled("cl"):
             unweighted["cl"] = nt_xent_loss(need("proj", outputs.get("proj"), "cl"),
                                             need("proj_second", proj_second, "cl"),

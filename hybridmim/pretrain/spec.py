@@ -8,16 +8,23 @@ import copy
 import logging
 from typing import Any
 
-from hybridmim.pretrain.losses import DEFAULT_WEIGHTS, LOSS_TERMS
+from hybridmim.pretrain.losses import (CONSISTENCY_FORMS, DEFAULT_WEIGHTS, LOSS_TERMS,
+                                       PR_NORMALISATIONS)
 from hybridmim.pretrain.masking import MASKING_MODES, REGION_GROUPINGS, MaskGeometry
 
 log = logging.getLogger(__name__)
+
+SWIN_SLICES = ("before_encoder10", "after_encoder10")
 
 METHOD_KINDS = ("hybridmim", "simmim")
 SIMMIM_WEIGHTS = {"pr": 1.0, "num": 0.0, "loc": 0.0, "con": 0.0, "cl": 0.0}
 _HYBRIDMIM_DEFAULTS = {"box": "partial", "masking": "uniform", "mask_ratio": 0.4,
                        "region_grouping": "spatial", "loss_weights": DEFAULT_WEIGHTS,
-                       "temperature": 0.5, "proj_dim": 384, "gather_negatives": False}
+                       "temperature": 0.5, "proj_dim": 384, "gather_negatives": False,
+                       # Formulation choices: the first value of each is the authors' code.
+                       "pr_normalisation": PR_NORMALISATIONS[0],
+                       "consistency": CONSISTENCY_FORMS[0],
+                       "swin_bottleneck_slice": "before_encoder10"}
 
 _REQUIRED = {
     "": ("seed", "out", "backbone", "geometry", "method", "data", "optim", "checkpoint_every",
@@ -66,6 +73,12 @@ def resolve_method(method: dict[str, Any]) -> dict[str, Any]:
     if resolved["region_grouping"] not in REGION_GROUPINGS:
         raise PretrainSpecError(f"pretrain spec: method.region_grouping must be one of "
                                 f"{list(REGION_GROUPINGS)}, got {resolved['region_grouping']!r}")
+    for key, allowed in (("pr_normalisation", PR_NORMALISATIONS),
+                         ("consistency", CONSISTENCY_FORMS),
+                         ("swin_bottleneck_slice", SWIN_SLICES)):
+        if resolved[key] not in allowed:
+            raise PretrainSpecError(f"pretrain spec: method.{key} must be one of "
+                                    f"{list(allowed)}, got {resolved[key]!r}")
     ratio = resolved["mask_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise PretrainSpecError(f"pretrain spec: method.mask_ratio must be in (0, 1), "

@@ -13,6 +13,14 @@ from hybridmim.pretrain.masking import (MaskGeometry, apply_mask, expand_to_voxe
                                         sample_patch_mask)
 
 
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor | None:
+    """Clip the global gradient norm to ``max_norm`` (``optim.grad_clip``; 0 = off, the authors'
+    pretraining); returns the norm before clipping, or None when off."""
+    if max_norm <= 0:
+        return None
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).detach()
+
+
 class TermWindow:
     """Sums the loss terms of the steps since the last log on the device (no host sync per step)."""
 
@@ -51,7 +59,9 @@ class PretrainStep:
         self.device, self.precision, self.grad_clip = device, precision, grad_clip
         # Validation runs on rank 0 alone: its contrastive term must not wait for other ranks.
         self.val_loss_fn = HybridMIMLoss(loss_fn.weights, loss_fn.temperature,
-                                         gather_negatives=False)
+                                         gather_negatives=False,
+                                         pr_normalisation=loss_fn.pr_normalisation,
+                                         consistency=loss_fn.consistency)
 
     def _losses(self, images: torch.Tensor, valid: torch.Tensor, generator: torch.Generator,
                 forward_model: torch.nn.Module, loss_fn: HybridMIMLoss,
@@ -90,8 +100,7 @@ class PretrainStep:
         self.scaler.scale(total).backward()
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                self.grad_clip).detach()
+            terms["grad_norm"] = clip_gradients(self.model, self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

@@ -11,8 +11,10 @@ volumes per step, so the effective batch is W × ``volumes_per_step`` × ``crops
 and the gradient is averaged over the ranks. The run is equivalent to ONE process with
 ``volumes_per_step`` × W volumes per step (same seed): the ranks read the same volumes in total
 (feed.py), every rank draws the masks of the global batch from one identically seeded generator
-and keeps its own rows (``feed.global_crop_rows``), and L_PR, L_Num, L_Loc, L_Con are means of
-per-sample terms, so the average of the rank losses is the global loss. L_CL matches only with
+and keeps its own rows (``feed.global_crop_rows``), and L_Num, L_Loc, L_Con (and L_PR with
+``method.pr_normalisation: sample``) are means of per-sample terms, so the average of the rank
+losses is the global loss. With the default ``pr_normalisation: batch`` (the authors' code) each
+rank takes one L_PR mean over its own scored voxels. L_CL matches only with
 ``method.gather_negatives: true`` (negatives from all ranks); with the default (off) each rank
 contrasts its own samples. Equivalence holds up to float summation order and needs a deterministic
 data pipeline (tests/test_pretrain_ddp.py checks it); dropout and random crops draw from each
@@ -91,8 +93,7 @@ class _PretrainJob:
 
         self.model = build_pretrain_model(spec["backbone"], spec["geometry"], self.method)
         self.model.to(self.device)
-        self.loss_fn = HybridMIMLoss(self.method["loss_weights"], self.method["temperature"],
-                                     self.method["gather_negatives"])
+        self.loss_fn = HybridMIMLoss.from_method(self.method)
         optim = spec["optim"]
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(optim["lr"]),
                                            weight_decay=float(optim["weight_decay"]))
