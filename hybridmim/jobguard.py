@@ -111,11 +111,14 @@ def _proc_stat(pid: int) -> tuple[str, int, str] | None:
     return fields[0], int(fields[1]), fields[19]
 
 
-def _cmdline(pid: int) -> str:
+def _is_snakemake(pid: int) -> bool:
+    """`snakemake ...`, `python /venv/bin/snakemake ...` or `python -m snakemake ...` (not a
+    shell whose command line merely mentions the word)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
     except OSError:
-        return ""
+        return False
+    return any(Path(arg.decode(errors="replace")).name == "snakemake" for arg in args)
 
 
 def workflow_process() -> tuple[int, str | None]:
@@ -127,7 +130,7 @@ def workflow_process() -> tuple[int, str | None]:
         stat = _proc_stat(pid)
         if stat is None:
             break
-        if "snakemake" in _cmdline(pid):
+        if _is_snakemake(pid):
             return pid, stat[2]
         if stat[1] <= 1:
             break
@@ -154,7 +157,7 @@ class ParentWatch:
 
     def __init__(self, poll_s: float = POLL_S):
         self.pid, self.started = workflow_process()
-        self.what = "snakemake" if "snakemake" in _cmdline(self.pid) else "parent process"
+        self.what = "snakemake" if _is_snakemake(self.pid) else "parent process"
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="parent-watch", daemon=True)
