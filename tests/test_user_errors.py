@@ -34,7 +34,7 @@ def acquire(capsys, tmp_path, name, block):
 
 
 def assert_one_clean_message(code, err, *expected):
-    assert code == cli.USER_ERROR_EXIT_CODE, err
+    assert code == 2, err
     assert "Traceback" not in err and err.count(" ERROR ") == 1, err
     for text in expected:
         assert text in err, err
