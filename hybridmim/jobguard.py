@@ -58,8 +58,6 @@ def _holder(lock_path: Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def job_lock(state_dir: str | os.PathLike, wait_s: float | None = None) -> Iterator[Path]:
     """Hold the job's lock for the duration of the block (see the module docstring)."""
-    import fcntl
-
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     lock_path = state_dir / LOCK_NAME
@@ -69,30 +67,42 @@ def job_lock(state_dir: str | os.PathLike, wait_s: float | None = None) -> Itera
     try:
         deadline = time.monotonic() + wait_s
         announced = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = _holder(lock_path)
-                who = (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-                       f"(since {holder.get('started', '?')})")
-                if time.monotonic() >= deadline:
-                    raise JobLockedError(
-                        f"{state_dir}: this job is already running as {who}; two processes must "
-                        f"not train the same job. Wait for it to finish, or stop it (on that "
-                        f"host: kill {holder.get('pid', '<pid>')}) and run again.") from None
-                if not announced:
-                    log.warning("%s: held by %s; waiting up to %.0f s for it to stop", state_dir,
-                                who, wait_s)
-                    announced = True
-                time.sleep(POLL_S)
+        while not _try_lock(fd, lock_path):
+            holder = _holder(lock_path)
+            who = (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                   f"(since {holder.get('started', '?')})")
+            if time.monotonic() >= deadline:
+                raise JobLockedError(
+                    f"{state_dir}: this job is already running as {who}; two processes must "
+                    f"not train the same job. Wait for it to finish, or stop it (on that host: "
+                    f"kill {holder.get('pid', '<pid>')}) and run again.")
+            if not announced:
+                log.warning("%s: held by %s; waiting up to %.0f s for it to stop", state_dir,
+                            who, wait_s)
+                announced = True
+            time.sleep(POLL_S)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "started": _utc_now()}).encode(), 0)
         yield lock_path
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _try_lock(fd: int, lock_path: Path) -> bool:
+    """True when this process now holds the lock (or the file system cannot lock at all)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        # Some cluster file systems refuse locks (Lustre without -o flock): run unlocked rather
+        # than not at all, and say so.
+        log.warning("%s: the file system refuses locks (%s); running without the job lock",
+                    lock_path, error)
+    return True
 
 
 def _utc_now() -> str:
