@@ -61,6 +61,8 @@ def _resources(config: dict, stage: str) -> dict[str, Any]:
 def check_consistency(config: dict) -> None:
     """Cross-key checks the schema cannot express; each error names the offending key."""
     datasets = set(config["datasets"])
+    for name in sorted(datasets):
+        dataset_spec(config, name)  # a bad block (e.g. a typo in a key) fails before any job runs
     backbones = set(config["backbones"])
     pre = config["pretraining"]
     for corpus, block in pre["corpora"].items():

@@ -58,8 +58,6 @@ def _holder(lock_path: Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def job_lock(state_dir: str | os.PathLike, wait_s: float | None = None) -> Iterator[Path]:
     """Hold the job's lock for the duration of the block (see the module docstring)."""
-    import fcntl
-
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     lock_path = state_dir / LOCK_NAME
@@ -69,30 +67,42 @@ def job_lock(state_dir: str | os.PathLike, wait_s: float | None = None) -> Itera
     try:
         deadline = time.monotonic() + wait_s
         announced = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = _holder(lock_path)
-                who = (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-                       f"(since {holder.get('started', '?')})")
-                if time.monotonic() >= deadline:
-                    raise JobLockedError(
-                        f"{state_dir}: this job is already running as {who}; two processes must "
-                        f"not train the same job. Wait for it to finish, or stop it (on that "
-                        f"host: kill {holder.get('pid', '<pid>')}) and run again.") from None
-                if not announced:
-                    log.warning("%s: held by %s; waiting up to %.0f s for it to stop", state_dir,
-                                who, wait_s)
-                    announced = True
-                time.sleep(POLL_S)
+        while not _try_lock(fd, lock_path):
+            holder = _holder(lock_path)
+            who = (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                   f"(since {holder.get('started', '?')})")
+            if time.monotonic() >= deadline:
+                raise JobLockedError(
+                    f"{state_dir}: this job is already running as {who}; two processes must "
+                    f"not train the same job. Wait for it to finish, or stop it (on that host: "
+                    f"kill {holder.get('pid', '<pid>')}) and run again.")
+            if not announced:
+                log.warning("%s: held by %s; waiting up to %.0f s for it to stop", state_dir,
+                            who, wait_s)
+                announced = True
+            time.sleep(POLL_S)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "started": _utc_now()}).encode(), 0)
         yield lock_path
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _try_lock(fd: int, lock_path: Path) -> bool:
+    """True when this process now holds the lock (or the file system cannot lock at all)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        # Some cluster file systems refuse locks (Lustre without -o flock): run unlocked rather
+        # than not at all, and say so.
+        log.warning("%s: the file system refuses locks (%s); running without the job lock",
+                    lock_path, error)
+    return True
 
 
 def _utc_now() -> str:
@@ -111,11 +121,14 @@ def _proc_stat(pid: int) -> tuple[str, int, str] | None:
     return fields[0], int(fields[1]), fields[19]
 
 
-def _cmdline(pid: int) -> str:
+def _is_snakemake(pid: int) -> bool:
+    """`snakemake ...`, `python /venv/bin/snakemake ...` or `python -m snakemake ...` (not a
+    shell whose command line merely mentions the word)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
     except OSError:
-        return ""
+        return False
+    return any(Path(arg.decode(errors="replace")).name == "snakemake" for arg in args)
 
 
 def workflow_process() -> tuple[int, str | None]:
@@ -127,7 +140,7 @@ def workflow_process() -> tuple[int, str | None]:
         stat = _proc_stat(pid)
         if stat is None:
             break
-        if "snakemake" in _cmdline(pid):
+        if _is_snakemake(pid):
             return pid, stat[2]
         if stat[1] <= 1:
             break
@@ -154,7 +167,7 @@ class ParentWatch:
 
     def __init__(self, poll_s: float = POLL_S):
         self.pid, self.started = workflow_process()
-        self.what = "snakemake" if "snakemake" in _cmdline(self.pid) else "parent process"
+        self.what = "snakemake" if _is_snakemake(self.pid) else "parent process"
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="parent-watch", daemon=True)

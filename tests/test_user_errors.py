@@ -34,7 +34,7 @@ def acquire(capsys, tmp_path, name, block):
 
 
 def assert_one_clean_message(code, err, *expected):
-    assert code == cli.USER_ERROR_EXIT_CODE, err
+    assert code == 2, err
     assert "Traceback" not in err and err.count(" ERROR ") == 1, err
     for text in expected:
         assert text in err, err
@@ -176,3 +176,16 @@ def test_workflow_does_not_retry_a_data_job_that_failed_on_bad_input(tmp_path):
     assert output.count("no such folder") == 1, output[-3000:]
     log = (project / "logs" / "data" / "acquire_mine.log").read_text()
     assert "Traceback" not in log and log.count("no such folder") == 1, log
+
+
+def test_typo_in_a_dataset_block_fails_when_the_config_is_read(tmp_path):
+    from conftest import ROOT
+
+    from hybridmim.config import load_config
+
+    config = (ROOT / "config" / "config.yaml").read_text().replace(
+        "demo_spleen: {num_cases: 10", "demo_spleen: {num_case: 10")
+    (tmp_path / "config.yaml").write_text(config)
+    with pytest.raises(ValueError, match=r"datasets.demo_spleen: unknown key 'num_case' \(did "
+                                         r"you mean 'num_cases'\?\)"):
+        load_config(tmp_path / "config.yaml")
