@@ -387,15 +387,19 @@ def _corpus_by_run(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
 # ---------------------------------------------------------------------------------------------
 # Label efficiency
 # ---------------------------------------------------------------------------------------------
+def label_efficiency_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that make label-efficiency curves: inits run at ≥ 2 label fractions on their
+    dataset × backbone (an ablation at one fraction is no curve)."""
+    if runs.empty:
+        return runs
+    curves = runs.groupby(["dataset", "backbone", "init"])["fraction"].transform("nunique")
+    return runs.loc[curves >= 2]
+
+
 def label_efficiency_table(runs: pd.DataFrame, tables_dir: Path
                            ) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Test Dice per label fraction and init, for each dataset × backbone run at ≥ 2 fractions."""
-    counts = runs.groupby(["dataset", "backbone"])["fraction"].nunique()
-    keep = [key for key, n in counts.items() if n >= 2]
-    part = runs.loc[[(d, b) in keep for d, b in zip(runs["dataset"], runs["backbone"])]]
-    # Only inits run at ≥ 2 fractions make a curve (an ablation at one fraction is no line).
-    curves = part.groupby(["dataset", "backbone", "init"])["fraction"].transform("nunique")
-    part = part.loc[curves >= 2]
+    part = label_efficiency_runs(runs)
     long = summarise(part, ["test_dice_mean"], ["dataset", "backbone", "fraction", "init"]) \
         if not part.empty else pd.DataFrame(columns=["dataset", "backbone", "fraction", "init",
                                                      "metric", "unit", "scale", "mean", "std",
