@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
 snakemake "$@"
+snakemake "$@" --report results/report.html
 echo
-echo "table:  $PWD/results/tables/comparison.md  (and .csv)"
-echo "figure: $PWD/results/figures/test_dice.png"
+echo "tables:  $PWD/results/tables/  (comparison.md, ablations.md, pretrain_cost.md, ...)"
+echo "figures: $PWD/results/figures/ (PNG + PDF + CSV)"
+echo "report:  $PWD/results/report.html  (open in a browser)"

@@ -134,7 +134,7 @@ def test_variants_are_named_by_their_change_and_resolved_against_the_base(tmp_pa
         c["pretraining"]["methods"]["hybridmim"]["temperature"] = 0.3
     config = hcfg.load_config(_load(tmp_path, change_base))
     assert list(hcfg.variants_of(config)) == ["hybridmim-no_cl", "hybridmim-mask0.6",
-                                              "hybridmim-box_full"]
+                                              "hybridmim-hierarchical_masking"]
     spec = hcfg.pretrain_spec(config, "unet", "hybridmim-no_cl", "ct")
     base = hcfg.pretrain_spec(config, "unet", "hybridmim", "ct")
     assert spec["method"]["loss_weights"] == {**base["method"]["loss_weights"], "cl": 0.0}

@@ -336,6 +336,9 @@ def test_paper_cells_stay_empty_and_references_are_labelled(project, report):
                                                           "test_dice_mean")[0])
     refs = table.loc[table["kind"] != "HybridMIM paper"]
     assert refs["kind"].str.contains("not the paper").all()
+    # A reference is labelled with what it is, never with our method's name.
+    assert not refs["label"].str.lower().str.contains("hybridmim").any()
+    assert "SSL (Tang et al.)" in set(refs["label"])
     assert refs["reported_source"].str.len().gt(0).all() and refs["split"].str.len().gt(0).all()
     spleen = refs.loc[refs["dataset"] == "msd_spleen"]
     assert spleen["reported"].item() == pytest.approx(96.1) and spleen["n"].item() == 2
@@ -351,6 +354,10 @@ def test_paper_value_without_its_table_is_rejected(tmp_path):
     bad.write_text("paper:\n  - {dataset: btcv, backbone: unet, init: hybridmim, fraction: 1.0,"
                    " value: 80.1, table: null}\n")
     with pytest.raises(ReportInputError, match=r"paper\[0\].*table"):
+        load_paper_results(bad)
+    bad.write_text("references:\n  - {dataset: btcv, backbone: unet, init: hybridmim, fraction: 1,"
+                   " value: 80.1, source: x, split: y, setting: z, label: HybridMIM}\n")
+    with pytest.raises(ReportInputError, match=r"references\[0\].label"):
         load_paper_results(bad)
 
 

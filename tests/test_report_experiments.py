@@ -69,9 +69,12 @@ def test_paired_differences_table_from_mlflow(experiments):
         expected = np.mean([case_dice(dataset, "hybridmim", s, c) - case_dice(dataset, "scratch",
                                                                              s, c)
                             for s, c in itertools.product(SEEDS, CASES)]) * 100
-        assert row["mean"] == pytest.approx(expected)
+        assert row["diff"] == pytest.approx(expected)
         assert row["ci_low"] == pytest.approx(expected) and row["n_seeds"] == 2
-        assert row["n_cases"] == 3 and len(row["run_ids"].split(";")) == 4
+        assert row["n_cases"] == 3 and len(row["run_ids"].split(";")) == 2
+        # The row's mean is A's test Dice over the same runs, as the audit re-derives it.
+        assert row["mean"] == pytest.approx(100 * np.mean([
+            project["values"][(dataset, "hybridmim", s)]["test_dice_mean"] for s in SEEDS]))
     markdown = written["paired_differences.md"].read_text()
     assert "bootstrap" in markdown and "seed 0" in markdown
 
@@ -92,7 +95,8 @@ def test_cost_table_and_every_figure_with_its_data(experiments):
     cost = pd.read_csv(written["pretrain_cost.csv"])
     assert dict(zip(cost["metric"], cost["mean"])) == {
         "cost/crops_per_s": 8.0, "cost/median_step_s": 0.5, "cost/peak_mem_mb": 300.0,
-        "cost/total_s": 70.0}  # no SimMIM-style run here: no ratio row
+        "cost/total_s": 70.0}
+    assert cost["ratio_vs_simmim"].isna().all()  # no SimMIM-style run here: no ratio
     assert "n/a" in written["pretrain_cost.md"].read_text()
     figures = [p for name, p in written.items() if p.suffix == ".png"]
     assert {p.stem for p in figures} >= {"test_dice", "label_efficiency", "pretrain_losses",
@@ -133,7 +137,8 @@ def test_ablation_rows_pair_each_variant_with_its_base():
          "tags.snakemake.wildcard.method": "simmim", "tags.snakemake.wildcard.corpus": "ct",
          "tags.method.kind": "simmim", "tags.device": "cpu", "metrics.cost/median_step_s": 0.8},
     ]))
-    ratios = cost.loc[cost["metric"] == "cost/step_ratio_vs_simmim"].set_index("method")["mean"]
+    ratios = cost.loc[cost["metric"] == "cost/median_step_s"].set_index("method")[
+        "ratio_vs_simmim"]
     assert ratios.to_dict() == pytest.approx({"hybridmim": 0.5, "hybridmim-no_cl": 0.375,
                                               "simmim": 1.0})
     import tempfile
@@ -147,3 +152,17 @@ def test_ablation_rows_pair_each_variant_with_its_base():
     assert row["diff"] == pytest.approx(-5.0) and row["cost_ratio"] == pytest.approx(0.75)
     assert row["ci_low"] == pytest.approx(-5.0) and "too few to judge" not in row["ci_note"]
     assert "d / unet" in markdown and "-5.00" in markdown
+
+
+def test_the_audit_re_derives_every_new_table_row(experiments):
+    import json
+
+    from hybridmim.report.audit import main
+
+    project, _, written = experiments
+    results = project["root"] / "results"
+    status = main(results, project["uri"], project["root"])
+    checks = json.loads((results / "audit.json").read_text())["checks"]
+    assert status == 0, [c for c in checks if c["status"] != "pass"]
+    audited = {c["number"].split(":")[0] for c in checks if c["check"] == "table number"}
+    assert {"paired_differences.csv", "pretrain_cost.csv"} <= audited

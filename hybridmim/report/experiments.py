@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hybridmim.report.tables import (RUN_ID_SEPARATOR, escape_latex, format_cell, fraction_text,
-                                     order_inits, summarise, wide_view, write_table)
+from hybridmim.report.tables import (RUN_ID_SEPARATOR, aggregate, escape_latex, format_cell,
+                                     fraction_text, order_inits, summarise, wide_view,
+                                     write_table)
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -109,10 +110,10 @@ def paired_difference(runs: pd.DataFrame, cases: pd.DataFrame, a: str, b: str
         note = f"{n_seeds} seed, {n_cases} cases: too few to judge"
     else:
         note = "95% CI excludes 0" if excludes else "95% CI includes 0"
-    run_ids = sorted(set(pairs["run_id_a"]) | set(pairs["run_id_b"]))
     return {"diff": mean * 100, "ci_low": low * 100, "ci_high": high * 100,
             "n_cases": n_cases, "n_seeds": n_seeds, "excludes_zero": excludes and not small,
-            "note": note, "pair_run_ids": RUN_ID_SEPARATOR.join(run_ids)}
+            "note": note, "a_run_ids": sorted(set(pairs["run_id_a"])),
+            "b_run_ids": sorted(set(pairs["run_id_b"]))}
 
 
 def _variant_columns(runs: pd.DataFrame) -> pd.DataFrame:
@@ -149,18 +150,24 @@ def paired_table(runs: pd.DataFrame, cases: pd.DataFrame, tables_dir: Path
             result = paired_difference(part, cases, a, b)
             if result is None:
                 continue
+            # mean/std/n/run_ids describe A's runs (test_dice_mean, traceable like every table
+            # row); the paired difference to B and its interval are the extra columns.
+            a_runs = part.loc[part["run_id"].isin(result["a_run_ids"])]
+            mean, std, n = aggregate(a_runs["test_dice_mean"].to_list())
             rows.append({"dataset": dataset, "backbone": backbone, "fraction": fraction,
-                         "kind": kind, "a": a, "b": b, "metric": "paired_dice_diff",
-                         "scale": 100.0, "mean": result["diff"], "std": math.nan,
-                         "n": result["n_cases"], "ci_low": result["ci_low"],
+                         "kind": kind, "a": a, "b": b, "metric": "test_dice_mean",
+                         "scale": 100.0, "mean": mean * 100, "std": std * 100, "n": n,
+                         "diff": result["diff"], "ci_low": result["ci_low"],
                          "ci_high": result["ci_high"], "n_cases": result["n_cases"],
                          "n_seeds": result["n_seeds"], "excludes_zero": result["excludes_zero"],
-                         "note": result["note"], "run_ids": result["pair_run_ids"],
+                         "note": result["note"],
+                         "run_ids": RUN_ID_SEPARATOR.join(a_runs.sort_values("seed")["run_id"]),
+                         "b_run_ids": RUN_ID_SEPARATOR.join(result["b_run_ids"]),
                          "cell": f"{dataset} / {backbone} / frac {fraction:g} / {a} - {b}"})
     long = pd.DataFrame.from_records(rows, columns=[
         "dataset", "backbone", "fraction", "kind", "a", "b", "metric", "scale", "mean", "std",
-        "n", "ci_low", "ci_high", "n_cases", "n_seeds", "excludes_zero", "note", "run_ids",
-        "cell"])
+        "n", "diff", "ci_low", "ci_high", "n_cases", "n_seeds", "excludes_zero", "note",
+        "run_ids", "b_run_ids", "cell"])
 
     def view(latex: bool) -> pd.DataFrame:
         if long.empty:
@@ -170,8 +177,10 @@ def paired_table(runs: pd.DataFrame, cases: pd.DataFrame, tables_dir: Path
             "dataset": long["dataset"].map(fmt), "backbone": long["backbone"].map(fmt),
             "labels": long["fraction"].map(lambda f: fmt(fraction_text(f))),
             "comparison": [fmt(f"{a} − {b}") for a, b in zip(long["a"], long["b"])],
+            "A: Dice (%)": [format_cell(m, s, n, latex) for m, s, n in
+                            zip(long["mean"], long["std"], long["n"])],
             "Δ Dice (pp)": [_num(m, signed=True) + (" *" if e else "")
-                            for m, e in zip(long["mean"], long["excludes_zero"])],
+                            for m, e in zip(long["diff"], long["excludes_zero"])],
             "95% CI": [f"[{_num(lo, signed=True)}, {_num(hi, signed=True)}]"
                        for lo, hi in zip(long["ci_low"], long["ci_high"])],
             "cases × seeds": [f"{c} × {s}" for c, s in zip(long["n_cases"], long["n_seeds"])],
@@ -211,7 +220,7 @@ def pretrain_cost_long(pretrain_runs: pd.DataFrame | None) -> pd.DataFrame:
     """One row per (pretraining run, cost metric), plus its median s/step ratio to the SimMIM-style
     run on the same backbone, corpus and device."""
     columns = ["backbone", "corpus", "method", "kind", "device", "metric", "scale", "mean", "std",
-               "n", "run_ids", "cell"]
+               "n", "ratio_vs_simmim", "simmim_run_id", "run_ids", "cell"]
     if pretrain_runs is None or pretrain_runs.empty:
         return pd.DataFrame(columns=columns)
     ident = _pretrain_ident(pretrain_runs)
@@ -223,23 +232,21 @@ def pretrain_cost_long(pretrain_runs: pd.DataFrame | None) -> pd.DataFrame:
                 continue
             rows.append({**who.drop("run_id").to_dict(), "metric": metric, "scale": 1.0,
                          "mean": float(value), "std": math.nan, "n": 1,
+                         "ratio_vs_simmim": math.nan, "simmim_run_id": "",
                          "run_ids": who["run_id"]})
     long = pd.DataFrame.from_records(rows, columns=columns[:-1])
-    steps = long.loc[long["metric"] == "cost/median_step_s"]
-    baseline = steps.loc[steps["kind"] == BASELINE_KIND].set_index(
-        ["backbone", "corpus", "device"])
-    ratios = []
-    for _, row in steps.iterrows():
-        key = (row["backbone"], row["corpus"], row["device"])
-        if key not in baseline.index:
-            continue
-        base = baseline.loc[[key]].iloc[0]
-        ratios.append({**row.to_dict(), "metric": RATIO_METRIC,
-                       "mean": row["mean"] / base["mean"],
-                       "run_ids": RUN_ID_SEPARATOR.join(dict.fromkeys(
-                           [row["run_ids"], base["run_ids"]]))})
-    long = pd.concat([long, pd.DataFrame.from_records(ratios, columns=long.columns)],
-                     ignore_index=True)
+    # Each metric row carries its ratio to the SimMIM-style run of the same backbone, corpus and
+    # device (the table's rows stay one MLflow metric of one run each, like every table's).
+    for metric in COST_METRICS:
+        rows_of = long["metric"] == metric
+        baseline = long.loc[rows_of & (long["kind"] == BASELINE_KIND)].set_index(
+            ["backbone", "corpus", "device"])
+        for index, row in long.loc[rows_of].iterrows():
+            key = (row["backbone"], row["corpus"], row["device"])
+            if key in baseline.index:
+                base = baseline.loc[[key]].iloc[0]
+                long.loc[index, "ratio_vs_simmim"] = row["mean"] / base["mean"]
+                long.loc[index, "simmim_run_id"] = base["run_ids"]
     long["cell"] = [f"{b} / {c} / {m} / {metric}" for b, c, m, metric in
                     zip(long["backbone"], long["corpus"], long["method"], long["metric"])]
     return long.sort_values(["backbone", "corpus", "method", "metric"], ignore_index=True)
@@ -250,13 +257,16 @@ def pretrain_cost_table(pretrain_runs: pd.DataFrame | None, tables_dir: Path
     long = pretrain_cost_long(pretrain_runs)
     headings = {**{k: v for k, v in COST_METRICS.items()},
                 RATIO_METRIC: ("s/step ÷ SimMIM-style", 2)}
+    steps = long.loc[long["metric"] == "cost/median_step_s"]
+    shown = pd.concat([long, steps.assign(metric=RATIO_METRIC, mean=steps["ratio_vs_simmim"])])
 
     def view(latex: bool) -> pd.DataFrame:
         if long.empty:
             return _note_frame("no pretraining runs in this grid")
         fmt = escape_latex if latex else str
-        wide = long.pivot_table(index=["backbone", "corpus", "method", "device"],
-                                columns="metric", values="mean", aggfunc="first", sort=True)
+        wide = shown.pivot_table(index=["backbone", "corpus", "method", "device"],
+                                 columns="metric", values="mean", aggfunc="first", sort=True,
+                                 dropna=False)
         out = pd.DataFrame(index=wide.index)
         for metric, (heading, decimals) in headings.items():
             values = wide[metric] if metric in wide else pd.Series(math.nan, index=wide.index)
@@ -377,15 +387,19 @@ def _corpus_by_run(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
 # ---------------------------------------------------------------------------------------------
 # Label efficiency
 # ---------------------------------------------------------------------------------------------
+def label_efficiency_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that make label-efficiency curves: inits run at ≥ 2 label fractions on their
+    dataset × backbone (an ablation at one fraction is no curve)."""
+    if runs.empty:
+        return runs
+    curves = runs.groupby(["dataset", "backbone", "init"])["fraction"].transform("nunique")
+    return runs.loc[curves >= 2]
+
+
 def label_efficiency_table(runs: pd.DataFrame, tables_dir: Path
                            ) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Test Dice per label fraction and init, for each dataset × backbone run at ≥ 2 fractions."""
-    counts = runs.groupby(["dataset", "backbone"])["fraction"].nunique()
-    keep = [key for key, n in counts.items() if n >= 2]
-    part = runs.loc[[(d, b) in keep for d, b in zip(runs["dataset"], runs["backbone"])]]
-    # Only inits run at ≥ 2 fractions make a curve (an ablation at one fraction is no line).
-    curves = part.groupby(["dataset", "backbone", "init"])["fraction"].transform("nunique")
-    part = part.loc[curves >= 2]
+    part = label_efficiency_runs(runs)
     long = summarise(part, ["test_dice_mean"], ["dataset", "backbone", "fraction", "init"]) \
         if not part.empty else pd.DataFrame(columns=["dataset", "backbone", "fraction", "init",
                                                      "metric", "unit", "scale", "mean", "std",

@@ -181,11 +181,14 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
 
 def write_figures(tracking_uri: str, runs: pd.DataFrame, pretrain_runs: pd.DataFrame | None,
                   figures_dir: Path) -> dict[str, Any]:
+    from hybridmim.report.experiments import label_efficiency_runs
     from hybridmim.report.plots import placeholder
 
     written: dict[str, Any] = {"test_dice": plot_dice_by_init(runs, figures_dir / "test_dice.png")}
     path = figures_dir / "label_efficiency.png"
-    written["label_efficiency"] = plot_label_efficiency(runs, path) or placeholder(
+    curves = label_efficiency_runs(runs)
+    efficiency = plot_label_efficiency(curves, path) if len(curves) else None
+    written["label_efficiency"] = efficiency or placeholder(
         path, "No dataset was fine-tuned at two or more label fractions.",
         ["dataset", "backbone", "init", "fraction", "metric", "mean", "std", "n", "run_ids"])
     path = figures_dir / "pretrain_losses.png"

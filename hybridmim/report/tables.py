@@ -202,8 +202,8 @@ def load_paper_results(path: str | os.PathLike) -> dict[str, list[dict[str, Any]
     out = {"paper": list(data.get("paper") or []), "references": list(data.get("references") or [])}
     for section, required in (("paper", ("dataset", "backbone", "init", "fraction", "value",
                                          "table")),
-                              ("references", ("dataset", "backbone", "init", "fraction", "value",
-                                              "source", "split", "setting"))):
+                              ("references", ("dataset", "backbone", "init", "label", "fraction",
+                                              "value", "source", "split", "setting"))):
         for i, entry in enumerate(out[section]):
             where = f"{path}: {section}[{i}]"
             absent = [key for key in required if key not in entry]
@@ -218,6 +218,10 @@ def load_paper_results(path: str | os.PathLike) -> dict[str, list[dict[str, Any]
                                        "paper it comes from); enter both or leave value null")
             if section == "references" and value is None:
                 raise ReportInputError(f"{where}.value is null; a reference needs its number")
+            if section == "references" and "hybridmim" in str(entry["label"]).lower():
+                raise ReportInputError(f"{where}.label is {entry['label']!r}: a public reference "
+                                       "is labelled with what it is (e.g. 'SSL (Tang et al.)'), "
+                                       "never with our method's name")
     return out
 
 
@@ -238,6 +242,8 @@ def paper_table(comparison_long: pd.DataFrame, paper_results: dict[str, list[dic
                     else entry.get("setting", ""))
             rows.append({
                 "kind": kind, "dataset": entry["dataset"], "backbone": entry["backbone"],
+                "label": (f"HybridMIM paper: {entry['init']}" if kind == "HybridMIM paper"
+                          else str(entry["label"])),
                 "init": entry["init"], "fraction": float(entry["fraction"]),
                 "reported": math.nan if entry["value"] is None else float(entry["value"]),
                 "reported_source": entry.get("source") or ("" if entry["value"] is None
@@ -252,7 +258,7 @@ def paper_table(comparison_long: pd.DataFrame, paper_results: dict[str, list[dic
                 "cell": f"{kind}: {entry['dataset']} / {entry['backbone']} / {entry['init']} / "
                         f"frac {float(entry['fraction']):g}"})
     long = pd.DataFrame.from_records(rows, columns=[
-        "kind", "dataset", "backbone", "init", "fraction", "reported", "reported_source",
+        "kind", "dataset", "backbone", "label", "init", "fraction", "reported", "reported_source",
         "reported_table", "split", "setting", "metric", "scale", "mean", "std", "n", "run_ids",
         "cell"])
 
@@ -260,7 +266,7 @@ def paper_table(comparison_long: pd.DataFrame, paper_results: dict[str, list[dic
         fmt = escape_latex if latex else str
         return pd.DataFrame({
             "kind": long["kind"].map(fmt), "dataset": long["dataset"].map(fmt),
-            "backbone": long["backbone"].map(fmt), "init": long["init"].map(fmt),
+            "backbone": long["backbone"].map(fmt), "reported for": long["label"].map(fmt),
             "labels": long["fraction"].map(lambda f: fmt(fraction_text(f))),
             "reported Dice (%)": long["reported"].map(
                 lambda v: "n/a" if math.isnan(v) else f"{v:.2f}"),
@@ -268,6 +274,7 @@ def paper_table(comparison_long: pd.DataFrame, paper_results: dict[str, list[dic
                                zip(long["reported_source"], long["reported_table"])],
             "split, setting": [fmt(", ".join(filter(None, (s, t)))) for s, t in
                                zip(long["split"], long["setting"])],
+            "ours: init": long["init"].map(fmt),
             "ours (test)": [format_cell(m, s, n, latex) for m, s, n in
                             zip(long["mean"], long["std"], long["n"])],
         }).set_index("kind")
