@@ -1,19 +1,26 @@
-"""Re-verify every reported number and the provenance chain behind it.
+"""Re-verify every reported number and the provenance chain behind it (docs/audit.md).
 
-For every row of every CSV table under ``<results>/tables`` the number is re-derived from the
-MLflow runs the row names. Every run behind a table is then checked, and so is each run upstream
-of it (evaluate → finetune → pretrain, through the ``upstream.*`` tags):
+Every file a reader sees — each table in every format, each figure's data, the HTML report's
+embedded tables — is compared cell by cell with the report re-built from the live MLflow runs
+(audit_files). For every row of every CSV table under ``<results>/tables`` with run ids the
+number is also re-derived from the MLflow runs the row names. Every run behind a table or figure
+is then checked, and so is each run upstream of it (evaluate → finetune → pretrain, through the
+``upstream.*`` tags):
 
-- its metrics.json (found under ``<results>``) agrees with MLflow, and its spec hash with the
-  run's ``config_hash`` tag; the run FINISHED;
-- provenance tags are present; the git commit is recorded (a dirty tree is a warning);
-- every ``data_hash.<dataset>`` tag equals the current dvc.lock entry, or the recomputed tree hash
-  when the run recorded one (``data_hash_source`` = sha256-tree);
+- it exists, is not deleted and FINISHED; its metrics.json (found under ``<results>``) agrees
+  with MLflow, and its spec hash with the run's ``config_hash`` tag;
+- provenance tags are present; the git commit is recorded (a dirty tree is a warning, a failure
+  with ``strict``);
+- every ``data_hash.<dataset>`` tag equals the current dvc.lock entry and DVC finds the files on
+  disk unchanged (audit_data), or the recomputed tree hash when the run recorded one
+  (``data_hash_source`` = sha256-tree);
 - the upstream checkpoint on disk still has the recorded sha256 and its ``meta.mlflow_run_id``
-  is the recorded upstream run, which exists in the store.
+  is the recorded upstream run, which exists in the store;
+- an evaluate run's saved predictions have their sha256 and its per-case Dice/HD95 re-compute
+  from them (recompute: a seeded sample of cases, or all).
 
-Each check is ``{"check", "number", "source", "status": pass|fail|warn, "reason"}`` (run checks add
-``affects``: the table numbers resting on that run, through the chain); the results go
+Each check is ``{"check", "number", "source", "status": pass|fail|warn|skip, "reason"}`` (run
+checks add ``affects``: the table numbers resting on that run, through the chain); the results go
 to ``<results>/audit.json`` and ``<results>/audit.md``. ``main`` returns 1 if anything failed.
 """
 from __future__ import annotations
@@ -24,19 +31,18 @@ import logging
 import math
 import os
 import subprocess
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from hybridmim.atomic import write_json, write_text
-from hybridmim.report.audit_data import DvcData
-from hybridmim.report.audit_files import audit_report_files
-from hybridmim.report.recompute import DEFAULT_SAMPLE, check_predictions
 from hybridmim.hashing import sha256_file, tree_hash
+from hybridmim.report.audit_data import DvcData, data_on_disk_check
+from hybridmim.report.audit_files import audit_report_files
+from hybridmim.report.audit_output import summary, write_outputs
 from hybridmim.report.collect import (ReportInputError, from_mlflow_value, metric_disagreements,
                                       same_number)
+from hybridmim.report.recompute import DEFAULT_SAMPLE, check_predictions
 from hybridmim.report.tables import AUDITED_COLUMNS, RUN_ID_SEPARATOR, aggregate, load_paper_results
 
 log = logging.getLogger(__name__)
@@ -323,7 +329,7 @@ class Auditor:
                     checks.append(_check("data hash", label, str(self.project_root / "dvc.lock"),
                                          False, f"dvc.lock has no entry for {folder} any more"))
                     continue
-                checks.append(self._check_data_on_disk(label, name, folder))
+                checks.append(data_on_disk_check(_check, self.dvc, label, name, folder))
                 ok, now = current["hash"] == recorded, current["hash"]
                 where = str(self.project_root / "dvc.lock")
             elif source == "sha256-tree":
@@ -343,23 +349,6 @@ class Auditor:
                                  "changed since the run — re-run it or check out that data "
                                  "version"))
         return checks
-
-    def _check_data_on_disk(self, label: str, name: str, folder: Path) -> dict[str, str]:
-        """The files on disk still hash to dvc.lock (DVC's own status), raw inputs included."""
-        try:
-            files, stage = self.dvc.changes(folder)
-        except Exception as exc:  # dvc raises its own exception types (not a repo, no git, ...)
-            return _check("data on disk", label, str(folder), False,
-                          f"DVC cannot check {folder} against dvc.lock: {exc}")
-        if not files and not stage:
-            return _check("data on disk", label, str(folder), True,
-                          "dvc data status: unchanged since dvc.lock (raw inputs included)")
-        shown = files or stage
-        listed = "; ".join(shown[:10]) + (f"; … ({len(shown) - 10} more)" if len(shown) > 10
-                                          else "")
-        return _check("data on disk", label, str(folder), False,
-                      f"dataset {name}: data changed on disk since the run read it — {listed}. "
-                      "Restore it (`dvc checkout`) or re-run the pipeline")
 
     def _check_upstream(self, who: str, run: Any) -> tuple[list[dict[str, str]], str | None]:
         tags, run_id = run.data.tags, run.info.run_id
@@ -444,41 +433,6 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None,
                   if c["status"] == "warn" else c for c in checks]
     write_outputs(results_dir, tracking_uri, checks)
     return checks
-
-
-def summary(checks: list[dict[str, str]]) -> dict[str, int]:
-    counts = Counter(c["status"] for c in checks)
-    return {status: counts.get(status, 0) for status in ("pass", "fail", "warn", "skip")}
-
-
-def write_outputs(results_dir: Path, tracking_uri: str, checks: list[dict[str, str]]) -> None:
-    totals = summary(checks)
-    write_json(results_dir / "audit.json", {"tracking_uri": tracking_uri, "summary": totals,
-                                            "checks": checks})
-    lines = ["# Audit", "", f"MLflow store: `{tracking_uri}`", "",
-             f"**{'FAILED' if totals['fail'] else 'PASSED'}** — {totals['pass']} passed, "
-             f"{totals['fail']} failed, {totals['warn']} warnings, {totals['skip']} skipped "
-             f"({len(checks)} checks; every check in audit.json).", ""]
-    by_kind = Counter((c["check"], c["status"]) for c in checks)
-    lines += ["| check | pass | fail | warn | skip |", "|---|---|---|---|---|"]
-    for kind in dict.fromkeys(c["check"] for c in checks):
-        lines.append(f"| {kind} | {by_kind[(kind, 'pass')]} | {by_kind[(kind, 'fail')]} | "
-                     f"{by_kind[(kind, 'warn')]} | {by_kind[(kind, 'skip')]} |")
-    for status, title in (("fail", "Failures"), ("warn", "Warnings"), ("skip", "Skipped")):
-        listed = [c for c in checks if c["status"] == status]
-        if listed:
-            lines += ["", f"## {title}", ""]
-            lines += [f"- **{c['check']}** — {c['number']} (source: `{c['source']}`): "
-                      f"{c['reason']}{_affects_text(c)}" for c in listed]
-    write_text(results_dir / "audit.md", "\n".join(lines) + "\n")
-
-
-def _affects_text(check: dict[str, Any]) -> str:
-    affects = check.get("affects") or []
-    if not affects:
-        return ""
-    shown = "; ".join(affects[:3]) + (f"; … ({len(affects) - 3} more)" if len(affects) > 3 else "")
-    return f" — affects {len(affects)} table number(s): {shown}"
 
 
 def exit_status(checks: list[dict[str, str]]) -> int:

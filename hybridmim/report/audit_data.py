@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -71,6 +72,25 @@ class DvcData:
                         if not path.endswith("/") and any(_under(path, p) for p in prefixes)})
         stage_changes = self._stage_changes(found[0]) if found else []
         return files, stage_changes
+
+
+def data_on_disk_check(check: Callable[..., dict[str, str]], dvc: DvcData, label: str, name: str,
+                       folder: Path) -> dict[str, str]:
+    """One check: the files on disk still hash to dvc.lock (DVC's own status), raw inputs
+    included; a failure names the dataset and the changed files."""
+    try:
+        files, stage = dvc.changes(folder)
+    except Exception as exc:  # dvc raises its own exception types (not a repo, no git, ...)
+        return check("data on disk", label, str(folder), False,
+                     f"DVC cannot check {folder} against dvc.lock: {exc}")
+    if not files and not stage:
+        return check("data on disk", label, str(folder), True,
+                     "dvc data status: unchanged since dvc.lock (raw inputs included)")
+    shown = files or stage
+    listed = "; ".join(shown[:10]) + (f"; … ({len(shown) - 10} more)" if len(shown) > 10 else "")
+    return check("data on disk", label, str(folder), False,
+                 f"dataset {name}: data changed on disk since the run read it — {listed}. "
+                 "Restore it (`dvc checkout`) or re-run the pipeline")
 
 
 def _path_of(entry: str | dict) -> str:

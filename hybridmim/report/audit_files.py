@@ -75,10 +75,12 @@ def compare_file(check: Check, kind: str, label: str, source: str, shown_text: s
         return [check(kind, label, source, False,
                       "missing: the report writes it from the live MLflow runs; re-run the report")]
     try:
-        problems = compare_cells(read_cells(shown_path, shown_text), read_cells(rebuilt))
+        rebuilt_cells = read_cells(rebuilt)
     except UnicodeDecodeError:  # a binary file (none is expected here): compare bytes
-        problems = [] if shown_path.read_bytes() == rebuilt.read_bytes() else [
-            "its bytes differ from the re-built file"]
+        same = shown_path.is_file() and shown_path.read_bytes() == rebuilt.read_bytes()
+        return [check(kind, label, source, same, "byte-identical to the re-built file" if same
+                      else "its bytes differ from the file re-built from the MLflow runs")]
+    problems = compare_cells(read_cells(shown_path, shown_text), rebuilt_cells)
     if problems:
         return [check(kind, f"{label}: {problem.split(':')[0]}", source, False,
                       f"{problem} — the file no longer matches the MLflow runs; re-run the "
@@ -168,8 +170,8 @@ def audit_html(check: Check, html: Path, results_dir: Path, project_root: Path,
         checks += compare_file(check, "html report", f"{html.name} › {rel}", str(html), text,
                                Path(rel), rebuilt_dir / rel)
     if not checks:
-        checks.append(check("html report", str(html), str(html), False,
-                            "embeds no table or figure data: it was not made from this report"))
+        checks.append(check("html report", str(html), str(html), "skip",
+                            "embeds no table or figure data: no number in it to compare"))
     checks.append(check("html report", f"{html.name}: other embedded files", str(html), True,
                         f"{others} embedded figure/media files not compared (their numbers are "
                         "audited through the figures' data CSVs)"))
