@@ -86,6 +86,37 @@ def cmd_data_version(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_data_preprocess_pretrain(args: argparse.Namespace) -> None:
+    from hybridmim.data.pretrain_cache import build_native_cache
+
+    config, name = _dataset_config(args)
+    print(build_native_cache(config, name, data_root=args.data_root))
+
+
+def cmd_data_version_pretrain(args: argparse.Namespace) -> None:
+    from hybridmim.data.versioning import version_pretrain_cache
+
+    result = version_pretrain_cache(args.dataset, args.out, args.project_root)
+    print(json.dumps(result, indent=2))
+
+
+def _add_pretrain_cache_commands(data_sub: Any) -> None:
+    text = ("native-spacing pretraining cache (RAS, no resampling, whole volumes) → "
+            "data/pretrain/<ds>; needs data/raw/<ds> and the split of data/processed/<ds>")
+    p = data_sub.add_parser("preprocess-pretrain", help=text, description=text)
+    p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
+    p.add_argument("--config", help="experiment config YAML (e.g. config/paper.yaml)")
+    p.add_argument("--dataset-json", help="the dataset's config block as JSON")
+    p.add_argument("--data-root", default="data", help="root of raw/, processed/ and pretrain/")
+    p.set_defaults(func=cmd_data_preprocess_pretrain)
+    p = data_sub.add_parser("version-pretrain",
+                            help="record data/pretrain/<ds>'s hash in dvc.lock (dvc commit)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True, help="JSON file that receives the recorded hash")
+    p.add_argument("--project-root", default=".")
+    p.set_defaults(func=cmd_data_version_pretrain)
+
+
 def cmd_tracking_init(args: argparse.Namespace) -> None:
     from hybridmim.tracking.store import init_store, resolve_tracking_uri
 
@@ -248,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-json", help="the dataset's config block as JSON: versions a dataset "
                    "that dvc.yaml does not list through datasets/dvc.yaml")
     p.set_defaults(func=cmd_data_version)
+    _add_pretrain_cache_commands(data_sub)
 
     track = sub.add_parser("tracking", help="MLflow store management")
     track_sub = track.add_subparsers(dest="tracking_command", required=True, metavar="STEP")

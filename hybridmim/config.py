@@ -198,6 +198,14 @@ def processed_dir(name: str) -> str:
     return f"{DATA_DIR}/processed/{name}"
 
 
+def pretrain_data_dir(config: dict, name: str) -> str:
+    """The cache a pretraining corpus reads: the fine-tuning cache, or the native-spacing one
+    (`pretraining.data_recipe: native`, hybridmim.data.pretrain_cache)."""
+    if config["pretraining"].get("data_recipe", "finetune") == "native":
+        return f"{DATA_DIR}/pretrain/{name}"
+    return processed_dir(name)
+
+
 def dataset_entry(config: dict, name: str) -> dict[str, Any]:
     """The dataset part of a finetune/evaluate spec."""
     spec = dataset_spec(config, name)
@@ -290,7 +298,7 @@ def pretrain_spec(config: dict, backbone: str, method: str, corpus: str, rule: s
     datasets = []
     for name in pre["corpora"][corpus]["datasets"]:
         ds = dataset_spec(config, name)
-        datasets.append({"name": name, "processed_dir": processed_dir(name),
+        datasets.append({"name": name, "processed_dir": pretrain_data_dir(config, name),
                          "modality": ds.modality, "window": dict(ds.windows["pretrain"])})
     wildcards = {"backbone": backbone, "method": method, "corpus": corpus}
     out = pretrain_model_path(backbone, method, corpus)

@@ -62,9 +62,18 @@ def data_ready(dataset):
     return f"{hcfg.processed_dir(dataset)}/splits.json"
 
 
+def pretrain_data_ready(dataset):
+    """The cache a pretraining corpus reads (pretraining.data_recipe), versioned if DVC is on."""
+    if config["pretraining"].get("data_recipe", "finetune") != "native":
+        return data_ready(dataset)
+    if USE_DVC:
+        return f"results/data_versions/pretrain/{dataset}.json"
+    return f"{hcfg.pretrain_data_dir(config, dataset)}/splits.json"
+
+
 def corpus_inputs(wildcards):
     names = config["pretraining"]["corpora"][wildcards.corpus]["datasets"]
-    return [data_ready(n) for n in names]
+    return [pretrain_data_ready(n) for n in names]
 
 
 def finetune_inputs(wildcards):
