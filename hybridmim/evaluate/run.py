@@ -84,7 +84,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     precision_choice = runtime.precision_choice(spec.get("precision", "auto"), device)
     precision = precision_choice.precision
     network = build_network(blob).to(device).eval()
-    prepare_network(network, device, precision)
+    forward = prepare_network(network, device, precision, spec)
 
     split = spec["split"]
     splits = load_splits(processed_dir)
@@ -106,7 +106,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
         for index in range(len(cases)):
             item = cases[index]
             image = torch.as_tensor(item["image"])
-            probs = predict_volume(network, image, crop, overlap=float(spec["sw_overlap"]),
+            probs = predict_volume(forward, image, crop, overlap=float(spec["sw_overlap"]),
                                    mode="gaussian", device=device, precision=precision,
                                    regions=bool(regions))
             pred = probabilities_to_masks(probs, bool(regions))
