@@ -227,7 +227,9 @@ def _common(config: dict, run_name: str, seed: int, out: str, rule: str,
             "provenance": {"rule": rule, "wildcards": {k: str(v) for k, v in wildcards.items()}},
             "precision": config.get("precision", "auto"),
             "deterministic": bool(config.get("deterministic", False)),
-            "threads": res["cpus"]}
+            "threads": res["cpus"],
+            # Speed-only options join the spec only when on, so default specs keep their hashes.
+            **{key: True for key in ("channels_last", "compile") if config.get(key)}}
 
 
 def backbone_spec(config: dict, backbone: str, in_channels: int) -> dict[str, Any]:

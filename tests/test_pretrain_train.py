@@ -312,3 +312,15 @@ def test_warmup_cosine_schedule():
     assert schedule(8) == pytest.approx(0.5)  # half-way through the decay
     with pytest.raises(ValueError, match="warmup_steps"):
         WarmupCosine(13, 12)
+
+
+def test_channels_last_changes_speed_only(workspace):
+    # No dropout: a dropout mask is drawn in memory order, so it differs between layouts.
+    totals = {}
+    for layout, extra in (("default", {}), ("channels_last", {"channels_last": True})):
+        spec = _spec(workspace, f"layout_{layout}", backbone__dropout=0.0, optim__steps=2,
+                     **extra)
+        result = run_pretraining(copy.deepcopy(spec))
+        _, total = _mlflow_history(spec, result["run_id"], "train/total")
+        totals[layout] = [m.value for m in sorted(total, key=lambda m: m.step)]
+    assert totals["channels_last"] == pytest.approx(totals["default"], rel=1e-4)

@@ -93,7 +93,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     precision_choice = runtime.precision_choice(spec.get("precision", "auto"), device)
     precision = precision_choice.precision
     network = build_network(blob).to(device).eval()
-    prepare_network(network, device, precision)
+    forward = prepare_network(network, device, precision, spec)
 
     split = spec["split"]
     splits = load_splits(processed_dir)
@@ -109,7 +109,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     recipe = model_recipe(meta, dataset, model_path)
     labels = meta.get("labels") or dataset["labels"]
     channels = meta.get("channels") or len(dataset.get("channels") or ["image"])
-    predictor = CasePredictor(network, {**meta, "window": window, "labels": labels,
+    predictor = CasePredictor(forward, {**meta, "window": window, "labels": labels,
                                         "channels": channels}, recipe,
                               overlap=float(spec["sw_overlap"]), device=device,
                               precision=precision)
