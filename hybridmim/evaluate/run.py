@@ -24,6 +24,7 @@ from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, fo
 from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
 from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
 from hybridmim.hashing import spec_hash as compute_spec_hash
+from hybridmim.models.backbones import backbone_of_class
 from hybridmim.performance import prepare_network
 from hybridmim.progress import StepProgress
 
@@ -81,7 +82,8 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     crop = int(meta["crop"])
     window = meta.get("window") or dataset.get("window")
     device = runtime.select_device()
-    precision_choice = runtime.precision_choice(spec.get("precision", "auto"), device)
+    precision_choice = runtime.precision_choice(spec.get("precision", "auto"), device,
+                                                backbone_of_class(blob["network"]["class"]))
     precision = precision_choice.precision
     network = build_network(blob).to(device).eval()
     forward = prepare_network(network, device, precision, spec)

@@ -77,7 +77,7 @@ class _PretrainJob:
         self.geometry = MaskGeometry.coerce(spec["geometry"])
         self.device = runtime.select_device(dist)
         self.precision_choice = runtime.precision_choice(spec.get("precision", "auto"),
-                                                         self.device)
+                                                         self.device, spec["backbone"]["name"])
         self.precision = self.precision_choice.precision
         self.total_steps = int(spec["optim"]["steps"])
         self.seed = int(spec["seed"])
