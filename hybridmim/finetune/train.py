@@ -144,7 +144,7 @@ class FinetuneJob:
         runtime.configure_threads(spec.get("threads"))
         self.device = runtime.select_device()
         self.precision_choice = runtime.precision_choice(spec.get("precision", "auto"),
-                                                         self.device)
+                                                         self.device, spec["backbone"]["name"])
         self.precision = self.precision_choice.precision
 
     # ---- data ---------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ class _PretrainJob:
         self.geometry = MaskGeometry.coerce(spec["geometry"])
         self.device = runtime.select_device(dist)
         self.precision_choice = runtime.precision_choice(spec.get("precision", "auto"),
-                                                         self.device)
+                                                         self.device, spec["backbone"]["name"])
         self.precision = self.precision_choice.precision
         self.cost = CostMeter(self.device, int(spec["data"]["volumes_per_step"])
                               * int(spec["data"]["crops_per_volume"]) * dist.world_size)
