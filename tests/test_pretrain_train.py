@@ -134,6 +134,8 @@ def test_full_run_writes_model_metrics_and_mlflow_run(reference_run):
     assert [m.step for m in val] == [2, 4]
     assert run.data.tags["config_hash"] == metrics["spec_hash"]
     assert run.data.params["optim.steps"] == "4"
+    # The backbone is the run's MLflow model (not registered: only fine-tuned models are).
+    assert run.outputs.model_outputs and run.data.tags["model_uri"].startswith("models:/m-")
 
 
 def test_resume_after_preemption_reaches_the_same_weights(workspace, reference_run, monkeypatch):
