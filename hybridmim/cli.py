@@ -23,7 +23,10 @@ def _read_spec(args: argparse.Namespace) -> dict[str, Any]:
         path = Path(args.spec_file)
         if not path.exists():
             raise SystemExit(f"error: spec file {path} does not exist")
-        return json.loads(path.read_text())
+        spec = json.loads(path.read_text())
+        # The console shows only the file name: the job's log keeps the whole spec.
+        log.info("job spec %s: %s", path, json.dumps(spec, sort_keys=True))
+        return spec
     if args.spec:
         try:
             return json.loads(args.spec)
@@ -231,6 +234,29 @@ def add_predict_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from hybridmim.export.bundle import export_bundle
+
+    print(export_bundle(args.model, args.out, tracking_uri=args.tracking_uri,
+                        overlap=args.overlap))
+
+
+def add_export_parser(sub: Any) -> None:
+    text = ("write a trained (fine-tuned or pretrained) model as a MONAI bundle that runs with "
+            "stock MONAI: python -m monai.bundle run --config_file configs/inference.json")
+    p = sub.add_parser("export", help="a trained model as a MONAI bundle", description=text)
+    p.add_argument("--model", required=True,
+                   help="a model.pt, an MLflow run id, or an MLflow model URI "
+                        "(models:/<name>/<version>)")
+    p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store for run ids / model URIs and for the model card's test "
+                        "metrics (None: $MLFLOW_TRACKING_URI, else the results DB)")
+    p.add_argument("--overlap", type=float, default=0.5,
+                   help="sliding-window overlap written into configs/inference.json")
+    p.set_defaults(func=cmd_export)
+
+
 def add_version_option(parser: argparse.ArgumentParser) -> None:
     from hybridmim import __version__
 
@@ -324,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default="0", help="seed (finetune/evaluate)")
     p.set_defaults(func=cmd_spec)
     add_predict_parser(sub)
+    add_export_parser(sub)
     add_version_option(parser)
     show_defaults(parser)
     return parser

@@ -142,6 +142,8 @@ def test_full_run_writes_model_metrics_and_mlflow_run(reference_run):
     assert sorted({m.step for m in clock}) == [1, 2, 3, 4]  # time-to-quality's x axis
     assert run.data.tags["config_hash"] == metrics["spec_hash"]
     assert run.data.params["optim.steps"] == "4"
+    # The backbone is the run's MLflow model (not registered: only fine-tuned models are).
+    assert run.outputs.model_outputs and run.data.tags["model_uri"].startswith("models:/m-")
 
 
 def test_bf16_pretraining_trains_and_records_its_precision(workspace, reference_run):
