@@ -54,7 +54,7 @@ def tamperings(root: Path, uri: str, html: Path | None) -> dict[str, Callable]:
     metrics = sorted((results / "evaluate").rglob("metrics.json"))
     payloads = [json.loads(p.read_text()) for p in metrics]
     run_id = payloads[0]["run_id"]
-    row_number = r"\n\| demo\w+ .*?\| (\d+\.\d\d) ±"
+    row_number = r"\n\| demo\w+ .*?\| (\d+\.\d\d) [(±]"
 
     @contextlib.contextmanager
     def run_state(apply: Callable, undo: Callable) -> Iterator[None]:
@@ -105,7 +105,7 @@ def tamperings(root: Path, uri: str, html: Path | None) -> dict[str, Callable]:
             lambda b: bump_first(b.decode(), row_number).encode()),
         "LaTeX table cell": lambda: edited(
             results / "tables" / "comparison.tex",
-            lambda b: bump_first(b.decode(), r"& (\d+\.\d\d) \$\\pm\$").encode()),
+            lambda b: bump_first(b.decode(), r"& (\d+\.\d\d) [($]").encode()),
         "figure data (test_dice.csv)": lambda: edited(results / "figures" / "test_dice.csv",
                                                       figure_cell),
         "processed data file": lambda: edited(processed[len(processed) // 2],

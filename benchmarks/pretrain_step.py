@@ -12,7 +12,14 @@ Memory: every (backbone, method) runs two steps in a fresh subprocess, so its pe
 (``resource.getrusage(...).ru_maxrss``) over its RSS right before the first step, i.e. what the
 steps added on top of the imported libraries, the model and the input.
 
+Variants (``--variants fp32 bf16 channels_last compile``): the HybridMIM step of each backbone
+in fp32, bf16, channels-last-3d (in the benchmark's precision) and ``torch.compile``d (ditto),
+all built in one subprocess per backbone and stepped in rotation (A B C D, D C B A, ...), so the
+ratios to the first variant are side by side under the same load; compile time is reported
+separately (it is paid once per job).
+
     python benchmarks/pretrain_step.py                       # CPU, small widths, crop 64
+    python benchmarks/pretrain_step.py --variants fp32 bf16 channels_last compile
     python benchmarks/pretrain_step.py --device cuda --crop 96 --batch 4 --precision bf16 \\
         --unet-filters 64 64 128 256 512 --swin-feature-size 48 --unetr-hidden-size 768
 """
@@ -53,29 +60,37 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _build_stepper(config: dict, method_name: str):
+def _build_stepper(config: dict, method_name: str, variant: str | None = None):
+    """The real PretrainStep. ``variant``: None (config's precision), ``fp32``/``bf16``/``fp16``
+    (that precision), ``channels_last`` or ``compile`` (config's precision plus the option)."""
     import torch
 
     from hybridmim import runtime
     from hybridmim.models.hybridmim_model import build_pretrain_model
     from hybridmim.pretrain.losses import HybridMIMLoss
     from hybridmim.pretrain.masking import MaskGeometry
-    from hybridmim.pretrain.schedule import warmup_cosine_scheduler
+    from hybridmim.schedule import warmup_cosine_scheduler
     from hybridmim.pretrain.spec import resolve_method
     from hybridmim.pretrain.step import PretrainStep
 
     torch.manual_seed(0)
     device = torch.device(config["device"])
-    precision = runtime.resolve_precision(config["precision"], device)
+    from hybridmim.performance import prepare_network
+
+    requested = variant if variant in {"fp32", "bf16", "fp16"} else config["precision"]
+    precision = runtime.resolve_precision(requested, device)
     method = {**METHODS[method_name], "proj_dim": config["proj_dim"]}
     geo = config["geometry"]
     if geo["crop"] - geo["region"] < 64:  # the CPU crop: one Swin box token per axis
         method["swin_bottleneck_slice"] = "after_encoder10"
     method = resolve_method(method)
     model = build_pretrain_model(config["backbone"], config["geometry"], method).to(device)
+    forward_model = prepare_network(model, device, precision,
+                                    {"channels_last": variant == "channels_last",
+                                     "compile": variant == "compile"})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
     return PretrainStep(
-        model=model, forward_model=model,
+        model=model, forward_model=forward_model,
         loss_fn=HybridMIMLoss.from_method(method),
         optimizer=optimizer, scheduler=warmup_cosine_scheduler(optimizer, 0, 10_000),
         scaler=runtime.make_grad_scaler(device, precision),
@@ -126,6 +141,60 @@ def measure_time(config: dict) -> dict:
                 "parameters": sum(p.numel() for p in steppers[m].model.parameters()),
                 "recon_voxels": int(steppers[m].model.box_shape[0] ** 3),
                 "precision": steppers[m].precision} for m, t in times.items()}
+
+
+def measure_variants(config: dict) -> dict:
+    """Worker: the HybridMIM step in each variant, stepped in rotation; median s/step each."""
+    import torch
+
+    torch.set_num_threads(config["threads"])
+    variants = config["variants"]
+    steppers = {v: _build_stepper(config, "hybridmim", v) for v in variants}
+    images, valid, generator = _inputs(config)
+    device = images.device
+    first_steps = {}
+    for name, stepper in steppers.items():
+        started = time.perf_counter()  # the first step of a compiled model includes compiling
+        stepper.train_step(images, valid, generator)
+        _sync(device)
+        first_steps[name] = time.perf_counter() - started
+        for _ in range(config["warmup"] - 1):
+            stepper.train_step(images, valid, generator)
+    _sync(device)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    order = list(variants)
+    for _ in range(config["steps"]):
+        for name in order:
+            started = time.perf_counter()
+            steppers[name].train_step(images, valid, generator)
+            _sync(device)
+            times[name].append(time.perf_counter() - started)
+        order.reverse()
+    return {v: {"seconds_per_step": statistics.median(t), "times": t,
+                "first_step_seconds": first_steps[v], "precision": steppers[v].precision}
+            for v, t in times.items()}
+
+
+def run_variants(args: argparse.Namespace, base: dict, specs: dict) -> list[dict]:
+    rows = []
+    reference = args.variants[0]
+    print(f"{'backbone':10} " + " ".join(f"{v:>14}" for v in args.variants)
+          + "   (s/step; ratio to " + reference + ")", flush=True)
+    for name in args.backbones:
+        result = run_worker("variants", {**base, "backbone": specs[name],
+                                         "variants": args.variants})
+        row = {"backbone": name, "backbone_spec": specs[name], "variants": result}
+        if "error" in result:
+            print(f"{name:10} error: {result['error']}", flush=True)
+        else:
+            ref = result[reference]["seconds_per_step"]
+            row["ratio_to_" + reference] = {v: r["seconds_per_step"] / ref
+                                            for v, r in result.items()}
+            print(f"{name:10} " + " ".join(
+                f"{r['seconds_per_step']:7.3f} ({r['seconds_per_step'] / ref:4.2f})"
+                for r in result.values()), flush=True)
+        rows.append(row)
+    return rows
 
 
 def measure_memory(config: dict) -> dict:
@@ -187,12 +256,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unetr-hidden-size", type=int, default=96)
     parser.add_argument("--unetr-mlp-dim", type=int, default=192)
     parser.add_argument("--unetr-heads", type=int, default=4)
-    parser.add_argument("--out", default="results/benchmarks/pretrain_step.json")
+    parser.add_argument("--variants", nargs="+", choices=["fp32", "bf16", "fp16",
+                                                          "channels_last", "compile"],
+                        help="compare these variants of the HybridMIM step instead of "
+                        "HybridMIM vs SimMIM (ratios to the first)")
+    parser.add_argument("--out", default=None, help="JSON output (default results/benchmarks/"
+                        "pretrain_step.json, or pretrain_variants.json with --variants)")
     args = parser.parse_args(argv)
 
     if args.worker:
         kind, config = args.worker
-        worker = {"time": measure_time, "memory": measure_memory}[kind]
+        worker = {"time": measure_time, "memory": measure_memory,
+                  "variants": measure_variants}[kind]
         print(json.dumps(worker(json.loads(config))))
         return
 
@@ -211,6 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     print(f"device {device}, crop {crop}, batch {batch}, precision {args.precision}, "
           f"{args.steps} timed steps after {args.warmup} warm-up", flush=True)
+    out = Path(args.out or ("results/benchmarks/pretrain_variants.json" if args.variants
+                            else "results/benchmarks/pretrain_step.json"))
+    if args.variants:
+        _write_report(out, device, on_gpu, base, run_variants(args, base, specs))
+        return
     header = (f"{'backbone':10} {'method':9} {'s/step':>8} {'peak MiB':>8} {'recon vox':>10}"
               f" | {'time H/S':>8} {'mem H/S':>8}")
     print(header + "\n" + "-" * len(header), flush=True)
@@ -240,7 +320,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:10} {method:9} {r['seconds_per_step']:8.3f} "
                   f"{_fmt_mib(r['peak_memory_bytes'])} {r['recon_voxels']:10d}{ratios}",
                   flush=True)
-    out = Path(args.out)
+    _write_report(out, device, on_gpu, base, rows)
+
+
+def _write_report(out: Path, device: str, on_gpu: bool, base: dict, rows: list) -> None:
+    import torch
+
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"device": device, "device_name": (torch.cuda.get_device_name(device) if on_gpu
                                                 else "cpu"),

@@ -23,7 +23,10 @@ def _read_spec(args: argparse.Namespace) -> dict[str, Any]:
         path = Path(args.spec_file)
         if not path.exists():
             raise SystemExit(f"error: spec file {path} does not exist")
-        return json.loads(path.read_text())
+        spec = json.loads(path.read_text())
+        # The console shows only the file name: the job's log keeps the whole spec.
+        log.info("job spec %s: %s", path, json.dumps(spec, sort_keys=True))
+        return spec
     if args.spec:
         try:
             return json.loads(args.spec)
@@ -84,6 +87,37 @@ def cmd_data_version(args: argparse.Namespace) -> None:
     block = json.loads(args.dataset_json) if args.dataset_json else None
     result = version_dataset(args.dataset, args.out, args.project_root, block)
     print(json.dumps(result, indent=2))
+
+
+def cmd_data_preprocess_pretrain(args: argparse.Namespace) -> None:
+    from hybridmim.data.pretrain_cache import build_native_cache
+
+    config, name = _dataset_config(args)
+    print(build_native_cache(config, name, data_root=args.data_root))
+
+
+def cmd_data_version_pretrain(args: argparse.Namespace) -> None:
+    from hybridmim.data.versioning import version_pretrain_cache
+
+    result = version_pretrain_cache(args.dataset, args.out, args.project_root)
+    print(json.dumps(result, indent=2))
+
+
+def _add_pretrain_cache_commands(data_sub: Any) -> None:
+    text = ("native-spacing pretraining cache (RAS, no resampling, whole volumes) → "
+            "data/pretrain/<ds>; needs data/raw/<ds> and the split of data/processed/<ds>")
+    p = data_sub.add_parser("preprocess-pretrain", help=text, description=text)
+    p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
+    p.add_argument("--config", help="experiment config YAML (e.g. config/paper.yaml)")
+    p.add_argument("--dataset-json", help="the dataset's config block as JSON")
+    p.add_argument("--data-root", default="data", help="root of raw/, processed/ and pretrain/")
+    p.set_defaults(func=cmd_data_preprocess_pretrain)
+    p = data_sub.add_parser("version-pretrain",
+                            help="record data/pretrain/<ds>'s hash in dvc.lock (dvc commit)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True, help="JSON file that receives the recorded hash")
+    p.add_argument("--project-root", default=".")
+    p.set_defaults(func=cmd_data_version_pretrain)
 
 
 def cmd_tracking_init(args: argparse.Namespace) -> None:
@@ -200,6 +234,29 @@ def add_predict_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from hybridmim.export.bundle import export_bundle
+
+    print(export_bundle(args.model, args.out, tracking_uri=args.tracking_uri,
+                        overlap=args.overlap))
+
+
+def add_export_parser(sub: Any) -> None:
+    text = ("write a trained (fine-tuned or pretrained) model as a MONAI bundle that runs with "
+            "stock MONAI: python -m monai.bundle run --config_file configs/inference.json")
+    p = sub.add_parser("export", help="a trained model as a MONAI bundle", description=text)
+    p.add_argument("--model", required=True,
+                   help="a model.pt, an MLflow run id, or an MLflow model URI "
+                        "(models:/<name>/<version>)")
+    p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store for run ids / model URIs and for the model card's test "
+                        "metrics (None: $MLFLOW_TRACKING_URI, else the results DB)")
+    p.add_argument("--overlap", type=float, default=0.5,
+                   help="sliding-window overlap written into configs/inference.json")
+    p.set_defaults(func=cmd_export)
+
+
 def add_version_option(parser: argparse.ArgumentParser) -> None:
     from hybridmim import __version__
 
@@ -248,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-json", help="the dataset's config block as JSON: versions a dataset "
                    "that dvc.yaml does not list through datasets/dvc.yaml")
     p.set_defaults(func=cmd_data_version)
+    _add_pretrain_cache_commands(data_sub)
 
     track = sub.add_parser("tracking", help="MLflow store management")
     track_sub = track.add_subparsers(dest="tracking_command", required=True, metavar="STEP")
@@ -292,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default="0", help="seed (finetune/evaluate)")
     p.set_defaults(func=cmd_spec)
     add_predict_parser(sub)
+    add_export_parser(sub)
     add_version_option(parser)
     show_defaults(parser)
     return parser

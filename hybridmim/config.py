@@ -198,6 +198,14 @@ def processed_dir(name: str) -> str:
     return f"{DATA_DIR}/processed/{name}"
 
 
+def pretrain_data_dir(config: dict, name: str) -> str:
+    """The cache a pretraining corpus reads: the fine-tuning cache, or the native-spacing one
+    (`pretraining.data_recipe: native`, hybridmim.data.pretrain_cache)."""
+    if config["pretraining"].get("data_recipe", "finetune") == "native":
+        return f"{DATA_DIR}/pretrain/{name}"
+    return processed_dir(name)
+
+
 def dataset_entry(config: dict, name: str) -> dict[str, Any]:
     """The dataset part of a finetune/evaluate spec."""
     spec = dataset_spec(config, name)
@@ -219,7 +227,9 @@ def _common(config: dict, run_name: str, seed: int, out: str, rule: str,
             "provenance": {"rule": rule, "wildcards": {k: str(v) for k, v in wildcards.items()}},
             "precision": config.get("precision", "auto"),
             "deterministic": bool(config.get("deterministic", False)),
-            "threads": res["cpus"]}
+            "threads": res["cpus"],
+            # Speed-only options join the spec only when on, so default specs keep their hashes.
+            **{key: True for key in ("channels_last", "compile") if config.get(key)}}
 
 
 def backbone_spec(config: dict, backbone: str, in_channels: int) -> dict[str, Any]:
@@ -290,7 +300,7 @@ def pretrain_spec(config: dict, backbone: str, method: str, corpus: str, rule: s
     datasets = []
     for name in pre["corpora"][corpus]["datasets"]:
         ds = dataset_spec(config, name)
-        datasets.append({"name": name, "processed_dir": processed_dir(name),
+        datasets.append({"name": name, "processed_dir": pretrain_data_dir(config, name),
                          "modality": ds.modality, "window": dict(ds.windows["pretrain"])})
     wildcards = {"backbone": backbone, "method": method, "corpus": corpus}
     out = pretrain_model_path(backbone, method, corpus)

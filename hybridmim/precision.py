@@ -27,6 +27,10 @@ import torch
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Backbones whose CPU training step is slower in bf16 than in fp32 even with native bf16
+# (benchmarks/pretrain_step.py --variants; SwinUNETR 1.5x slower: its window attention is many
+# small matmuls, softmaxes and layer norms where the bf16 conversions cost more than they save).
+CPU_BF16_SLOWER = ("swinunetr",)
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # Test/ops hook: pretend the CPU has these flags (comma-separated, "" = none), e.g. to force the
 # fp32 path on a bf16 CPU when comparing runs.
@@ -85,7 +89,10 @@ def cpu_native_bf16(flags: frozenset[str] | set[str] | None = None) -> str | Non
 
 
 def choose_precision(requested: str, device: torch.device,
-                     flags: frozenset[str] | set[str] | None = None) -> PrecisionChoice:
+                     flags: frozenset[str] | set[str] | None = None,
+                     backbone: str | None = None) -> PrecisionChoice:
+    """``backbone`` (unet|swinunetr|unetr, when known) lets ``auto`` keep fp32 on a CPU for a
+    backbone measured slower in bf16 there (CPU_BF16_SLOWER)."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {'|'.join(PRECISIONS)}, got {requested!r}")
     if device.type == "cuda":
@@ -106,6 +113,9 @@ def choose_precision(requested: str, device: torch.device,
         detail = f"native {native}" if native else "no native bf16: emulated, slow"
         return PrecisionChoice(requested, f"requested {requested} on a {cpu} CPU"
                                + (f" ({detail})" if requested == "bf16" else ""))
+    if native and backbone in CPU_BF16_SLOWER:
+        return PrecisionChoice("fp32", f"auto: {cpu} CPU with native bf16 ({native}), but "
+                               f"{backbone} trains slower in bf16 than fp32 on CPUs")
     if native:
         return PrecisionChoice("bf16", f"auto: {cpu} CPU with native bf16 ({native})")
     return PrecisionChoice("fp32", f"auto: {cpu} CPU without native bf16 (no "

@@ -76,11 +76,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision_choice(precision, device).precision
 
 
-def precision_choice(precision: str, device: torch.device):
+def precision_choice(precision: str, device: torch.device, backbone: str | None = None):
     """The precision a job runs in and why (a PrecisionChoice; its .tags() go on the run)."""
     from hybridmim.precision import choose_precision
 
-    choice = choose_precision(precision, device)
+    choice = choose_precision(precision, device, backbone=backbone)
     log.info("precision %s (%s)", choice.precision, choice.reason)
     return choice
 

@@ -404,7 +404,10 @@ def test_acquire_msd_downloads_resumes_extracts_converts_and_is_idempotent(serve
     assert len(server.requests) == requests  # done: no network, no work
 
 
-def test_acquire_btcv_with_a_synapse_token(server, tmp_path, caplog):
+@pytest.mark.parametrize("manual", [False, True])
+def test_acquire_btcv_with_a_synapse_token(server, tmp_path, caplog, manual):
+    """The token is used also when a manual path is configured but missing (config/paper.yaml
+    names one); the archive is then downloaded to that path."""
     rng = np.random.default_rng(1)
     buffer = io.BytesIO()
     affine = np.diag([0.8, 0.8, 2.5, 1.0])
@@ -418,12 +421,14 @@ def test_acquire_btcv_with_a_synapse_token(server, tmp_path, caplog):
                         gzip.compress(_nifti_bytes(label, affine)))
     endpoint = _fake_synapse(server, buffer.getvalue(), "tok-xyz")
     caplog.set_level(logging.DEBUG)
+    target = tmp_path / "downloads" / ("manual" if manual else "") / "RawData.zip"
     raw = acquire(get_dataset("btcv"), tmp_path / "raw", tmp_path / "downloads", progress=False,
+                  manual_paths={"btcv": target} if manual else None,
                   converter_options={"expect_all_cases": False},
                   environ={"SYNAPSE_AUTH_TOKEN": "tok-xyz", "SYNAPSE_REPO_ENDPOINT": endpoint})
     index = json.loads((raw / "dataset.json").read_text())
     assert [e["case"] for e in index["training"]] == ["img0001", "img0002"]
-    assert (tmp_path / "downloads" / "RawData.zip").is_file()
+    assert target.is_file()
     assert "tok-xyz" not in caplog.text
     assert "tok-xyz" not in (raw / ".acquired.json").read_text()
 

@@ -269,3 +269,46 @@ def test_unet_backbone_is_a_strided_dynunet_with_the_documented_parameter_count(
     text = (ROOT / "docs" / "method.md").read_text()
     for n in (counts.count(ours), counts.count(authors)):
         assert f"{n:,}" in text, f"docs/method.md does not state the parameter count {n:,}"
+
+
+# --- Pretraining data: the native-spacing cache (authors) vs the fine-tuning cache --------------
+
+def test_native_pretraining_cache_keeps_spacing_and_whole_volume(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from conftest import ROOT
+    from hybridmim import config as hcfg
+    from hybridmim.data.pipeline import acquire_dataset, preprocess_and_split
+    from hybridmim.data.pretrain_cache import build_native_cache
+    from hybridmim.data.splits import pretraining_cases
+
+    config = {"datasets": {"demo_spleen": {"num_cases": 4, "num_test": 1, "seed": 0}}}
+    raw = acquire_dataset(config, "demo_spleen", data_root=tmp_path)
+    preprocess_and_split(config, "demo_spleen", data_root=tmp_path)
+    splits = build_native_cache(config, "demo_spleen", data_root=tmp_path)
+    native, resampled = splits.parent, tmp_path / "processed" / "demo_spleen"
+    index = json.loads((native / "dataset.json").read_text())
+    finetune_index = json.loads((resampled / "dataset.json").read_text())
+    assert index["recipe"]["spacing"] is None and index["recipe"]["crop_foreground"] is False
+    assert "crop_foreground" not in finetune_index["recipe"]  # existing caches keep their hash
+    assert index["recipe_hash"] != finetune_index["recipe_hash"]
+    raw_index = json.loads((raw / "dataset.json").read_text())
+    for case in index["cases"]:
+        image = nib.load(raw / next(c["image"] for c in raw_index["training"]
+                                    if c["image"].split("/")[-1] == f"{case['case']}.nii.gz"))
+        assert sorted(case["shape"][1:]) == sorted(image.shape[:3])          # whole volume
+        assert sorted(case["spacing"]) == pytest.approx(sorted(image.header.get_zooms()[:3]))
+    assert splits.read_text() and json.loads(splits.read_text()) == json.loads(
+        (resampled / "splits.json").read_text())
+    assert pretraining_cases([native])[str(native)] == pretraining_cases([resampled])[str(resampled)]
+
+    # config/paper.yaml reads the native cache; the demo reads the fine-tuning cache.
+    paper = hcfg.load_config(ROOT / "config" / "paper.yaml")
+    dirs = [d["processed_dir"] for d in hcfg.pretrain_spec(paper, "unet", "hybridmim",
+                                                           "ct")["data"]["datasets"]]
+    assert dirs and all(d.startswith("data/pretrain/") for d in dirs)
+    demo = hcfg.load_config(ROOT / "config" / "config.yaml")
+    assert all(d["processed_dir"].startswith("data/processed/") for d in
+               hcfg.pretrain_spec(demo, "unet", "hybridmim", "ct")["data"]["datasets"])

@@ -51,3 +51,12 @@ def test_detection_agrees_with_torch_and_can_be_overridden(monkeypatch):
     assert runtime.resolve_precision("auto", CPU) == "fp32"
     monkeypatch.setenv(CPU_FLAGS_ENV, "avx512_bf16")
     assert runtime.precision_choice("auto", CPU).precision == "bf16"
+
+
+def test_auto_keeps_fp32_on_cpu_for_backbones_slower_in_bf16():
+    flags = _flags_from_cpuinfo(ZEN4)
+    assert choose_precision("auto", CPU, flags=flags, backbone="unet").precision == "bf16"
+    swin = choose_precision("auto", CPU, flags=flags, backbone="swinunetr")
+    assert swin.precision == "fp32" and "swinunetr" in swin.reason
+    # An explicit request is obeyed.
+    assert choose_precision("bf16", CPU, flags=flags, backbone="swinunetr").precision == "bf16"

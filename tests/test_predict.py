@@ -4,12 +4,17 @@ orientation; bad inputs fail with one clear line and write nothing."""
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+import torch
+
 from hybridmim.cli import main as cli_main
+from hybridmim.data.intensity import CT_PRETRAIN_WINDOW
 from hybridmim.data.layout import make_index, save_nifti, write_json
 from hybridmim.data.registry import get_dataset
 from conftest import REAL_CT
@@ -60,10 +65,11 @@ def real_model(tmp_path_factory):
     tracking = tracking_block(root)
     spec = finetune_spec(root, processed, tracking, **{
         "dataset.labels": LABELS, "dataset.raw_dir": str(raw), "dataset.preprocess": RECIPE,
-        "dataset.name": "real_ct", "optim.steps": 4, "val_every": 4, "checkpoint_every": 4})
-    run_finetuning(spec)
+        "dataset.name": "real_ct", "optim.steps": 4, "val_every": 4, "checkpoint_every": 4,
+        "tracking.system_metrics_interval": 1, "provenance.wildcards.dataset": "real_ct"})
+    result = run_finetuning(spec)
     return {"model": root / "finetune" / "model.pt", "raw": raw, "processed": processed,
-            "spec": spec, "root": root}
+            "spec": spec, "root": root, "run_id": result["run_id"]}
 
 
 def _dice(pred, truth, value):
@@ -146,3 +152,98 @@ def test_evaluation_scores_on_the_original_grid_by_default(real_model, tmp_path)
     # Same network, same image: only the grid of the scoring differs.
     assert resampled["per_case"][0]["prediction_sha256"] == case["prediction_sha256"]
     assert resampled["per_case"][0]["liver"]["dice"] != case["liver"]["dice"]
+
+
+def test_mlflow_run_has_source_dataset_system_metrics_and_registered_model(real_model, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = real_model["spec"]["tracking"]["uri"]
+    client = MlflowClient(uri)
+    run = client.get_run(real_model["run_id"])
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "workflow/Snakefile rule finetune"
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "processed"
+    assert tags["data_hash.processed"].startswith(dataset.dataset.digest)
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "training"
+    assert any(name.startswith("system/cpu") for name in run.data.metrics)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert "fine-tuning" in experiment.tags["mlflow.note.content"]
+    # Registered per dataset × backbone × init; the version's model is the run's.
+    (version,) = client.search_model_versions("name='real_ct-unet-scratch'")
+    assert version.run_id == real_model["run_id"]
+    assert tags["model_uri"] == f"models:/real_ct-unet-scratch/{version.version}"
+    # The registered model, the run id and the file segment identically.
+    image = REAL_CT / "example_ct_sm.nii.gz"
+    outputs = {}
+    for name, reference in (("file", str(real_model["model"])), ("registry", tags["model_uri"]),
+                            ("run", real_model["run_id"])):
+        cli_main(["predict", "--model", reference, "--input", str(image), "--out",
+                  str(tmp_path / name), "--tracking-uri", uri])
+        outputs[name] = np.asarray(nib.load(tmp_path / name / "example_ct_sm.nii.gz").dataobj)
+    assert (outputs["registry"] == outputs["file"]).all()
+    assert (outputs["run"] == outputs["file"]).all()
+
+
+def _start_bundle(bundle, images, out):
+    """Stock MONAI's bundle runner, with hybridmim made unimportable."""
+    code = ("import runpy, sys; sys.modules['hybridmim'] = None; "
+            "sys.argv = ['monai.bundle'] + sys.argv[1:]; "
+            "runpy.run_module('monai.bundle', run_name='__main__')")
+    return subprocess.Popen([sys.executable, "-c", code, "run", "--config_file",
+                             "configs/inference.json", "--dataset_dir", str(images),
+                             "--output_dir", str(out)], cwd=bundle, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process):
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+
+
+def test_bundle_export_runs_with_stock_monai_on_the_real_ct(real_model, tmp_path):
+    from hybridmim.checkpoints import publish_model
+    from hybridmim.models.backbones import build_segmentation_network
+    from hybridmim.predict.pipeline import recorded_preprocess
+
+    cli_main(["export", "--model", str(real_model["model"]), "--out", str(tmp_path / "seg"),
+              "--tracking-uri", real_model["spec"]["tracking"]["uri"]])
+    # A pretrained backbone exports too; its bundle reconstructs the image.
+    torch.manual_seed(0)
+    net, class_path, kwargs = build_segmentation_network(TINY_UNET, 1, CROP)
+    meta = {"stage": "pretrain", "method": "hybridmim", "crop": CROP, "modality": "CT",
+            "channels": 1, "labels": None, "spacing": RECIPE["spacing"],
+            "window": CT_PRETRAIN_WINDOW, "preprocess": recorded_preprocess(
+                real_model["processed"]), "mlflow_run_id": "pretrain-run"}
+    publish_model(tmp_path / "pretrained.pt", class_path, kwargs, net.state_dict(), meta)
+    cli_main(["export", "--model", str(tmp_path / "pretrained.pt"), "--out",
+              str(tmp_path / "pre")])
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ct.nii.gz").symlink_to(REAL_CT / "example_ct_sm.nii.gz")
+    runs = [_start_bundle(tmp_path / name, images, tmp_path / f"{name}_out")
+            for name in ("seg", "pre")]
+
+    card = json.loads((tmp_path / "seg" / "configs" / "metadata.json").read_text())
+    assert card["label_classes"] == {"0": "background", "1": "spleen", "2": "liver"}
+    assert card["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+    assert card["network_data_format"]["inputs"]["image"]["spacing_mm"] == RECIPE["spacing"]
+    training = card["hybridmim"]["training"]
+    assert training["mlflow_run_id"] == real_model["run_id"] and training["data_hash"]
+    assert card["hybridmim"]["metrics"]["validation"]["run_id"] == real_model["run_id"]
+    assert "Self-supervised" in json.loads(
+        (tmp_path / "pre" / "configs" / "metadata.json").read_text())["task"]
+    cli_main(["predict", "--model", str(real_model["model"]), "--input",
+              str(images / "ct.nii.gz"), "--out", str(tmp_path / "ours")])
+    ours = np.asarray(nib.load(tmp_path / "ours" / "ct.nii.gz").dataobj)
+    for run in runs:
+        _finish(run)
+
+    ct = nib.load(REAL_CT / "example_ct_sm.nii.gz")
+    bundle_pred = nib.load(tmp_path / "seg_out" / "ct_seg.nii.gz")
+    assert bundle_pred.shape == ct.shape and np.allclose(bundle_pred.affine, ct.affine)
+    # Same network and recipe through stock MONAI: the same segmentation up to boundary voxels.
+    assert (np.asarray(bundle_pred.dataobj) == ours).mean() > 0.99
+    recon = nib.load(tmp_path / "pre_out" / "ct_recon.nii.gz")
+    assert recon.shape == ct.shape and np.allclose(recon.affine, ct.affine)

@@ -141,6 +141,8 @@ def test_full_run_writes_model_metrics_and_mlflow_run(reference_run):
     assert sorted({m.step for m in clock}) == [1, 2, 3, 4]  # time-to-quality's x axis
     assert run.data.tags["config_hash"] == metrics["spec_hash"]
     assert run.data.params["optim.steps"] == "4"
+    # The backbone is the run's MLflow model (not registered: only fine-tuned models are).
+    assert run.outputs.model_outputs and run.data.tags["model_uri"].startswith("models:/m-")
 
 
 def test_bf16_pretraining_trains_and_records_its_precision(workspace, reference_run):
@@ -300,3 +302,15 @@ def test_ddp_with_gathered_negatives_resumes_to_the_same_weights(workspace, tmp_
     result = load_model_file(resumed["out"])["state_dict"]
     for key, value in reference.items():
         assert torch.allclose(result[key], value, atol=1e-6), key
+
+
+def test_channels_last_changes_speed_only(workspace):
+    # No dropout: a dropout mask is drawn in memory order, so it differs between layouts.
+    totals = {}
+    for layout, extra in (("default", {}), ("channels_last", {"channels_last": True})):
+        spec = _spec(workspace, f"layout_{layout}", backbone__dropout=0.0, optim__steps=2,
+                     **extra)
+        result = run_pretraining(copy.deepcopy(spec))
+        _, total = _mlflow_history(spec, result["run_id"], "train/total")
+        totals[layout] = [m.value for m in sorted(total, key=lambda m: m.step)]
+    assert totals["channels_last"] == pytest.approx(totals["default"], rel=1e-4)

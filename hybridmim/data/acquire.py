@@ -252,9 +252,13 @@ def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.Path
     if kind == "manual":
         info = MANUAL_SOURCES.get(name)
         converter_name = source.get("converter", name)
-        location = manual or _find_manual(downloads, name, source, info)
+        # A manual path that does not exist yet (config/paper.yaml names one for BTCV) must not
+        # hide the token: the download then lands at that path.
+        location = manual if manual is not None and manual.exists() else _find_manual(
+            downloads, name, source, info)
         if location is None and info and info.synapse_file_id and environ.get(SYNAPSE_TOKEN_ENV):
-            location = downloads / info.archive_names[0]
+            location = (manual if manual is not None and manual.suffix == ".zip"
+                        else downloads / info.archive_names[0])
             log.info("Downloading %s from Synapse (%s) with the token in %s", name,
                      info.synapse_file_id, SYNAPSE_TOKEN_ENV)
             synapse_download(info.synapse_file_id, location, environ[SYNAPSE_TOKEN_ENV],
@@ -265,9 +269,9 @@ def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.Path
                 raise ManualDownloadRequired(
                     f"Dataset {name!r} must be downloaded by hand: {source.get('instructions')} "
                     f"Put {source.get('archive')} in {downloads} or set its manual path.")
-            if location is not None:
+            if manual is not None:
                 raise ManualDownloadRequired(
-                    f"The manual path {location} for {name!r} does not exist.\n"
+                    f"The manual path {manual} for {name!r} does not exist.\n"
                     + str(_manual_error(name, info, downloads)))
             raise _manual_error(name, info, downloads)
         extracted = None

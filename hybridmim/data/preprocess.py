@@ -189,7 +189,8 @@ class _CaseTransforms:
 
         def crop(keys: list[str]) -> Compose:
             steps = [CropForegroundd(keys=keys, source_key="image",
-                                     select_fn=lambda x: x > threshold, allow_smaller=True)]
+                                     select_fn=lambda x: x > threshold, allow_smaller=True)
+                     ] if recipe.crop_foreground else []
             if recipe.normalize == "zscore_nonzero_channelwise":
                 steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
             return Compose(steps)

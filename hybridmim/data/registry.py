@@ -51,13 +51,17 @@ class PreprocessRecipe:
     foreground_threshold: float
     orientation: str = "RAS"
     include_unlabelled: bool = False  # also cache imagesTs (never part of any split)
+    crop_foreground: bool = True  # False: whole volumes (the native pretraining cache)
 
     def to_dict(self) -> dict:
-        return {"orientation": self.orientation,
-                "spacing": (list(self.spacing) if isinstance(self.spacing, tuple)
-                            else self.spacing),
-                "normalize": self.normalize, "foreground_threshold": self.foreground_threshold,
-                "include_unlabelled": self.include_unlabelled}
+        recipe = {"orientation": self.orientation,
+                  "spacing": (list(self.spacing) if isinstance(self.spacing, tuple)
+                              else self.spacing),
+                  "normalize": self.normalize, "foreground_threshold": self.foreground_threshold,
+                  "include_unlabelled": self.include_unlabelled}
+        if not self.crop_foreground:  # only then: existing caches keep their recipe hash
+            recipe["crop_foreground"] = False
+        return recipe
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,24 @@ def version_dataset(name: str, out: str | os.PathLike, project_root: str = ".",
     result = commit_dataset(name, project_root, block)
     write_json(out, result)
     return result
+
+
+PRETRAIN_STAGE = "preprocess_pretrain"
+
+
+def version_pretrain_cache(name: str, out: str | os.PathLike, project_root: str = ".") -> dict:
+    """`dvc commit` the native pretraining cache's stage (data/pretrain/<name>) and write the hash
+    dvc.lock now holds to ``out``."""
+    root = Path(project_root).resolve()
+    stage = f"{PRETRAIN_STAGE}@{name}"
+    if stage not in _dvc(["stage", "list", "--name-only"], root).split():
+        raise RuntimeError(f"dvc.yaml has no stage {stage!r}: add dataset {name!r} to the "
+                           f"`datasets` list under vars: in dvc.yaml, or set "
+                           f"data_versioning.dvc: false in the config")
+    _dvc(["commit", "--force", stage], root)
+    info = data_hash(root / "data" / "pretrain" / name, root)
+    if info["source"] != "dvc.lock":
+        raise RuntimeError(f"dvc commit did not record data/pretrain/{name} in dvc.lock")
+    result = {"dataset": name, "stages": [stage], "pretrain": info}
+    write_json(out, result)
+    return result

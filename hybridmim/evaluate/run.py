@@ -34,6 +34,7 @@ from hybridmim.finetune.inference import probabilities_to_masks
 from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
                                         save_label_map)
 from hybridmim.hashing import spec_hash as compute_spec_hash
+from hybridmim.models.backbones import backbone_of_class
 from hybridmim.performance import prepare_network
 from hybridmim.progress import StepProgress
 
@@ -90,10 +91,11 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"class names {names} collide as metric names {keys}; rename labels")
     window = meta.get("window") or dataset.get("window")
     device = runtime.select_device()
-    precision_choice = runtime.precision_choice(spec.get("precision", "auto"), device)
+    precision_choice = runtime.precision_choice(spec.get("precision", "auto"), device,
+                                                backbone_of_class(blob["network"]["class"]))
     precision = precision_choice.precision
     network = build_network(blob).to(device).eval()
-    prepare_network(network, device, precision)
+    forward = prepare_network(network, device, precision, spec)
 
     split = spec["split"]
     splits = load_splits(processed_dir)
@@ -109,7 +111,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     recipe = model_recipe(meta, dataset, model_path)
     labels = meta.get("labels") or dataset["labels"]
     channels = meta.get("channels") or len(dataset.get("channels") or ["image"])
-    predictor = CasePredictor(network, {**meta, "window": window, "labels": labels,
+    predictor = CasePredictor(forward, {**meta, "window": window, "labels": labels,
                                         "channels": channels}, recipe,
                               overlap=float(spec["sw_overlap"]), device=device,
                               precision=precision)

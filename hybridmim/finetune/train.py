@@ -134,7 +134,7 @@ class FinetuneJob:
         runtime.configure_threads(spec.get("threads"))
         self.device = runtime.select_device()
         self.precision_choice = runtime.precision_choice(spec.get("precision", "auto"),
-                                                         self.device)
+                                                         self.device, spec["backbone"]["name"])
         self.precision = self.precision_choice.precision
 
     # ---- data ---------------------------------------------------------------------------------
@@ -382,6 +382,8 @@ def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seco
             "mlflow_run_id": run.run_id, "spec_hash": job.spec_hash, "steps": job.steps,
             "weights": weights, "best_step": best_step, "best_val_dice": best_dice}
     checkpoints.publish_model(job.out, class_path, kwargs, published, meta)
+    from hybridmim.tracking import catalog  # MLflow model + registry entry
+    catalog.log_network_model(run, job.out, catalog.registered_name(spec))
     metrics = {"best_val_dice_mean": best_dice, "best_step": float(best_step),
                "steps": float(job.steps), "train_seconds": seconds}
     run.log_metrics({"best_val_dice_mean": best_dice}, job.steps)

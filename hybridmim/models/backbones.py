@@ -160,6 +160,11 @@ def network_kwargs(backbone: dict[str, Any], out_channels: int, crop: int) -> tu
     return _CLASS_PATHS[name], kwargs
 
 
+def backbone_of_class(class_path: str) -> str | None:
+    """The backbone name of a model file's network class (None for a class we do not build)."""
+    return next((name for name, path in _CLASS_PATHS.items() if path == class_path), None)
+
+
 def build_segmentation_network(backbone: dict[str, Any], out_channels: int,
                                crop: int) -> tuple[nn.Module, str, dict[str, Any]]:
     """Build the stock MONAI network; returns (network, class path, kwargs) for model files."""

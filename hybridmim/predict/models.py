@@ -22,7 +22,7 @@ class LoadedModel:
     network: torch.nn.Module
     meta: dict[str, Any]
     source: str  # what was loaded, for logs and the bundle's model card
-    blob: dict[str, Any] | None = None  # the model.pt content when loaded from a file
+    network_record: dict[str, Any]  # {"class": stock MONAI class path, "kwargs": {...}}
 
 
 def load_model(reference: str, tracking_uri: str | None = None) -> LoadedModel:
@@ -32,25 +32,43 @@ def load_model(reference: str, tracking_uri: str | None = None) -> LoadedModel:
     path = Path(reference)
     if path.is_file():
         blob = load_model_file(path)
-        return LoadedModel(build_network(blob), dict(blob.get("meta") or {}), str(path), blob)
+        return LoadedModel(build_network(blob), dict(blob.get("meta") or {}), str(path),
+                           blob["network"])
     if reference.startswith(("models:/", "runs:/")):
         return _load_mlflow(reference, tracking_uri)
     if RUN_ID.match(reference):
-        return _load_mlflow(f"runs:/{reference}/model", tracking_uri)
+        return _load_mlflow(_model_of_run(reference, tracking_uri), tracking_uri)
     raise FileNotFoundError(f"--model {reference!r}: no such file, and not an MLflow run id "
                             "(32 hex digits) or model URI (models:/<name>/<version>)")
+
+
+def _model_of_run(run_id: str, tracking_uri: str | None) -> str:
+    """The MLflow model a run logged (MLflow 3 keeps it as a LoggedModel output of the run)."""
+    from mlflow.tracking import MlflowClient
+
+    from hybridmim.tracking.store import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except Exception:
+        raise FileNotFoundError(f"--model {run_id}: no such run in the MLflow store {uri}; pass "
+                                "--tracking-uri or the model.pt path") from None
+    outputs = run.outputs.model_outputs if run.outputs else []
+    if not outputs:
+        raise FileNotFoundError(f"--model {run_id}: run {run.info.run_name!r} logged no model "
+                                "(only fine-tuning and pretraining runs do)")
+    return f"models:/{outputs[-1].model_id}"
 
 
 def _load_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
     import mlflow
     import mlflow.pytorch
 
+    from hybridmim.tracking.catalog import using_tracking_uri
     from hybridmim.tracking.store import resolve_tracking_uri
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    mlflow.set_registry_uri(resolve_tracking_uri(tracking_uri))
-    try:
+    with using_tracking_uri(resolve_tracking_uri(tracking_uri)):
         try:
             info = mlflow.models.get_model_info(uri)
         except Exception as error:  # MlflowException, OSError: one message for the user
@@ -58,10 +76,9 @@ def _load_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
                                     f"{mlflow.get_tracking_uri()} ({str(error)[:200]}); pass "
                                     "--tracking-uri or the model.pt path") from None
         meta = dict((info.metadata or {}).get("hybridmim") or {})
+        record = dict((info.metadata or {}).get("network") or {})
         if not meta:
             raise ValueError(f"--model {uri}: the MLflow model records no hybridmim metadata "
                              "(crop, labels, preprocessing); it was not logged by hybridmim")
         network = mlflow.pytorch.load_model(uri, map_location="cpu")
-    finally:
-        mlflow.set_tracking_uri(previous)
-    return LoadedModel(network, meta, uri)
+    return LoadedModel(network, meta, uri, record)

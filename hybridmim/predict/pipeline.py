@@ -40,6 +40,19 @@ def check_preprocess(recipe: Mapping[str, Any] | None, where: str) -> dict[str, 
     return {key: recipe[key] for key in PREPROCESS_KEYS}
 
 
+def recorded_preprocess(processed_dir: str | Path) -> dict[str, Any] | None:
+    """The recipe a preprocessed cache was built with (its dataset.json), as a model records it."""
+    import json
+
+    path = Path(processed_dir) / "dataset.json"
+    try:
+        recipe = json.loads(path.read_text()).get("recipe") or {}
+    except (OSError, ValueError):
+        return None
+    return {key: recipe[key] for key in PREPROCESS_KEYS} if all(
+        key in recipe for key in PREPROCESS_KEYS) else None
+
+
 def preprocessing_transforms(recipe: Mapping[str, Any], with_label: bool = False):
     """MONAI's invertible transforms for the recipe (same order and arguments as
     hybridmim.data.preprocess), on the dict keys ``image`` (and ``label``)."""

@@ -91,8 +91,9 @@ def check_contrastive_views(backbone: dict[str, Any], method: dict[str, Any],
     """Refuse L_CL on an encoder without dropout: its two views would be identical.
 
     The second view of the contrastive term is the same masked input through the same weights; only
-    dropout makes it differ. Without encoder dropout z1 == z2 and the term is a constant that
-    trains nothing (UNETR's MONAI default dropout_rate is 0.0).
+    dropout makes it differ. Without encoder dropout z1 == z2: the positive pair gives no gradient
+    and the term only pushes the samples of a batch apart, which is not the method (UNETR's MONAI
+    default dropout_rate is 0.0).
     """
     from hybridmim.models.backbones import encoder_dropout
 
@@ -108,8 +109,8 @@ def check_contrastive_views(backbone: dict[str, Any], method: dict[str, Any],
         raise PretrainSpecError(
             f"{where}: method {method.get('name', method.get('kind'))!r} has a contrastive term "
             f"(loss_weights.cl = {weight}) but backbone {backbone['name']!r} has no encoder "
-            f"dropout ({rates}): its two views are identical and L_CL is a constant that trains "
-            f"nothing. Set {keys} > 0 (the paper uses 0.1) or loss_weights.cl to 0")
+            f"dropout ({rates}): its two views are identical, so L_CL has no positive-pair signal "
+            f"left. Set {keys} > 0 (the paper uses 0.1) or loss_weights.cl to 0")
 
 
 def validate_pretrain_spec(spec: dict[str, Any]) -> None:

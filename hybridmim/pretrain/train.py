@@ -49,6 +49,7 @@ from hybridmim.pretrain.losses import HybridMIMLoss
 from hybridmim.pretrain.masking import MaskGeometry
 from hybridmim.pretrain.spec import resolve_method, validate_pretrain_spec
 from hybridmim.pretrain.step import PretrainStep, TermWindow
+from hybridmim.predict.pipeline import recorded_preprocess
 from hybridmim.progress import StepProgress
 from hybridmim.schedule import warmup_cosine_scheduler
 from hybridmim.tracking import tracked_run
@@ -82,7 +83,7 @@ class _PretrainJob:
         self.geometry = MaskGeometry.coerce(spec["geometry"])
         self.device = runtime.select_device(dist)
         self.precision_choice = runtime.precision_choice(spec.get("precision", "auto"),
-                                                         self.device)
+                                                         self.device, spec["backbone"]["name"])
         self.precision = self.precision_choice.precision
         self.cost = CostMeter(self.device, int(spec["data"]["volumes_per_step"])
                               * int(spec["data"]["crops_per_volume"]) * dist.world_size)
@@ -292,6 +293,7 @@ class _PretrainJob:
             "modality": datasets[0].get("modality"),
             "channels": int(spec["backbone"].get("in_channels", 1)), "labels": None,
             "window": datasets[0].get("window"),
+            "preprocess": recorded_preprocess(datasets[0]["processed_dir"]),
             "data_hash": {d["name"]: tags.get(f"data_hash.{Path(d['processed_dir']).name}")
                           for d in datasets},
             **git_state(), "mlflow_run_id": run.run_id, "spec_hash": self.spec_hash,
@@ -299,6 +301,8 @@ class _PretrainJob:
         }
         checkpoints.publish_model(spec["out"], model.network_class, model.network_kwargs,
                                   model.network.state_dict(), meta, heads=model.heads_record())
+        from hybridmim.tracking import catalog  # the backbone as an MLflow model
+        catalog.log_network_model(run, spec["out"])
         result = {"run_id": run.run_id, "stage": "pretrain", "metrics": metrics,
                   "spec_hash": self.spec_hash}
         write_json(os.path.join(os.path.dirname(spec["out"]) or ".", "metrics.json"), result)

@@ -67,6 +67,8 @@ def write_experiments(tracking_uri: str, runs, pretrain_runs, tables_dir: Path,
     from hybridmim.report import experiments as ex
     from hybridmim.report import plots
 
+    # Artifacts (per-case scores, overlays) are downloaded one by one: no progress bar each.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     written: dict[str, Path] = {}
     cases = ex.per_case_dice(tracking_uri, runs)
     cost_long, paths = ex.pretrain_cost_table(pretrain_runs, tables_dir)

@@ -82,9 +82,9 @@ def compare_file(check: Check, kind: str, label: str, source: str, shown_text: s
                       else "its bytes differ from the file re-built from the MLflow runs")]
     problems = compare_cells(read_cells(shown_path, shown_text), rebuilt_cells)
     if problems:
-        return [check(kind, f"{label}: {problem.split(':')[0]}", source, False,
-                      f"{problem} — the file no longer matches the MLflow runs; re-run the "
-                      "report") for problem in problems]
+        return [check(kind, f"{label}: {where}", source, False,
+                      f"{label}, {where}: {what} — the file no longer matches the MLflow runs; "
+                      "re-run the report") for where, what in problems]
     return [check(kind, label, source, True,
                   "every number agrees with the report re-built from the MLflow runs "
                   "(tolerance: the rounding the file shows)")]

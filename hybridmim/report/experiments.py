@@ -43,7 +43,7 @@ BASELINE_KIND = "simmim"
 
 def _note_frame(message: str) -> pd.DataFrame:
     """The rendered view of a table without rows: one line that says why."""
-    return pd.DataFrame({"": [message]}).set_index("")
+    return pd.DataFrame({"note": [message]}).set_index("note")
 
 
 def _num(value: Any, decimals: int = 2, signed: bool = False) -> str:

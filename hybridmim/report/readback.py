@@ -123,32 +123,34 @@ def _latex_cells(text: str) -> list[Cell]:
     return cells
 
 
-def compare_cells(shown: list[Cell], derived: list[Cell], limit: int = 20) -> list[str]:
-    """Differences between a file's cells and the re-derived ones (empty: they agree), each
-    naming line, row and column; at most ``limit`` are spelled out."""
-    problems: list[str] = []
+def compare_cells(shown: list[Cell], derived: list[Cell], limit: int = 20
+                  ) -> list[tuple[str, str]]:
+    """Differences between a file's cells and the re-derived ones (empty: they agree) as
+    (where: line, row and column; what differs); at most ``limit`` are spelled out."""
+    problems: list[tuple[str, str]] = []
     for ours, ref in zip(shown, derived):
         problem = _compare_cell(ours, ref)
         if problem:
             problems.append(problem)
     if len(shown) != len(derived):
-        problems.append(f"{len(shown)} cells, but the re-derived file has {len(derived)}: rows or "
-                        "columns were added or removed")
+        problems.append(("whole file", f"{len(shown)} cells, but the re-derived file has "
+                         f"{len(derived)}: rows or columns were added or removed"))
     if len(problems) > limit:
-        problems = problems[:limit] + [f"… and {len(problems) - limit} more differences"]
+        problems = problems[:limit] + [("more", f"… and {len(problems) - limit} more "
+                                                "differences")]
     return problems
 
 
-def _compare_cell(ours: Cell, ref: Cell) -> str | None:
+def _compare_cell(ours: Cell, ref: Cell) -> tuple[str, str] | None:
     where = f"line {ours.line}, row {ours.row!r}, column {ours.column!r}"
     ours_numbers, ours_text = numbers(ours.text)
     ref_numbers, ref_text = numbers(ref.text)
     if ours_text != ref_text or len(ours_numbers) != len(ref_numbers):
-        return f"{where}: shows {ours.text!r}, re-derived {ref.text!r}"
+        return where, f"shows {ours.text!r}, re-derived {ref.text!r}"
     for a, b in zip(ours_numbers, ref_numbers):
         tolerance = max(shown_rounding(a), shown_rounding(b))
         # The tiny relative slack absorbs binary floating point at the rounding boundary.
         if not math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=tolerance * (1 + 1e-9)):
-            return (f"{where}: shows {a}, re-derived from the MLflow runs {b} (tolerance "
-                    f"±{tolerance:g}, the rounding shown) in {ours.text!r}")
+            return where, (f"shows {a}, re-derived from the MLflow runs {b} (tolerance "
+                           f"±{tolerance:g}, the rounding shown) in {ours.text!r}")
     return None

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.preemption import Preempted
+from hybridmim.tracking import catalog
 from hybridmim.tracking.provenance import provenance_tags
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,10 @@ def flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class TrackedRun:
-    def __init__(self, client: Any, run_id: str, flush_every: int = 200):
+    def __init__(self, client: Any, run_id: str, flush_every: int = 200,
+                 tracking_uri: str | None = None):
         self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self.tracking_uri = tracking_uri
         self._buffer: list[Any] = []
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -120,18 +123,24 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
         tags = provenance_tags(spec, shash, list(data_dirs), upstream_model, device)
         tags["mlflow.runName"] = spec.get("run_name", stage)
         tags["stage"] = stage
+        tags.update(catalog.source_tags(spec, stage, tags))
         run = client.create_run(experiment_id, tags=tags, run_name=spec.get("run_name"))
         run_id = run.info.run_id
+        catalog.log_datasets(client, run_id, list(data_dirs), tags,
+                             "training" if stage in catalog.TRAINING_STAGES else "evaluation")
         from mlflow.entities import Param
 
         params = [Param(k, v) for k, v in flatten(spec).items()]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
         client.log_dict(run_id, spec, "spec.json")
-    tracked = TrackedRun(client, run_id)
+    tracked = TrackedRun(client, run_id, tracking_uri=uri)
+    interval = tracking.get("system_metrics_interval", 10) if stage in catalog.TRAINING_STAGES \
+        else 0
     status = "FAILED"
     try:
-        yield tracked
+        with catalog.system_metrics(run_id, uri, interval):
+            yield tracked
         status = "FINISHED"
     except Preempted:
         status = "KILLED"

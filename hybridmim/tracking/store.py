@@ -261,7 +261,11 @@ def get_or_create_experiment(name: str,
                     client.restore_experiment(experiment.experiment_id)
                 return experiment.experiment_id
             location = artifact_location(artifact_root, name)
-            return client.create_experiment(name, artifact_location=location)
+            experiment_id = client.create_experiment(name, artifact_location=location)
+            from hybridmim.tracking.catalog import describe_experiment
+
+            describe_experiment(client, experiment_id, name)
+            return experiment_id
         except MlflowException as err:
             if err.error_code == "RESOURCE_ALREADY_EXISTS":
                 continue  # someone else won the race: read theirs on the next pass

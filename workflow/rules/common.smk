@@ -1,9 +1,12 @@
 # Shared helpers: the experiment grid and job specs come from hybridmim.config, so the workflow
 # and the CLI agree on every path and every job's parameters.
+import hashlib
 import json
+import os
 import shlex
 
 from hybridmim import config as hcfg
+from hybridmim.atomic import write_text
 
 hcfg.check_consistency(config)
 
@@ -25,6 +28,17 @@ wildcard_constraints:
 def spec_arg(spec):
     """A job spec as one shell-quoted JSON argument."""
     return shlex.quote(json.dumps(spec, sort_keys=True))
+
+
+def spec_file(spec):
+    """A job spec as a file named by its content hash, so that the console shows one short
+    command per job (the job's log and its MLflow run keep the full spec). A changed spec is a
+    changed path, which Snakemake's params trigger still sees."""
+    text = json.dumps(spec, sort_keys=True)
+    path = f".snakemake/specs/{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if not os.path.exists(path):
+        write_text(path, f"{text}\n")
+    return shlex.quote(path)
 
 
 def stage_res(stage, key):
@@ -62,9 +76,18 @@ def data_ready(dataset):
     return f"{hcfg.processed_dir(dataset)}/splits.json"
 
 
+def pretrain_data_ready(dataset):
+    """The cache a pretraining corpus reads (pretraining.data_recipe), versioned if DVC is on."""
+    if config["pretraining"].get("data_recipe", "finetune") != "native":
+        return data_ready(dataset)
+    if USE_DVC:
+        return f"results/data_versions/pretrain/{dataset}.json"
+    return f"{hcfg.pretrain_data_dir(config, dataset)}/splits.json"
+
+
 def corpus_inputs(wildcards):
     names = config["pretraining"]["corpora"][wildcards.corpus]["datasets"]
-    return [data_ready(n) for n in names]
+    return [pretrain_data_ready(n) for n in names]
 
 
 def finetune_inputs(wildcards):

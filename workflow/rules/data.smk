@@ -8,6 +8,7 @@
 localrules:
     init_tracking,
     version_data,
+    version_pretraining_data,
 
 
 rule init_tracking:
@@ -85,3 +86,44 @@ rule version_data:
     shell:
         "hybridmim data version --dataset {wildcards.dataset} --dataset-json {params.block}"
         " --out {output} > {log} 2>&1"
+
+
+rule preprocess_pretraining_data:
+    # pretraining.data_recipe: native — the authors' recipe (RAS, native spacing, whole volumes),
+    # with the fine-tuning cache's split copied in (hybridmim.data.pretrain_cache).
+    input:
+        "data/raw/{dataset}/dataset.json",
+        "data/processed/{dataset}/splits.json",
+    output:
+        "data/pretrain/{dataset}/splits.json",
+    params:
+        block=lambda w: spec_arg(config["datasets"][w.dataset]),
+    conda:
+        "../envs/hybridmim.yaml"
+    log:
+        "logs/data/preprocess_pretrain_{dataset}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    retries: 0
+    shell:
+        "hybridmim data preprocess-pretrain --dataset {wildcards.dataset}"
+        " --dataset-json {params.block} > {log} 2>&1"
+
+
+rule version_pretraining_data:
+    input:
+        "data/pretrain/{dataset}/splits.json",
+        "results/data_versions/{dataset}.json",
+    output:
+        "results/data_versions/pretrain/{dataset}.json",
+    conda:
+        "../envs/hybridmim.yaml"
+    log:
+        "logs/data/version_pretrain_{dataset}.log",
+    resources:
+        dvc=1,
+    retries: 0
+    shell:
+        "hybridmim data version-pretrain --dataset {wildcards.dataset} --out {output} > {log} 2>&1"

@@ -8,7 +8,7 @@ rule evaluate:
     output:
         metrics="results/evaluate/{dataset}/{backbone}/{init}/frac{fraction}/seed{seed}/metrics.json",
     params:
-        spec=lambda w: spec_arg(
+        spec=lambda w: spec_file(
             hcfg.evaluate_spec(config, w.dataset, w.backbone, w.init, w.fraction, w.seed)
         ),
     conda:
@@ -22,4 +22,4 @@ rule evaluate:
         cpus_per_task=stage_res("evaluation", "cpus"),
         **slurm_gpu_resources("evaluation"),
     shell:
-        "hybridmim evaluate --spec {params.spec} > {log} 2>&1"
+        "hybridmim evaluate --spec-file {params.spec} > {log} 2>&1"

@@ -8,7 +8,7 @@ rule finetune:
         model="results/finetune/{dataset}/{backbone}/{init}/frac{fraction}/seed{seed}/model.pt",
         metrics="results/finetune/{dataset}/{backbone}/{init}/frac{fraction}/seed{seed}/metrics.json",
     params:
-        spec=lambda w: spec_arg(
+        spec=lambda w: spec_file(
             hcfg.finetune_spec(config, w.dataset, w.backbone, w.init, w.fraction, w.seed)
         ),
     conda:
@@ -22,4 +22,4 @@ rule finetune:
         cpus_per_task=stage_res("finetuning", "cpus"),
         **slurm_gpu_resources("finetuning"),
     shell:
-        "hybridmim finetune --spec {params.spec} > {log} 2>&1"
+        "hybridmim finetune --spec-file {params.spec} > {log} 2>&1"

@@ -9,7 +9,7 @@ rule pretrain:
         model="results/pretrain/{backbone}/{method}/{corpus}/model.pt",
         metrics="results/pretrain/{backbone}/{method}/{corpus}/metrics.json",
     params:
-        spec=lambda w: spec_arg(hcfg.pretrain_spec(config, w.backbone, w.method, w.corpus)),
+        spec=lambda w: spec_file(hcfg.pretrain_spec(config, w.backbone, w.method, w.corpus)),
         launcher=launcher("pretraining"),
     conda:
         "../envs/hybridmim.yaml"
@@ -22,4 +22,4 @@ rule pretrain:
         cpus_per_task=stage_res("pretraining", "cpus"),
         **slurm_gpu_resources("pretraining"),
     shell:
-        "{params.launcher} pretrain --spec {params.spec} > {log} 2>&1"
+        "{params.launcher} pretrain --spec-file {params.spec} > {log} 2>&1"
