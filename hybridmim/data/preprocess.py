@@ -27,6 +27,7 @@ from hybridmim.data.fingerprint import ForegroundSampler, describe_recipe, resol
 from hybridmim.data.layout import (CaseFiles, LayoutError, atomic_directory, list_cases,
                                    read_index, write_json)
 from hybridmim.data.registry import DatasetSpec
+from hybridmim.hashing import spec_hash
 
 PREPROCESS_VERSION = 1  # bump when the code below changes what it writes, to rebuild caches
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ def preprocessing_recipe(spec: DatasetSpec) -> dict:
             "code_version": PREPROCESS_VERSION}
 
 
-def recipe_hash(recipe: dict) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+# The cache's identity is hashed like any job spec (the same function, one canonical JSON form).
+recipe_hash = spec_hash
 
 
 def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
