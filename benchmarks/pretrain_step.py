@@ -69,7 +69,7 @@ def _build_stepper(config: dict, method_name: str, variant: str | None = None):
     from hybridmim.models.hybridmim_model import build_pretrain_model
     from hybridmim.pretrain.losses import HybridMIMLoss
     from hybridmim.pretrain.masking import MaskGeometry
-    from hybridmim.pretrain.schedule import warmup_cosine_scheduler
+    from hybridmim.schedule import warmup_cosine_scheduler
     from hybridmim.pretrain.spec import resolve_method
     from hybridmim.pretrain.step import PretrainStep
 

@@ -15,7 +15,7 @@ from hybridmim.checkpoints import load_model_file, load_state, publish_model
 from hybridmim.data.intensity import CT_FINETUNE_WINDOW
 from hybridmim.data.layout import make_index, save_nifti, write_json
 from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
-from hybridmim.finetune.train import FinetuneJob, initialise_network, run_finetuning, warmup_cosine
+from hybridmim.finetune.train import FinetuneJob, initialise_network, run_finetuning
 from hybridmim.models.backbones import build_segmentation_network
 from conftest import set_nested
 
@@ -125,13 +125,6 @@ def toy(tmp_path_factory):
 def store(tmp_path_factory):
     """One real SQLite MLflow store for the module (creating one takes seconds)."""
     return tracking_block(tmp_path_factory.mktemp("store"))
-
-
-def test_warmup_then_cosine_to_zero():
-    factor = warmup_cosine(warmup_steps=4, total_steps=14)
-    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert factor(9) == pytest.approx(0.5)
-    assert factor(14) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(37, 41, 29), (20, 13, 45)])

@@ -15,7 +15,6 @@ import torch
 from hybridmim.checkpoints import build_network, load_model_file, state_dir_for
 from hybridmim.data.intensity import CT_PRETRAIN_WINDOW
 from hybridmim.preemption import PREEMPTED_EXIT_CODE, Preempted
-from hybridmim.pretrain.schedule import WarmupCosine
 from hybridmim.pretrain.spec import PretrainSpecError, validate_pretrain_spec
 from hybridmim.pretrain.train import PREEMPT_ENV, run_pretraining
 from conftest import set_nested
@@ -134,8 +133,8 @@ def test_full_run_writes_model_metrics_and_mlflow_run(reference_run):
     assert run.info.status == "FINISHED"
     assert [m.step for m in total] == [1, 2, 3, 4]
     _, lr = _mlflow_history(spec, metrics["run_id"], "lr")
-    schedule = WarmupCosine(2, 4)
-    assert [m.value for m in lr] == pytest.approx([1e-3 * schedule(s) for s in range(4)])
+    # warm-up 2 of 4 steps: factor 0, 1/2, then cosine from 1 (MONAI's WarmupCosineSchedule)
+    assert [m.value for m in lr] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
     _, val = _mlflow_history(spec, metrics["run_id"], "val/total")
     assert [m.step for m in val] == [2, 4]
     _, clock = _mlflow_history(spec, metrics["run_id"], "cost/train_s")
@@ -303,17 +302,6 @@ def test_ddp_with_gathered_negatives_resumes_to_the_same_weights(workspace, tmp_
     result = load_model_file(resumed["out"])["state_dict"]
     for key, value in reference.items():
         assert torch.allclose(result[key], value, atol=1e-6), key
-
-
-def test_warmup_cosine_schedule():
-    schedule = WarmupCosine(warmup_steps=4, total_steps=12)
-    assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    after = [schedule(s) for s in range(4, 13)]
-    assert after[0] == 1.0 and after[-1] == pytest.approx(0.0, abs=1e-12)
-    assert all(a > b for a, b in zip(after, after[1:]))
-    assert schedule(8) == pytest.approx(0.5)  # half-way through the decay
-    with pytest.raises(ValueError, match="warmup_steps"):
-        WarmupCosine(13, 12)
 
 
 def test_channels_last_changes_speed_only(workspace):

@@ -2,10 +2,11 @@
 
 Archives come from the internet or from a user's download folder, so every member is checked
 before a byte of it is written: no absolute paths, no ``..`` escaping the target, no symlinks or
-hard links (a link could later redirect a write outside the target), no devices or FIFOs. Files are
-written by this module itself (never ``extractall``), into a temporary sibling folder that is
-renamed onto the target only after the whole archive was read without error and a ``.complete``
-marker was written inside it. A truncated or corrupt archive therefore leaves nothing behind.
+hard links (a link could later redirect a write outside the target), no devices or FIFOs. Tar
+members pass the standard library's ``data`` extraction filter plus two stricter refusals; zip has
+no such filter, so its members are checked here. Everything is written into a temporary sibling
+folder that is renamed onto the target only after the whole archive was read without error and a
+``.complete`` marker was written inside it. A truncated or corrupt archive leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -54,29 +55,44 @@ def _copy_stream(src, dest: Path) -> None:
         shutil.copyfileobj(src, out, _COPY_BUFFER)
 
 
+def _tar_member_filter(archive: Path, counter: list[int]):
+    """The standard library's ``data`` filter (no escape from the target, no device/FIFO, sane
+    modes), with two refusals stricter than it: absolute names (it would strip the ``/``) and
+    links of any kind (the datasets have none; a link can redirect a later write)."""
+    def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+        if PurePosixPath(member.name.replace("\\", "/")).is_absolute() or member.name[1:2] == ":":
+            raise UnsafeArchiveError(f"{archive}: member {member.name!r} has an absolute path; "
+                                     "refusing to extract this archive (it may be malicious or "
+                                     "corrupt).")
+        if member.issym() or member.islnk():
+            link_kind = "symbolic" if member.issym() else "hard"
+            raise UnsafeArchiveError(
+                f"{archive}: member {member.name!r} is a {link_kind} link (to "
+                f"{member.linkname!r}); links are refused because they can redirect writes "
+                "outside the target folder.")
+        try:
+            checked = tarfile.data_filter(member, dest)
+        except tarfile.OutsideDestinationError:
+            raise UnsafeArchiveError(f"{archive}: member {member.name!r} contains '..' and would "
+                                     "escape the target folder; refusing to extract this "
+                                     "archive.") from None
+        except tarfile.SpecialFileError:
+            raise UnsafeArchiveError(f"{archive}: member {member.name!r} is a device, FIFO or "
+                                     "other special file; refusing to extract it.") from None
+        except tarfile.FilterError as err:
+            raise UnsafeArchiveError(f"{archive}: member {member.name!r} refused: {err}") from None
+        counter[0] += checked.isfile()
+        return checked
+    return check
+
+
 def _extract_tar(archive: Path, into: Path) -> int:
-    count = 0
+    counter = [0]
     # Stream mode ("r|*"): one sequential pass, any compression, no seeking back through a
-    # multi-GB gzip stream. Each member is validated before its bytes are written.
+    # multi-GB gzip stream; the filter checks each member before its bytes are written.
     with tarfile.open(archive, mode="r|*") as tar:
-        for member in tar:
-            rel = _safe_relative(member.name, archive)
-            if member.issym() or member.islnk():
-                link_kind = "symbolic" if member.issym() else "hard"
-                raise UnsafeArchiveError(
-                    f"{archive}: member {member.name!r} is a {link_kind}"
-                    f" link (to {member.linkname!r}); links are refused because they can redirect "
-                    "writes outside the target folder.")
-            if member.isdir():
-                (into / rel).mkdir(parents=True, exist_ok=True)
-                continue
-            if not member.isfile():
-                raise UnsafeArchiveError(f"{archive}: member {member.name!r} is a device, FIFO or "
-                                         "other special file; refusing to extract it.")
-            source = tar.extractfile(member)
-            _copy_stream(source, into / rel)
-            count += 1
-    return count
+        tar.extractall(into, filter=_tar_member_filter(archive, counter))
+    return counter[0]
 
 
 def _extract_zip(archive: Path, into: Path) -> int:

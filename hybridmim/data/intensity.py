@@ -91,12 +91,13 @@ def _is_tensor(image) -> bool:
 
 
 def _linear(image, src_min: float, src_max: float, dst_min: float, dst_max: float, clip: bool):
-    scaled = (image - src_min) / (src_max - src_min) * (dst_max - dst_min) + dst_min
-    if clip:
-        if _is_tensor(scaled):
-            return scaled.clamp(dst_min, dst_max)
-        return np.clip(scaled, dst_min, dst_max)
-    return scaled
+    # MONAI is imported on use: this module is read while the Snakefile parses the config.
+    from monai.transforms import ScaleIntensityRange
+    from monai.utils import convert_to_dst_type
+
+    scale = ScaleIntensityRange(src_min, src_max, dst_min, dst_max, clip=clip, dtype=np.float32)
+    # MONAI hands back a MetaTensor; callers get the array type they passed in.
+    return convert_to_dst_type(scale(image), image)[0]
 
 
 def apply_window(image, window: dict):

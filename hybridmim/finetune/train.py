@@ -32,6 +32,7 @@ from hybridmim.performance import prepare_network
 from hybridmim.jobguard import guarded_job
 from hybridmim.preemption import Preempted, TerminationGuard
 from hybridmim.progress import StepProgress
+from hybridmim.schedule import warmup_cosine_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +93,6 @@ def dataset_spacing(processed_dir: str | Path) -> list[float] | None:
     if spacing is None and info.get("cases"):
         spacing = info["cases"][0].get("spacing")
     return [float(s) for s in spacing] if spacing is not None else None
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR factor per step: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
 
 
 def initialise_network(network: torch.nn.Module, init: dict[str, Any]) -> dict[str, Any]:
@@ -253,8 +243,7 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
     forward = prepare_network(network, job.device, job.precision, spec)
     optimizer = torch.optim.AdamW(network.parameters(), lr=float(job.optim["lr"]),
                                   weight_decay=float(job.optim["weight_decay"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(int(job.optim.get("warmup_steps", 0)), job.steps))
+    scheduler = warmup_cosine_scheduler(optimizer, int(job.optim.get("warmup_steps", 0)), job.steps)
     scaler = runtime.make_grad_scaler(job.device, job.precision)
     step, epoch, seconds, history = 0, 0, 0.0, []
     best = {"val_dice_mean": -1.0, "step": -1}

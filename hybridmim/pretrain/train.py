@@ -47,11 +47,11 @@ from hybridmim.pretrain.cost import CostMeter
 from hybridmim.pretrain.feed import StepFeed, global_crop_rows
 from hybridmim.pretrain.losses import HybridMIMLoss
 from hybridmim.pretrain.masking import MaskGeometry
-from hybridmim.pretrain.schedule import warmup_cosine_scheduler
 from hybridmim.pretrain.spec import resolve_method, validate_pretrain_spec
 from hybridmim.pretrain.step import PretrainStep, TermWindow
 from hybridmim.predict.pipeline import recorded_preprocess
 from hybridmim.progress import StepProgress
+from hybridmim.schedule import warmup_cosine_scheduler
 from hybridmim.tracking import tracked_run
 
 log = logging.getLogger(__name__)
