@@ -70,11 +70,17 @@ def _is_tensor(image) -> bool:
 
 
 def _linear(image, src_min: float, src_max: float, dst_min: float, dst_max: float, clip: bool):
-    scaled = (image - src_min) / (src_max - src_min) * (dst_max - dst_min) + dst_min
+    # Same arithmetic, in order, as (image - a) / (b - a) * (d - c) + c, but on one new array
+    # instead of five: fine-tuning windows whole volumes per item, and the temporaries were
+    # half of the data loader's time (benchmarks/loader.py).
+    scaled = image - src_min
+    scaled /= src_max - src_min
+    scaled *= dst_max - dst_min
+    scaled += dst_min
     if clip:
         if _is_tensor(scaled):
-            return scaled.clamp(dst_min, dst_max)
-        return np.clip(scaled, dst_min, dst_max)
+            return scaled.clamp_(dst_min, dst_max)
+        return np.clip(scaled, dst_min, dst_max, out=scaled)
     return scaled
 
 
