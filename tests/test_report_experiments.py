@@ -14,7 +14,7 @@ from hybridmim.report import build_report, collect_runs
 from hybridmim.report.experiments import (ablation_table, paired_bootstrap, paired_difference,
                                           pretrain_cost_long)
 
-from test_report import DATASETS, INITS, SEEDS, build_project
+from test_report import DATASETS, SEEDS, build_project
 
 CASES = ("case_a", "case_b", "case_c")
 
@@ -26,7 +26,7 @@ def case_dice(dataset: str, init: str, seed: int, case: str) -> float:
 
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory):
-    project = build_project(tmp_path_factory.mktemp("experiments") / "project")
+    project = build_project(tmp_path_factory.mktemp("experiments") / "project", dvc=True)
     client = MlflowClient(project["uri"])
     runs = collect_runs(project["uri"], project["metrics_files"])
     folder = tmp_path_factory.mktemp("artifacts")

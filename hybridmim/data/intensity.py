@@ -91,13 +91,19 @@ def _is_tensor(image) -> bool:
 
 
 def _linear(image, src_min: float, src_max: float, dst_min: float, dst_max: float, clip: bool):
-    # MONAI is imported on use: this module is read while the Snakefile parses the config.
-    from monai.transforms import ScaleIntensityRange
-    from monai.utils import convert_to_dst_type
-
-    scale = ScaleIntensityRange(src_min, src_max, dst_min, dst_max, clip=clip, dtype=np.float32)
-    # MONAI hands back a MetaTensor; callers get the array type they passed in.
-    return convert_to_dst_type(scale(image), image)[0]
+    # MONAI's ScaleIntensityRange computes the same map, in the same order, as
+    # (image - a) / (b - a) * (d - c) + c; this does it on one new array
+    # instead of five: fine-tuning windows whole volumes per item, and the temporaries were
+    # half of the data loader's time (benchmarks/loader.py).
+    scaled = image - src_min
+    scaled /= src_max - src_min
+    scaled *= dst_max - dst_min
+    scaled += dst_min
+    if clip:
+        if _is_tensor(scaled):
+            return scaled.clamp_(dst_min, dst_max)
+        return np.clip(scaled, dst_min, dst_max, out=scaled)
+    return scaled
 
 
 def apply_window(image, window: dict):
