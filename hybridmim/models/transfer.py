@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import torch
+from monai.networks.utils import copy_model_state
 from torch import nn
 
 from hybridmim.checkpoints import load_model_file, network_class_path
@@ -92,8 +93,7 @@ def load_into(network: nn.Module, model_file: str | os.PathLike | dict[str, Any]
                          f"{wrong_shapes[:3]}: the pretrained architecture "
                          f"{blob['network']['kwargs']} differs from the network's widths")
     # Missing/unexpected keys come from a different depth or MONAI version: reported, not fatal.
-    network.load_state_dict(to_copy, strict=False)
-    report["loaded"] = sorted(to_copy)
+    _, report["loaded"], _ = copy_model_state(network, to_copy)
     summary = (f"loaded {len(report['loaded'])}/{len(own)} tensors from {source}; output head at "
                f"init: {report['shape_mismatched'] or 'none'}; first layer re-initialised: "
                f"{report['reinitialised'] or 'no'}; missing {len(report['missing'])}, unexpected "
