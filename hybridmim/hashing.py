@@ -7,27 +7,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-_CHUNK = 1 << 20
-
 
 def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def md5_file(path: str | os.PathLike) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def spec_hash(spec: Any) -> str:
-    """Stable hash of a JSON-serialisable object (key order does not matter)."""
+    """Stable hash of a JSON-serialisable object (key order does not matter): the identity of a
+    job spec and of a preprocessing recipe."""
     blob = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -28,7 +28,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -58,51 +57,47 @@ def _holder(lock_path: Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def job_lock(state_dir: str | os.PathLike, wait_s: float | None = None) -> Iterator[Path]:
     """Hold the job's lock for the duration of the block (see the module docstring)."""
+    from filelock import FileLock, Timeout
+
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     lock_path = state_dir / LOCK_NAME
     wait_s = float(os.environ.get("HYBRIDMIM_LOCK_WAIT_S", DEFAULT_WAIT_S)) if wait_s is None \
         else wait_s
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    # No soft (file-exists) fallback: such a lock outlives a SIGKILLed holder; keep the file,
+    # it names the holder.
+    lock = FileLock(lock_path, poll_interval=POLL_S, fallback_to_soft=False,
+                    preserve_lock_file=True)
     try:
-        deadline = time.monotonic() + wait_s
-        announced = False
-        while not _try_lock(fd, lock_path):
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
             holder = _holder(lock_path)
             who = (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
                    f"(since {holder.get('started', '?')})")
-            if time.monotonic() >= deadline:
+            log.warning("%s: held by %s; waiting up to %.0f s for it to stop", state_dir, who,
+                        wait_s)
+            try:
+                lock.acquire(timeout=wait_s)
+            except Timeout:
+                holder = _holder(lock_path) or holder
+                who = (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                       f"(since {holder.get('started', '?')})")
                 raise JobLockedError(
                     f"{state_dir}: this job is already running as {who}; two processes must "
                     f"not train the same job. Wait for it to finish, or stop it (on that host: "
-                    f"kill {holder.get('pid', '<pid>')}) and run again.")
-            if not announced:
-                log.warning("%s: held by %s; waiting up to %.0f s for it to stop", state_dir,
-                            who, wait_s)
-                announced = True
-            time.sleep(POLL_S)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "started": _utc_now()}).encode(), 0)
-        yield lock_path
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
-
-
-def _try_lock(fd: int, lock_path: Path) -> bool:
-    """True when this process now holds the lock (or the file system cannot lock at all)."""
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
+                    f"kill {holder.get('pid', '<pid>')}) and run again.") from None
     except OSError as error:
         # Some cluster file systems refuse locks (Lustre without -o flock): run unlocked rather
         # than not at all, and say so.
         log.warning("%s: the file system refuses locks (%s); running without the job lock",
                     lock_path, error)
-    return True
+    try:
+        lock_path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                         "started": _utc_now()}))
+        yield lock_path
+    finally:
+        lock.release(force=True)
 
 
 def _utc_now() -> str:

@@ -19,53 +19,51 @@ def setup_logging(level: int = logging.INFO) -> None:
     )
 
 
-def _fmt_seconds(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
-
-
 class StepProgress:
     """Report `step/total`, rate, ETA and the latest scalars.
 
-    On a TTY it draws a tqdm bar; otherwise (log files, SLURM) it logs one line at most every
-    ``every_s`` seconds and always on the last step, so logs stay readable.
+    On a TTY it draws a tqdm bar; otherwise (log files, SLURM) it logs tqdm's one-line meter at
+    most every ``every_s`` seconds (``0``: every update) and always on the last step, so logs stay
+    readable. ``unit="B"`` shows bytes scaled (KiB, MiB, ...); ``total`` may be unknown (None).
     """
 
-    def __init__(self, total: int, desc: str, start: int = 0, every_s: float = 10.0,
-                 enabled: bool = True):
+    def __init__(self, total: int | None, desc: str, start: int = 0, every_s: float = 10.0,
+                 enabled: bool = True, unit: str = "it"):
         self.total, self.desc, self.start, self.every_s = total, desc, start, every_s
-        self.enabled = enabled
+        self.enabled, self.unit = enabled, unit
+        self._scaled = dict(unit_scale=True, unit_divisor=1024) if unit == "B" else {}
         self._t0 = time.monotonic()
         self._last = 0.0
         self._bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
+                             unit=unit, mininterval=0.5, **self._scaled)
 
     def update(self, step: int, **scalars: float) -> None:
-        """``step`` is the number of completed steps."""
+        """``step`` is the number of completed steps (bytes for ``unit="B"``)."""
         if not self.enabled:
             return
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in scalars.items()}
         if self._bar is not None:
-            self._bar.n = step
-            self._bar.set_postfix(shown, refresh=True)
+            if shown:
+                self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(step - self._bar.n)
             return
         now = time.monotonic()
-        if step < self.total and now - self._last < self.every_s:
+        last = self.total is not None and step >= self.total
+        if not last and now - self._last < self.every_s:
             return
         self._last = now
-        done = step - self.start
+        from tqdm import tqdm
+
+        # the rate counts this run's steps only, so a resumed job's ETA is not too optimistic
         elapsed = now - self._t0
-        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        meter = tqdm.format_meter(step, self.total, elapsed, prefix=self.desc, unit=self.unit,
+                                  initial=self.start, ncols=0, **self._scaled)
         extras = " ".join(f"{k}={v}" for k, v in shown.items())
-        eta_text = _fmt_seconds(eta) if rate > 0 else "?"
-        log.info("%s %d/%d (%.0f%%) %.2f it/s elapsed %s ETA %s %s", self.desc, step, self.total,
-                 100.0 * step / max(self.total, 1), rate, _fmt_seconds(elapsed), eta_text, extras)
+        log.info("%s %s", meter, extras) if extras else log.info("%s", meter)
 
     def close(self) -> None:
         if self._bar is not None:

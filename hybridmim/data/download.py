@@ -15,7 +15,6 @@ import http.client
 import logging
 import os
 import shutil
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -23,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from hybridmim.hashing import md5_file, sha256_file
+from hybridmim.progress import StepProgress
 
 log = logging.getLogger("hybridmim.data.download")
 
@@ -115,17 +115,6 @@ def _verify(path: Path, url: str, md5: str | None, sha256: str | None, size: int
             "changed or is corrupt — check the URL and the expected checksum in the registry.")
 
 
-def _progress_bar(total: int | None, initial: int, name: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    # On a terminal a live bar; in log files (Snakemake, SLURM) tqdm would spam carriage
-    # returns, so fall back to an occasional line.
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=name, disable=not sys.stderr.isatty(), mininterval=1.0)
-
-
 def _fetch_into_part(url: str, part: Path, headers: dict[str, str], timeout: float,
                      size: int | None, progress: bool, name: str) -> None:
     """One attempt: continue ``part`` from its current length; raise on any interruption."""
@@ -159,9 +148,10 @@ def _fetch_into_part(url: str, part: Path, headers: dict[str, str], timeout: flo
         expected_total = have + int(length) if length is not None else size
         if expected_total is not None:
             check_free_space(part.parent, expected_total - have, f"downloading {name}")
-        bar = _progress_bar(expected_total, have, name, progress)
+        # one line every 30 s in logs (Snakemake, SLURM): a download can take hours
+        bar = StepProgress(expected_total, name, start=have, every_s=30, enabled=progress,
+                           unit="B")
         received = 0
-        started = last_log = time.monotonic()
         try:
             with open(part, mode) as fh:
                 while True:
@@ -170,21 +160,11 @@ def _fetch_into_part(url: str, part: Path, headers: dict[str, str], timeout: flo
                         break
                     fh.write(block)
                     received += len(block)
-                    if bar is not None:
-                        bar.update(len(block))
-                    now = time.monotonic()
-                    if progress and bar is not None and bar.disable and now - last_log > 30:
-                        # no terminal (Snakemake/SLURM log): one line every 30 s instead
-                        last_log = now
-                        rate = received / max(now - started, 1e-9)
-                        done = have + received
-                        log.info("%s: %s of %s (%.1f MiB/s)", name, _human(done),
-                                 _human(expected_total) if expected_total else "?", rate / 2**20)
+                    bar.update(have + received)
                 fh.flush()
                 os.fsync(fh.fileno())
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         if length is not None and received < int(length):
             raise http.client.IncompleteRead(b"", int(length) - received)
 

@@ -28,6 +28,8 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
+from hybridmim import atomic
+
 # What the code reads; every other MSD field is optional (and what make_index writes).
 REQUIRED_INDEX_FIELDS = ("modality", "labels", "training")
 MSD_INDEX_FIELDS = ("name", "description", "reference", "licence", "tensorImageSize",
@@ -122,7 +124,8 @@ def make_index(*, name: str, description: str, reference: str, licence: str,
 
 
 def write_json(path: Path, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    # dataset.json keeps the key order of the Medical Segmentation Decathlon's files.
+    atomic.write_json(path, data, sort_keys=False)
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:

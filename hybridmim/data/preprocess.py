@@ -16,17 +16,16 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from hybridmim.data.fingerprint import ForegroundSampler, describe_recipe, resolve_spacing
 from hybridmim.data.layout import (CaseFiles, LayoutError, atomic_directory, list_cases,
                                    read_index, write_json)
 from hybridmim.data.registry import DatasetSpec
+from hybridmim.hashing import spec_hash
+from hybridmim.progress import StepProgress
 
 PREPROCESS_VERSION = 1  # bump when the code below changes what it writes, to rebuild caches
 log = logging.getLogger(__name__)
@@ -44,8 +43,8 @@ def preprocessing_recipe(spec: DatasetSpec) -> dict:
             "code_version": PREPROCESS_VERSION}
 
 
-def recipe_hash(recipe: dict) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+# The cache's identity is hashed like any job spec (the same function, one canonical JSON form).
+recipe_hash = spec_hash
 
 
 def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
@@ -71,7 +70,9 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
     records = []
     with atomic_directory(out_dir) as temp:
         (temp / "cases").mkdir()
-        for case, done in _progress(cases, spec.name):
+        # one line per case in logs: a case takes seconds to minutes
+        progress = StepProgress(len(cases), f"preprocess {spec.name}", every_s=0, unit="case")
+        for number, case in enumerate(cases, 1):
             image, label, spacing = transforms(case)
             image_rel, label_rel = f"cases/{case.case}_image.npy", f"cases/{case.case}_label.npy"
             np.save(temp / image_rel, image)
@@ -80,7 +81,8 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
             records.append({"case": case.case, "image": image_rel,
                             "label": label_rel if label is not None else None,
                             "spacing": spacing, "shape": list(image.shape)})
-            done(f"{case.case} {tuple(image.shape[1:])}")
+            progress.update(number, case=f"{case.case} {tuple(image.shape[1:])}")
+        progress.close()
         # Splits are made once per case set (splits.py) and must survive a rebuild of the voxels;
         # carrying the file over also lets make_splits refuse if the rebuild changed the cases.
         if (out_dir / "splits.json").is_file():
@@ -145,25 +147,6 @@ def _check_channels(raw_dir: Path, index: dict, spec: DatasetSpec) -> None:
                           f"{list(declared.values())} but dataset {spec.name!r} expects "
                           f"{list(spec.channels)}; fix the registry entry / config block or the "
                           f"conversion")
-
-
-def _progress(cases: list[CaseFiles], name: str):
-    """Yield (case, done) pairs; ``done(text)`` reports one line per case with an ETA: a live
-    tqdm bar on a terminal, one log line per case otherwise (Snakemake/DVC logs)."""
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=len(cases), desc=f"preprocess {name}", unit="case", file=sys.stderr,
-               disable=not interactive)
-    start = time.monotonic()
-    for number, case in enumerate(cases, 1):
-        def done(text: str, number=number) -> None:
-            bar.update(1)
-            bar.set_postfix_str(text)
-            if not interactive:
-                meter = tqdm.format_meter(number, len(cases), time.monotonic() - start,
-                                          prefix=f"preprocess {name}", unit="case")
-                print(f"{meter} {text}", file=sys.stderr, flush=True)
-        yield case, done
-    bar.close()
 
 
 class _CaseTransforms:

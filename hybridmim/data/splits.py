@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from hybridmim.atomic import write_json
 from hybridmim.data.preprocess import read_processed_index
 from hybridmim.data.registry import DatasetSpec, SplitRecipe
 
@@ -55,9 +55,7 @@ def make_splits(processed_dir, spec: DatasetSpec, seed: int | None = None) -> di
     splits = {"dataset": spec.name, "seed": seed, "recipe": recipe.describe(),
               "cases_sha256": cases_sha256, "val_is_test": recipe.val_is_test,
               **_assign(labelled, recipe, seed, processed_dir)}
-    temp = path.with_name(f".{SPLITS_FILE}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(splits, indent=2) + "\n")
-    os.replace(temp, path)
+    write_json(path, splits, sort_keys=False)
     return splits
 
 

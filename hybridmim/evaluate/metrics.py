@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from monai.metrics import DiceMetric, compute_hausdorff_distance
+from monai.networks.utils import one_hot as monai_one_hot
 
 
 def class_names(labels: dict[str, str], regions: dict[str, Sequence[int]] | None) -> list[str]:
@@ -42,9 +43,8 @@ def class_names(labels: dict[str, str], regions: dict[str, Sequence[int]] | None
 
 
 def one_hot(index_map: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(X, Y, Z) channel indices → (num_classes, X, Y, Z) bool."""
-    classes = torch.arange(num_classes, device=index_map.device).view(-1, *([1] * index_map.ndim))
-    return index_map.unsqueeze(0) == classes
+    """(X, Y, Z) channel indices → (num_classes, X, Y, Z) bool (MONAI's one_hot)."""
+    return monai_one_hot(index_map.unsqueeze(0), num_classes, dtype=torch.bool, dim=0)
 
 
 def ground_truth_masks(label: torch.Tensor, num_classes: int, regions: bool) -> torch.Tensor:
@@ -109,9 +109,9 @@ def case_metrics(prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequenc
     return out
 
 
-def _nanmean(values: list[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return float(np.mean(kept)) if kept else float("nan")
+def nanmean(values: list[float]) -> float:
+    """Mean over the defined (non-NaN) values; NaN when none is (numpy would warn)."""
+    return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
 
 
 def aggregate(per_case: list[dict[str, dict[str, Any]]], names: Sequence[str]) -> dict[str, Any]:
@@ -119,13 +119,13 @@ def aggregate(per_case: list[dict[str, dict[str, Any]]], names: Sequence[str]) -
     cases each class excluded and why (see the module docstring)."""
     if not per_case:
         raise ValueError("no cases to aggregate: the evaluated split is empty")
-    dice = {n: _nanmean([case[n]["dice"] for case in per_case]) for n in names}
-    hd95 = {n: _nanmean([case[n]["hd95"] for case in per_case]) for n in names}
+    dice = {n: nanmean([case[n]["dice"] for case in per_case]) for n in names}
+    hd95 = {n: nanmean([case[n]["hd95"] for case in per_case]) for n in names}
     excluded = {n: {"gt_empty": sum(case[n]["gt_empty"] for case in per_case),
                     "hd95_undefined": sum(math.isnan(case[n]["hd95"]) for case in per_case)}
                 for n in names}
     return {"dice": dice, "hd95": hd95,
-            "dice_mean": _nanmean(list(dice.values())), "hd95_mean": _nanmean(list(hd95.values())),
+            "dice_mean": nanmean(list(dice.values())), "hd95_mean": nanmean(list(hd95.values())),
             "cases": len(per_case), "excluded": excluded}
 
 

@@ -15,7 +15,6 @@ MLflow metrics ``test_dice_<class>``, ``test_hd95_<class>``, ``test_dice_mean``,
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import time
@@ -33,7 +32,7 @@ from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
 from hybridmim.finetune.inference import probabilities_to_masks
 from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
                                         save_label_map)
-from hybridmim.hashing import spec_hash as compute_spec_hash
+from hybridmim.hashing import sha256_file, spec_hash as compute_spec_hash
 from hybridmim.models.backbones import backbone_of_class
 from hybridmim.performance import prepare_network
 from hybridmim.progress import StepProgress
@@ -146,7 +145,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
             per_case.append(case_metrics(pred, truth, spacing, names))
             case_ids.append(case_id)
             files.append({"prediction": _relative(prediction_path, project_root),
-                          "prediction_sha256": file_sha256(prediction_path),
+                          "prediction_sha256": sha256_file(prediction_path),
                           "label": _relative(case.label, project_root)})
             if len(overlay_rows) < OVERLAY_CASES:
                 overlay_rows.append(overlay_slice(result.resampled_image, truth_resampled,
@@ -229,11 +228,6 @@ def read_label_file(path: str | Path) -> tuple[torch.Tensor, list[float]]:
     values = np.rint(np.asarray(image.dataobj)).astype(np.int64)
     spacing = [float(s) for s in np.linalg.norm(image.affine[:3, :3], axis=0)]
     return torch.from_numpy(values.reshape(values.shape[:3])), spacing
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _relative(path: str | Path, root: Path) -> str:

@@ -25,7 +25,7 @@ from monai.losses import DiceCELoss
 from hybridmim import checkpoints, runtime
 from hybridmim.atomic import write_json
 from hybridmim.evaluate.metrics import (check_class_indices, class_names, foreground_masks,
-                                        ground_truth_masks, metric_key)
+                                        ground_truth_masks, metric_key, nanmean)
 from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.performance import prepare_network
@@ -206,9 +206,9 @@ class FinetuneJob:
             # HD95 is not needed to pick the best checkpoint; Dice alone keeps validation cheap.
             per_case.append(_dice_only(pred, truth, self.names))
         network.train()
-        dice = {name: _nanmean([case[name] for case in per_case]) for name in self.names}
+        dice = {name: nanmean([case[name] for case in per_case]) for name in self.names}
         return {**{f"val_dice_{metric_key(n)}": v for n, v in dice.items()},
-                "val_dice_mean": _nanmean(list(dice.values()))}
+                "val_dice_mean": nanmean(list(dice.values()))}
 
 
 def _dice_only(pred, truth, names) -> dict[str, float]:
@@ -217,11 +217,6 @@ def _dice_only(pred, truth, names) -> dict[str, float]:
     values = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(
         pred.unsqueeze(0).float(), truth.unsqueeze(0).float())[0]
     return {name: float(values[i]) for i, name in enumerate(names)}
-
-
-def _nanmean(values: list[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
 
 
 @guarded_job(lambda spec: checkpoints.state_dir_for(spec["out"]))
