@@ -6,7 +6,6 @@ import math
 
 import nibabel as nib
 import numpy as np
-
 import pytest
 import torch
 
@@ -171,3 +170,27 @@ def run_evaluation_spec(spec):
     from hybridmim.evaluate.run import run_evaluation
 
     return run_evaluation(spec)
+
+
+def test_ct_overlays_are_in_radiological_orientation(tmp_path):
+    from PIL import Image
+
+    from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
+
+    # RAS cache: X grows towards the patient's right; make the patient's right half bright.
+    image = torch.zeros(1, 24, 24, 3)
+    image[0, 12:] = 1.0
+    truth = torch.zeros(1, 24, 24, 3, dtype=torch.bool)
+    truth[0, 10:14, 10:14] = True
+    row = overlay_slice(image, truth, truth, "case")
+    sides = {}
+    for radiological in (True, False):
+        path = tmp_path / f"{radiological}.png"
+        save_overlay_figure([row], ["organ"], path, radiological=radiological)
+        pixels = np.asarray(Image.open(path).convert("L"), float)
+        height, width = pixels.shape
+        panel = pixels[height // 4: height // 2, : width // 3]  # the image panel of the row
+        half = panel.shape[1] // 2
+        sides[radiological] = panel[:, :half].mean() > panel[:, half:].mean()
+    # Radiological: the patient's right (bright) on the image's left; otherwise on the right.
+    assert sides == {True: True, False: False}

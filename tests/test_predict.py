@@ -171,6 +171,9 @@ def test_mlflow_run_has_source_dataset_system_metrics_and_registered_model(real_
     experiment = client.get_experiment(run.info.experiment_id)
     assert "fine-tuning" in experiment.tags["mlflow.note.content"]
     # Registered per dataset × backbone × init; the version's model is the run's.
+    # The logged model lives in the run's experiment, where the UI's runs list finds it.
+    (logged,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert logged.source_run_id == real_model["run_id"]
     (version,) = client.search_model_versions("name='real_ct-unet-scratch'")
     assert version.run_id == real_model["run_id"]
     assert tags["model_uri"] == f"models:/real_ct-unet-scratch/{version.version}"

@@ -97,7 +97,8 @@ def test_cost_table_and_every_figure_with_its_data(experiments):
         "cost/crops_per_s": 8.0, "cost/median_step_s": 0.5, "cost/peak_mem_mb": 300.0,
         "cost/total_s": 70.0}
     assert cost["ratio_vs_simmim"].isna().all()  # no SimMIM-style run here: no ratio
-    assert "n/a" in written["pretrain_cost.md"].read_text()
+    markdown = written["pretrain_cost.md"].read_text()
+    assert "n/a" in markdown and markdown.count("| unet ") == 1  # one row per pretraining run
     figures = [p for name, p in written.items() if p.suffix == ".png"]
     assert {p.stem for p in figures} >= {"test_dice", "label_efficiency", "pretrain_losses",
                                         "ablations", "time_to_quality", "finetune_curves",

@@ -264,9 +264,10 @@ def pretrain_cost_table(pretrain_runs: pd.DataFrame | None, tables_dir: Path
         if long.empty:
             return _note_frame("no pretraining runs in this grid")
         fmt = escape_latex if latex else str
-        wide = shown.pivot_table(index=["backbone", "corpus", "method", "device"],
-                                 columns="metric", values="mean", aggfunc="first", sort=True,
-                                 dropna=False)
+        # Every (run, metric) row has a value; an all-NaN ratio column is re-added below.
+        wide = shown.dropna(subset=["mean"]).pivot_table(
+            index=["backbone", "corpus", "method", "device"], columns="metric", values="mean",
+            aggfunc="first", sort=True)
         out = pd.DataFrame(index=wide.index)
         for metric, (heading, decimals) in headings.items():
             values = wide[metric] if metric in wide else pd.Series(math.nan, index=wide.index)

@@ -21,7 +21,7 @@ EXPERIMENT_DESCRIPTIONS = {
                 "the backbone as an MLflow model.",
     "finetune": "Segmentation fine-tuning, from scratch or from a pretrained backbone. Each run: "
                 "losses, validation Dice, the dataset it read (digest = DVC hash), the model "
-                "(registered as <dataset>-<backbone>-<init>).",
+                "(registered as dataset-backbone-init, e.g. demo_btcv-unet-hybridmim).",
     "evaluate": "Test-split evaluation of one fine-tuned model: Dice and HD95 per class on the "
                 "grid named by the run's 'grid' tag; per-case values in metrics.json / "
                 "per_case.csv.",
@@ -148,9 +148,15 @@ def log_network_model(run: Any, model_path: str | os.PathLike,
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs, -1, -1, -1), "logits")]))
+    experiment_id = run.client.get_run(run.run_id).info.experiment_id
     with using_tracking_uri(run.tracking_uri):
+        # Created in the run's experiment (Model.log alone would use the default experiment,
+        # where the UI's runs list does not look for a run's models).
+        logged = mlflow.initialize_logged_model(name="model", source_run_id=run.run_id,
+                                                experiment_id=experiment_id)
         info = Model.log(artifact_path=None, name="model", flavor=mlflow.pytorch,
-                         run_id=run.run_id, pytorch_model=network, signature=signature,
+                         run_id=run.run_id, model_id=logged.model_id,
+                         pytorch_model=network, signature=signature,
                          metadata={"hybridmim": meta, "network": json.loads(
                              json.dumps(blob["network"], default=str))},
                          registered_model_name=registered_model_name,

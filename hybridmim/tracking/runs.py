@@ -101,14 +101,15 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
         return
     from mlflow.tracking import MlflowClient
 
-    from hybridmim.tracking.store import get_or_create_experiment, init_store, resolve_tracking_uri
+    from hybridmim.tracking.store import init_store, resolve_tracking_uri
 
     tracking = spec.get("tracking") or {}
     uri = resolve_tracking_uri(tracking.get("uri"))
     artifact_root = tracking.get("artifact_root", "results/mlflow/artifacts")
-    init_store(uri, artifact_root)
+    # Only this job's experiment: looking up every stage's experiment in every job was most of a
+    # job's MLflow set-up time (`hybridmim tracking init` creates them all once).
+    experiment_id = init_store(uri, artifact_root, experiments=(stage,))[stage]
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = get_or_create_experiment(stage, artifact_root, tracking_uri=uri)
     shash = compute_spec_hash(spec)
     run_id = None
     if resume_run_id:
