@@ -1,6 +1,7 @@
 """The package as a user installs it: `pip install .` (not editable) into a fresh virtual
 environment gives a working `hybridmim` with its config schema and data files inside; the
 declared dependencies, the lock and the conda environments agree; LICENSE matches pyproject."""
+import ast
 import hashlib
 import re
 import shutil
@@ -104,8 +105,12 @@ def test_imports_declared_and_environments_follow_the_lock():
                 for d in project["dependencies"]}
     imported = set()
     for path in (ROOT / "hybridmim").rglob("*.py"):
-        imported |= set(re.findall(r"^\s*(?:import|from) ([a-zA-Z_]\w*)", path.read_text(),
-                                   re.MULTILINE))
+        # The syntax tree, not a text search: a docstring line "from the ..." is no import.
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
     third_party = {m for m in imported - set(sys.stdlib_module_names) - {"hybridmim"}}
     names = {"yaml": "pyyaml"}
     missing = {m for m in third_party if names.get(m, m) not in declared}

@@ -38,7 +38,8 @@ def _spec(stage, name):
     config = hcfg.load_config(ROOT / "config" / "config.yaml")
     config["pretraining"]["corpora"] = {"ct": {"datasets": ["demo_spleen"]}}
     config["backbones"]["unet"]["pretrain_optim"].update(steps=STEPS, warmup_steps=2)
-    config["pretraining"].update(checkpoint_every=EVERY, log_every=1, crops_per_volume=1)
+    config["pretraining"].update(checkpoint_every=EVERY, log_every=1, crops_per_volume=1,
+                                 val_volumes=0)
     config["finetuning"].update(datasets=["demo_spleen"], checkpoint_every=EVERY, val_every=100,
                                 crop=48, crops_per_volume=1)
     config["finetuning"]["optim"].update(steps=STEPS, warmup_steps=2)
