@@ -127,7 +127,10 @@ def _evaluation_metrics(run_id: str | None, tracking_uri: str | None) -> dict[st
 
         from hybridmim.tracking.store import resolve_tracking_uri
 
-        client = MlflowClient(resolve_tracking_uri(tracking_uri))
+        uri = resolve_tracking_uri(tracking_uri)
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            return {}  # no store here: do not create an empty one just to look
+        client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("evaluate")
         if experiment is None:
             return {}

@@ -95,6 +95,13 @@ def system_metrics(run_id: str, tracking_uri: str, interval: float) -> Iterator[
     finally:
         if monitor is not None:
             monitor.finish()
+            try:  # MLflow drops the samples taken since its last log: keep them (short runs)
+                last = monitor.aggregate_metrics()
+                if last:
+                    monitor.publish_metrics(last)
+                    monitor.mlflow_logger.flush()
+            except Exception as error:
+                log.debug("last system metrics sample not logged: %s", error)
 
 
 def registered_name(spec: dict[str, Any]) -> str:
