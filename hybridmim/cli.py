@@ -114,9 +114,9 @@ def _add_pretrain_cache_commands(data_sub: Any) -> None:
     p.set_defaults(func=cmd_data_preprocess_pretrain)
     p = data_sub.add_parser("version-pretrain",
                             help="record data/pretrain/<ds>'s hash in dvc.lock (dvc commit)")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
     p.add_argument("--out", required=True, help="JSON file that receives the recorded hash")
-    p.add_argument("--project-root", default=".")
+    p.add_argument("--project-root", default=".", help="the DVC project (repository) root")
     p.set_defaults(func=cmd_data_version_pretrain)
 
 

@@ -67,11 +67,13 @@ def test_partial_region_loss_of_a_batch_is_the_mean_over_equal_parts():
     valid = torch.ones_like(mask)
     valid[0, ..., 20:] = False  # padding in one sample only: scored counts differ
     box = (slice(0, CROP),) * 3
-    halves = [partial_region_loss(recon[s], target[s], box, mask[s], valid[s])
+    # Per-sample normalisation (the DDP-exact option; the default, one mean over the batch's
+    # voxels as the authors' code, weighs the halves by their scored counts).
+    halves = [partial_region_loss(recon[s], target[s], box, mask[s], valid[s], "sample")
               for s in (slice(0, 2), slice(2, 4))]
     counts = (mask & valid).flatten(1).sum(1)
     assert counts[0] != counts[2]
-    whole = partial_region_loss(recon, target, box, mask, valid)
+    whole = partial_region_loss(recon, target, box, mask, valid, "sample")
     assert torch.allclose(whole, (halves[0] + halves[1]) / 2, rtol=1e-6)
 
 

@@ -31,7 +31,7 @@ from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, js
 from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
 from hybridmim.finetune.inference import probabilities_to_masks
 from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
-                                        save_label_map)
+                                        recorded_preprocess, save_label_map)
 from hybridmim.hashing import sha256_file, spec_hash as compute_spec_hash
 from hybridmim.models.backbones import backbone_of_class
 from hybridmim.performance import prepare_network
@@ -194,10 +194,14 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
 
 def model_recipe(meta: dict[str, Any], dataset: dict[str, Any], model: str) -> dict[str, Any]:
     """The preprocessing the model was trained with; the dataset's must be the same one."""
-    recipe = meta.get("preprocess") or dataset.get("preprocess")
+    # The cache records the recipe as applied (a config's "median" spacing resolved to numbers).
+    cached = (recorded_preprocess(dataset["processed_dir"]) if dataset.get("processed_dir")
+              else None)
+    dataset_recipe = cached or dataset.get("preprocess")
+    recipe = meta.get("preprocess") or dataset_recipe
     checked = check_preprocess(recipe, model)
-    if meta.get("preprocess") and dataset.get("preprocess"):
-        wanted = check_preprocess(dataset["preprocess"], "evaluate spec dataset")
+    if meta.get("preprocess") and dataset_recipe:
+        wanted = check_preprocess(dataset_recipe, "evaluate spec dataset")
         if wanted != checked:
             raise ValueError(f"{model} was trained on data preprocessed as {checked} but the "
                              f"evaluate spec's dataset.preprocess is {wanted}; evaluate it on "

@@ -367,10 +367,14 @@ def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seco
             raise RuntimeError(f"{job.state_dir}/latest.pt does not hold the final step; "
                                "delete the state folder and re-run the job")
         weights, published = "final (validation cases are the test cases)", final_state["model"]
+    from hybridmim.predict.pipeline import recorded_preprocess
+
     meta = {"stage": "finetune", "method": spec["init"].get("name"), "crop": job.crop,
             "spacing": dataset_spacing(job.processed_dir), "modality": ds.get("modality"),
             "channels": int(spec["backbone"]["in_channels"]), "labels": ds["labels"],
-            "regions": job.regions, "window": ds["window"], "preprocess": ds.get("preprocess"),
+            "regions": job.regions, "window": ds["window"],
+            # The cache records the recipe as applied (a "median" spacing resolved to numbers).
+            "preprocess": recorded_preprocess(job.processed_dir) or ds.get("preprocess"),
             "channel_names": ds.get("channels"),
             "init": {**copy.deepcopy(spec["init"]), "transferred": init_counts or {}},
             "data_hash": _recorded_data_hash(run, job.processed_dir), **git_state(),
