@@ -21,6 +21,7 @@ def test_demo_workflow_through_slurm(slurm, tmp_path):
     project = copy_project(tmp_path / "project")
     cmd = [sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/slurm",
            "--configfile", "config/config.yaml", "tests/data/demo_fast.yaml",
+           "tests/data/slurm_grid.yaml",
            "--jobs", "2", "--resources", "dvc=1",
            "--seconds-between-status-checks", "1", "--slurm-init-seconds-before-status-checks", "1"]
     if not slurm["accounting"]:
