@@ -14,7 +14,8 @@ from typing import Any
 
 # The keys a variant may override (those of a method block, except its kind) and geometry.
 METHOD_KEYS = ("box", "masking", "mask_ratio", "region_grouping", "loss_weights", "temperature",
-               "proj_dim", "gather_negatives")
+               "proj_dim", "gather_negatives", "pr_normalisation", "consistency",
+               "swin_bottleneck_slice")
 LOSS_TERMS = ("pr", "num", "loc", "con", "cl")
 GEOMETRY_KEYS = ("crop", "region", "patch")
 
@@ -53,6 +54,12 @@ def change_parts(overrides: dict[str, Any]) -> list[str]:
         parts.append(f"proj{overrides['proj_dim']}")
     if "gather_negatives" in overrides:
         parts.append("gathered_negatives" if overrides["gather_negatives"] else "local_negatives")
+    if "pr_normalisation" in overrides:
+        parts.append(f"pr_{overrides['pr_normalisation']}_mean")
+    if "consistency" in overrides:
+        parts.append(f"con_{overrides['consistency']}")
+    if "swin_bottleneck_slice" in overrides:
+        parts.append(f"swin_slice_{overrides['swin_bottleneck_slice']}")
     for key in GEOMETRY_KEYS:
         if key in (overrides.get("geometry") or {}):
             parts.append(f"{key}{overrides['geometry'][key]}")

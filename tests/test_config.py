@@ -158,6 +158,20 @@ def test_variant_names_for_each_ablation_axis():
         == "hybridmim-hierarchical_masking"
     assert variant_name("hybridmim", {"region_grouping": "raster", "mask_ratio": 0.2}) \
         == "hybridmim-mask0.2-raster_grouping"
+    # The fidelity flags (docs/method.md) are ablation axes too: the schema accepts them.
+    assert variant_name("hybridmim", {"consistency": "cross_entropy",
+                                      "pr_normalisation": "sample"}) \
+        == "hybridmim-pr_sample_mean-con_cross_entropy"
+
+
+def test_a_variant_may_flip_a_fidelity_flag(tmp_path):
+    def flip(c):
+        c["pretraining"]["variants"]["hybridmim"].append({"consistency": "cross_entropy"})
+    config = hcfg.load_config(_load(tmp_path, flip))
+    spec = hcfg.pretrain_spec(config, "unet", "hybridmim-con_cross_entropy", "ct")
+    assert spec["method"]["consistency"] == "cross_entropy"
+    assert hcfg.pretrain_spec(config, "unet", "hybridmim", "ct")["method"]["consistency"] \
+        == "authors"
 
 
 @pytest.mark.parametrize("variant, key", [
