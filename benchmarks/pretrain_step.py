@@ -128,19 +128,26 @@ def measure_time(config: dict) -> dict:
             stepper.train_step(images, valid, generator)
     device = images.device
     _sync(device)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    order = list(METHODS)
-    for _ in range(config["steps"]):
-        for name in order:
-            started = time.perf_counter()
-            steppers[name].train_step(images, valid, generator)
-            _sync(device)
-            times[name].append(time.perf_counter() - started)
-        order.reverse()
+    times = _interleaved_times(steppers, images, valid, generator, config["steps"])
     return {m: {"seconds_per_step": statistics.median(t), "times": t,
                 "parameters": sum(p.numel() for p in steppers[m].model.parameters()),
                 "recon_voxels": int(steppers[m].model.box_shape[0] ** 3),
                 "precision": steppers[m].precision} for m, t in times.items()}
+
+
+def _interleaved_times(steppers: dict, images, valid, generator, steps: int) -> dict:
+    """Seconds of each stepper's steps, stepped in rotation (the order reversed every round, so
+    no stepper always runs right after the same one): one side-by-side measurement."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    order = list(steppers)
+    for _ in range(steps):
+        for name in order:
+            started = time.perf_counter()
+            steppers[name].train_step(images, valid, generator)
+            _sync(images.device)
+            times[name].append(time.perf_counter() - started)
+        order.reverse()
+    return times
 
 
 def measure_variants(config: dict) -> dict:
@@ -161,15 +168,7 @@ def measure_variants(config: dict) -> dict:
         for _ in range(config["warmup"] - 1):
             stepper.train_step(images, valid, generator)
     _sync(device)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    order = list(variants)
-    for _ in range(config["steps"]):
-        for name in order:
-            started = time.perf_counter()
-            steppers[name].train_step(images, valid, generator)
-            _sync(device)
-            times[name].append(time.perf_counter() - started)
-        order.reverse()
+    times = _interleaved_times(steppers, images, valid, generator, config["steps"])
     return {v: {"seconds_per_step": statistics.median(t), "times": t,
                 "first_step_seconds": first_steps[v], "precision": steppers[v].precision}
             for v, t in times.items()}
