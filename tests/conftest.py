@@ -115,3 +115,14 @@ def set_nested(spec: dict, dotted: str, value, sep: str = ".") -> None:
     for part in parents:
         spec = spec[part]
     spec[last] = value
+
+
+def demo_config_with(tmp_path: Path, mutate) -> Path:
+    """config/config.yaml changed by ``mutate(dict)``, written to ``tmp_path``/c.yaml."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    mutate(cfg)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -4,20 +4,14 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from hybridmim import config as hcfg
 from hybridmim.hashing import spec_hash
 
-from conftest import ROOT
+from conftest import ROOT, demo_config_with
 
 
-def _load(tmp_path, mutate):
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    mutate(cfg)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+_load = demo_config_with
 
 
 def test_demo_config_validates_and_fills_defaults():

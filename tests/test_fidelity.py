@@ -11,6 +11,8 @@ from torch import nn
 
 from hybridmim.models import build_segmentation_network
 
+from conftest import demo_config_with as _config_with
+
 UNET = {"name": "unet", "in_channels": 1, "filters": [4, 4, 8, 16, 32], "dropout": 0.1}
 
 
@@ -57,16 +59,6 @@ def test_stock_dynunet_loads_the_weights_and_computes_the_same_in_eval_mode():
 
 # --- L_CL needs encoder dropout -----------------------------------------------------------------
 
-def _config_with(tmp_path, mutate):
-    import yaml
-
-    from conftest import ROOT
-
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    mutate(cfg)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_contrastive_term_without_encoder_dropout_is_refused_at_parse_time(tmp_path):
