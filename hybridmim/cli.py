@@ -90,7 +90,7 @@ def cmd_data_version(args: argparse.Namespace) -> None:
 
 
 def cmd_data_preprocess_pretrain(args: argparse.Namespace) -> None:
-    from hybridmim.data.pretrain_cache import build_native_cache
+    from hybridmim.data.prepare.pretrain_cache import build_native_cache
 
     config, name = _dataset_config(args)
     print(build_native_cache(config, name, data_root=args.data_root))

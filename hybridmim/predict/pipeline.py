@@ -19,8 +19,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from hybridmim.data.intensity import apply_window, validate_window
-from hybridmim.finetune.inference import predict_volume
+from hybridmim.data.intensity import apply_window
+from hybridmim.dataset_catalog import validate_window
+from hybridmim.predict.inference import predict_volume
 
 
 class InputError(ValueError):
@@ -55,7 +56,7 @@ def recorded_preprocess(processed_dir: str | Path) -> dict[str, Any] | None:
 
 def preprocessing_transforms(recipe: Mapping[str, Any], with_label: bool = False):
     """MONAI's invertible transforms for the recipe (same order and arguments as
-    hybridmim.data.preprocess), on the dict keys ``image`` (and ``label``)."""
+    hybridmim.data.prepare.preprocess), on the dict keys ``image`` (and ``label``)."""
     from monai.transforms import (Compose, CropForegroundd, NormalizeIntensityd, Orientationd,
                                   Spacingd)
     keys = ["image", "label"] if with_label else ["image"]
