@@ -34,24 +34,15 @@ def _short_class(path: str) -> str:
 
 
 def preprocessing(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    recipe = meta["preprocess"]
+    from hybridmim.predict.pipeline import preprocessing_steps
+
     window = meta["window"]
     steps: list[dict[str, Any]] = [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True,
          "ensure_channel_first": True, "reader": "NibabelReader"},
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
-        {"_target_": "Orientationd", "keys": "image", "axcodes": recipe["orientation"],
-         "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
+        *preprocessing_steps(meta["preprocess"]),
     ]
-    if recipe.get("spacing") is not None:
-        steps.append({"_target_": "Spacingd", "keys": "image",
-                      "pixdim": [float(s) for s in recipe["spacing"]], "mode": "bilinear"})
-    threshold = float(recipe["foreground_threshold"])
-    steps.append({"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
-                  "select_fn": f"$lambda x: x > {threshold!r}", "allow_smaller": True})
-    if recipe["normalize"] == "zscore_nonzero_channelwise":
-        steps.append({"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True,
-                      "channel_wise": True})
     if window["kind"] == "ct":
         steps.append({"_target_": "ScaleIntensityRanged", "keys": "image",
                       "a_min": window["a_min"], "a_max": window["a_max"],
