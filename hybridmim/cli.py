@@ -26,7 +26,7 @@ DATA_STEPS = [  # (step, functions run in turn on the dataset's config, help)
      "preprocess and split → data/processed/<ds>"),
     ("prepare", ["hybridmim.data.pipeline:acquire_dataset",
                  "hybridmim.data.pipeline:preprocess_and_split"], "acquire + preprocess"),
-    ("preprocess-pretrain", ["hybridmim.data.pretrain_cache:build_native_cache"],
+    ("preprocess-pretrain", ["hybridmim.data.prepare.pretrain_cache:build_native_cache"],
      "native-spacing pretraining cache (RAS, no resampling, whole volumes) → data/pretrain/<ds>; "
      "needs data/raw/<ds> and the split of data/processed/<ds>"),
 ]

@@ -29,12 +29,12 @@ from hybridmim.checkpoints import build_network, load_model_file
 from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, json_number,
                                         metric_key)
 from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
-from hybridmim.finetune.inference import probabilities_to_masks
-from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
-                                        recorded_preprocess, save_label_map)
 from hybridmim.hashing import sha256_file, spec_hash as compute_spec_hash
 from hybridmim.models.backbones import backbone_of_class
 from hybridmim.performance import prepare_network
+from hybridmim.predict.inference import probabilities_to_masks
+from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
+                                        recorded_preprocess, save_label_map)
 from hybridmim.progress import StepProgress
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def _check_model_matches(meta: dict[str, Any], dataset: dict[str, Any], model: s
 
 def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     """Evaluate spec["model"] on spec["split"]; return the metrics.json content."""
-    from hybridmim.data.splits import load_splits
+    from hybridmim.data.prepare.splits import load_splits
     from hybridmim.tracking.runs import tracked_run
 
     _check_spec(spec)

@@ -19,8 +19,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from hybridmim.data.intensity import apply_window, validate_window
-from hybridmim.finetune.inference import predict_volume
+from hybridmim.data.intensity import apply_window
+from hybridmim.dataset_catalog import validate_window
+from hybridmim.predict.inference import predict_volume
 
 
 class InputError(ValueError):
@@ -56,7 +57,7 @@ def recorded_preprocess(processed_dir: str | Path) -> dict[str, Any] | None:
 def preprocessing_steps(recipe: Mapping[str, Any], keys: str | list[str] = "image"
                         ) -> list[dict[str, Any]]:
     """MONAI's invertible transforms for the recipe (same order and arguments as
-    hybridmim.data.preprocess) as MONAI config entries on the dict ``keys`` ("image" and maybe
+    hybridmim.data.prepare.preprocess) as MONAI config entries on the dict ``keys`` ("image" and maybe
     "label"): `hybridmim export` writes them into the bundle, ``preprocessing_transforms``
     instantiates them, so the bundle and `hybridmim predict` cannot drift apart."""
     steps: list[dict[str, Any]] = [
