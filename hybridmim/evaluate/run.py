@@ -14,7 +14,6 @@ MLflow metrics ``test_dice_<class>``, ``test_hd95_<class>``, ``test_dice_mean``,
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
@@ -241,14 +240,11 @@ def _relative(path: str | Path, root: Path) -> str:
 def write_per_case_csv(path: Path, case_ids: list[str], per_case: list[dict],
                        names: list[str]) -> None:
     """One row per case: dice_<class>, hd95_<class> (empty cell = undefined)."""
-    columns = ["case"] + [f"{m}_{metric_key(n)}" for n in names for m in ("dice", "hd95")]
-    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for case_id, case in zip(case_ids, per_case):
-            row = [case_id]
-            for name in names:
-                for metric in ("dice", "hd95"):
-                    value = json_number(case[name][metric])
-                    row.append("" if value is None else repr(value))
-            writer.writerow(row)
+    import pandas as pd
+
+    rows = [{"case": case_id, **{f"{metric}_{metric_key(name)}": case[name][metric]
+                                 for name in names for metric in ("dice", "hd95")}}
+            for case_id, case in zip(case_ids, per_case)]
+    with atomic_path(path, suffix=".csv") as tmp:
+        # CRLF line ends, as Python's csv module writes them (and earlier files have them).
+        pd.DataFrame(rows).to_csv(tmp, index=False, lineterminator="\r\n")

@@ -33,7 +33,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlsplit
@@ -152,18 +152,17 @@ def init_store(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFAC
     the experiments are created (after waiting up to ``timeout_s`` for the server).
     """
     uri = resolve_tracking_uri(uri)
-    names = tuple(experiments)
     db = sqlite_path(uri)
-    if is_server_uri(uri):
-        wait_for_server(uri, timeout_s)
-        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
-    if db is None:  # postgresql://, mysql://, in-memory SQLite: the DB server serialises for us
-        _create_tables(uri, artifact_root)
-        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
-
-    with _file_lock(db.with_name(db.name + ".lock"), timeout_s):
-        _prepare_sqlite_locked(uri, artifact_root)
-        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
+    # postgresql://, mysql://, in-memory SQLite and servers serialise creation themselves.
+    with _file_lock(db.with_name(db.name + ".lock"), timeout_s) if db else nullcontext():
+        if is_server_uri(uri):
+            wait_for_server(uri, timeout_s)
+        elif db is None:
+            _create_tables(uri, artifact_root)
+        else:
+            _prepare_sqlite_locked(uri, artifact_root)
+        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri)
+                for n in experiments}
 
 
 def prepare_sqlite(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
