@@ -12,12 +12,19 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# The keys a variant may override (those of a method block, except its kind) and geometry.
-METHOD_KEYS = ("box", "masking", "mask_ratio", "region_grouping", "loss_weights", "temperature",
-               "proj_dim", "gather_negatives", "pr_normalisation", "consistency",
-               "swin_bottleneck_slice")
+# The keys a variant may override (those of a method block, except its kind), each with the part it
+# adds to the variant's name, in name order; loss_weights and geometry are named per term / key.
+NAME_PARTS = {"box": "box_{}", "masking": "{}_masking", "mask_ratio": "mask{}",
+              "region_grouping": "{}_grouping", "temperature": "temp{}", "proj_dim": "proj{}",
+              "gather_negatives": None,  # a flag: gathered_negatives / local_negatives
+              "pr_normalisation": "pr_{}_mean", "consistency": "con_{}",
+              "swin_bottleneck_slice": "swin_slice_{}"}
+METHOD_KEYS = ("loss_weights", *NAME_PARTS)
 LOSS_TERMS = ("pr", "num", "loc", "con", "cl")
 GEOMETRY_KEYS = ("crop", "region", "patch")
+# The nested overrides: their allowed keys and how an error names them and their values.
+NESTED = {"loss_weights": (LOSS_TERMS, "loss terms", "weights", "a loss term"),
+          "geometry": (GEOMETRY_KEYS, "some of", "sizes in voxels", "a geometry key")}
 
 
 class VariantError(ValueError):
@@ -40,26 +47,11 @@ def change_parts(overrides: dict[str, Any]) -> list[str]:
         if term in weights:
             parts.append(f"no_{term}" if float(weights[term]) == 0.0
                          else f"{term}{_number(weights[term])}")
-    if "box" in overrides:
-        parts.append(f"box_{overrides['box']}")
-    if "masking" in overrides:
-        parts.append(f"{overrides['masking']}_masking")
-    if "mask_ratio" in overrides:
-        parts.append(f"mask{_number(overrides['mask_ratio'])}")
-    if "region_grouping" in overrides:
-        parts.append(f"{overrides['region_grouping']}_grouping")
-    if "temperature" in overrides:
-        parts.append(f"temp{_number(overrides['temperature'])}")
-    if "proj_dim" in overrides:
-        parts.append(f"proj{overrides['proj_dim']}")
-    if "gather_negatives" in overrides:
-        parts.append("gathered_negatives" if overrides["gather_negatives"] else "local_negatives")
-    if "pr_normalisation" in overrides:
-        parts.append(f"pr_{overrides['pr_normalisation']}_mean")
-    if "consistency" in overrides:
-        parts.append(f"con_{overrides['consistency']}")
-    if "swin_bottleneck_slice" in overrides:
-        parts.append(f"swin_slice_{overrides['swin_bottleneck_slice']}")
+    for key, part in NAME_PARTS.items():
+        if key == "gather_negatives" and key in overrides:
+            parts.append("gathered_negatives" if overrides[key] else "local_negatives")
+        elif key in overrides:
+            parts.append(part.format(_number(overrides[key])))
     for key in GEOMETRY_KEYS:
         if key in (overrides.get("geometry") or {}):
             parts.append(f"{key}{overrides['geometry'][key]}")
@@ -75,22 +67,15 @@ def _check_keys(overrides: Any, where: str) -> None:
         raise VariantError(f"{where} must be a non-empty mapping of method keys to override "
                            f"(e.g. {{mask_ratio: 0.6}}), got {overrides!r}")
     for key, value in overrides.items():
-        if key == "loss_weights":
+        if key in NESTED:
+            allowed, what, values, one = NESTED[key]
             if not isinstance(value, dict) or not value:
-                raise VariantError(f"{where}.loss_weights must map loss terms {list(LOSS_TERMS)} "
-                                   f"to weights, got {value!r}")
-            unknown = sorted(set(value) - set(LOSS_TERMS))
+                raise VariantError(f"{where}.{key} must map {what} {list(allowed)} to {values}, "
+                                   f"got {value!r}")
+            unknown = sorted(set(value) - set(allowed))
             if unknown:
-                raise VariantError(f"{where}.loss_weights.{unknown[0]} is not a loss term; "
-                                   f"use one of {list(LOSS_TERMS)}")
-        elif key == "geometry":
-            if not isinstance(value, dict) or not value:
-                raise VariantError(f"{where}.geometry must map some of {list(GEOMETRY_KEYS)} to "
-                                   f"sizes in voxels, got {value!r}")
-            unknown = sorted(set(value) - set(GEOMETRY_KEYS))
-            if unknown:
-                raise VariantError(f"{where}.geometry.{unknown[0]} is not a geometry key; "
-                                   f"use one of {list(GEOMETRY_KEYS)}")
+                raise VariantError(f"{where}.{key}.{unknown[0]} is not {one}; "
+                                   f"use one of {list(allowed)}")
         elif key not in METHOD_KEYS:
             raise VariantError(f"{where}.{key} cannot be overridden by a variant; a variant "
                                f"changes one of {list(METHOD_KEYS) + ['geometry']}")
