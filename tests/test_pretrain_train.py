@@ -16,7 +16,8 @@ from hybridmim.checkpoints import build_network, load_model_file, state_dir_for
 from hybridmim.data.intensity import CT_PRETRAIN_WINDOW
 from hybridmim.preemption import PREEMPTED_EXIT_CODE, Preempted
 from hybridmim.pretrain.spec import PretrainSpecError, validate_pretrain_spec
-from hybridmim.pretrain.train import PREEMPT_ENV, run_pretraining
+from hybridmim.pretrain.train import run_pretraining
+from hybridmim.training_loop import PREEMPT_ENV
 from conftest import set_nested
 
 
