@@ -238,7 +238,6 @@ class _PretrainJob:
             metrics["seconds_per_step"] = seconds_per_step
         metrics.update(self.cost.summary())
         run.log_metrics(metrics, self.loop.step)
-        run.flush()
         tags = run.client.get_run(run.run_id).data.tags if run.client is not None else {}
         datasets = spec["data"]["datasets"]
         meta = {

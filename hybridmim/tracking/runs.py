@@ -1,8 +1,10 @@
 """The MLflow run context used by every pretrain / finetune / evaluate job.
 
-A run records: the resolved job spec as params, provenance as tags (provenance.py), metrics in
-batches (one SQLite write per batch, not per value), and artifacts. On rank != 0 of a DDP job the
-context is a no-op, so only one run exists per job. A resumed job continues its earlier run.
+A run records: the resolved job spec as params, provenance as tags (provenance.py), metrics and
+artifacts. Metrics go through MLflow's asynchronous logging, which batches them in a background
+thread (a training step does not wait for a SQLite write); ending the run drains the queue. On
+rank != 0 of a DDP job the context is a no-op, so only one run exists per job. A resumed job
+continues its earlier run.
 """
 from __future__ import annotations
 
@@ -37,25 +39,16 @@ def flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class TrackedRun:
-    def __init__(self, client: Any, run_id: str, flush_every: int = 200,
-                 tracking_uri: str | None = None):
-        self.client, self.run_id, self.flush_every = client, run_id, flush_every
-        self.tracking_uri = tracking_uri
-        self._buffer: list[Any] = []
+    def __init__(self, client: Any, run_id: str, tracking_uri: str | None = None):
+        self.client, self.run_id, self.tracking_uri = client, run_id, tracking_uri
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
-        if len(self._buffer) >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        # MLflow caps a batch at 1000 metrics.
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(step))
+                                                    for k, v in metrics.items()],
+                              synchronous=False)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -76,9 +69,6 @@ class NullRun(TrackedRun):
         super().__init__(client=None, run_id="")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def flush(self) -> None:
         pass
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -114,9 +104,8 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
     run_id = None
     if resume_run_id:
         try:
-            client.get_run(resume_run_id)
+            client.update_run(resume_run_id, status="RUNNING")
             run_id = resume_run_id
-            client.update_run(run_id, status="RUNNING")
             log.info("continuing MLflow run %s", run_id)
         except Exception:
             log.warning("MLflow run %s not found in %s; opening a new run", resume_run_id, uri)
@@ -131,9 +120,8 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
                              "training" if stage in catalog.TRAINING_STAGES else "evaluation")
         from mlflow.entities import Param
 
-        params = [Param(k, v) for k, v in flatten(spec).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i:i + 100])
+        # log_batch splits the params into batches of MLflow's size limit itself.
+        client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(spec).items()])
         client.log_dict(run_id, spec, "spec.json")
     tracked = TrackedRun(client, run_id, tracking_uri=uri)
     interval = tracking.get("system_metrics_interval", 10) if stage in catalog.TRAINING_STAGES \
@@ -147,7 +135,5 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
         status = "KILLED"
         raise
     finally:
-        try:
-            tracked.flush()
-        finally:
-            client.set_terminated(run_id, status=status)
+        # Also waits for the asynchronously logged metrics to be written.
+        client.set_terminated(run_id, status=status)
