@@ -27,7 +27,6 @@ corrupts the DB).
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sqlite3
@@ -125,23 +124,22 @@ def artifact_location(artifact_root: str | os.PathLike[str], experiment: str) ->
 @contextmanager
 def _file_lock(lock_path: Path, timeout_s: float) -> Iterator[None]:
     """Exclusive ``flock`` on ``lock_path``; gives up after ``timeout_s`` with a clear error."""
+    from filelock import FileLock, Timeout
+
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise StoreError(
-                        f"could not lock {lock_path} within {timeout_s:.0f} s: another process "
-                        "is initialising the MLflow store (or hangs holding the lock)") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    # A soft (file-exists) lock would outlive a killed holder; the file itself is kept, as
+    # deleting it while another process waits on it would let two holders in.
+    lock = FileLock(lock_path, fallback_to_soft=False, preserve_lock_file=True)
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise StoreError(
+            f"could not lock {lock_path} within {timeout_s:.0f} s: another process "
+            "is initialising the MLflow store (or hangs holding the lock)") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------------------- store
