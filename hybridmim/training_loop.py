@@ -3,26 +3,27 @@
 ``TrainingLoop`` holds the step counter and everything around the step: resuming from the full
 training state (nnU-Net style: model, optimizer, scheduler, scaler, step and MLflow run id, plus
 what the job adds: RNG states, history, best metric, ...) in ``state/latest.pt``; the checkpoint
-and logging cadence (every N steps and at the last step); the graceful stop on SIGTERM (save the
-state, exit with the requeue code, hybridmim/preemption.py); the progress line with ETA; and the
-job's MLflow run, continued on resume. pretrain/train.py adds masking and the HybridMIM losses,
-finetune/train.py the segmentation step, sliding-window validation and the best model.
+and logging cadence (every N steps and at the last step); the progress line with ETA; the job's
+MLflow run, continued on resume; and the graceful stop. pretrain/train.py adds masking and the
+HybridMIM losses, finetune/train.py the segmentation step, validation and the best model.
 
-Test/ops hook: ``HYBRIDMIM_PREEMPT_AT_STEP=k`` behaves like a SIGTERM arriving during step k
-(finish the step, save the state, exit with the preemption code). It is an environment variable,
-not a spec key, so the interrupted and the resumed job share one spec hash.
+Graceful stop: SLURM sends SIGTERM (or USR1) before it kills a preempted job. The loop finishes
+the step, saves its state and exits with ``PREEMPTED_EXIT_CODE``, so Snakemake marks the job
+failed and its retry (or the next run) resumes instead of starting over. Test/ops hook:
+``HYBRIDMIM_PREEMPT_AT_STEP=k`` behaves like a SIGTERM arriving during step k; it is an
+environment variable, not a spec key, so the interrupted and the resumed job share one spec hash.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import signal
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from hybridmim import checkpoints, runtime
-from hybridmim.preemption import Preempted, TerminationGuard
 from hybridmim.progress import StepProgress
 from hybridmim.schedule import warmup_cosine_scheduler
 from hybridmim.tracking.runs import TrackedRun, tracked_run
@@ -30,8 +31,17 @@ from hybridmim.tracking.runs import TrackedRun, tracked_run
 log = logging.getLogger(__name__)
 
 PREEMPT_ENV = "HYBRIDMIM_PREEMPT_AT_STEP"
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a killed job would report
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # The objects whose state_dict a resume state holds under these names.
 RESUMED_OBJECTS = ("model", "optimizer", "scheduler", "scaler")
+
+
+class Preempted(SystemExit):
+    """The job stopped on request after saving its state; a re-run resumes."""
+
+    def __init__(self) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
 
 
 def optimisation(parameters: Iterable[torch.nn.Parameter], optim: dict[str, Any],
@@ -64,7 +74,7 @@ class TrainingLoop:
         self.checkpoint_every = max(1, int(spec["checkpoint_every"]))
         self.step, self.run_id = 0, None
         self.objects: dict[str, Any] = {}
-        self.guard = TerminationGuard()
+        self.stop_signalled = False
         self.progress: StepProgress | None = None
         # Loaded on the CPU: RNG states must stay CPU tensors; weights and optimizer moments
         # are copied onto the device by load_state_dict.
@@ -98,19 +108,28 @@ class TrainingLoop:
 
     @contextlib.contextmanager
     def tracked(self, stage: str, **run_options: Any) -> Iterator[TrackedRun]:
-        """The job's MLflow run (the saved one continues on resume), with SIGTERM caught and
-        the progress line running for the block."""
+        """The job's MLflow run (the saved one continues on resume), with the stop signals
+        caught and the progress line running for the block."""
         if not self.objects:
             raise RuntimeError("TrainingLoop.resume must be called before the loop runs")
-        with self.guard, tracked_run(stage, self.spec, device=runtime.device_name(self.device),
-                                     enabled=self.dist.is_main, resume_run_id=self.run_id,
-                                     **run_options) as run:
-            self.run_id = run.run_id or self.run_id
-            self.progress = StepProgress(self.total_steps,
-                                         f"{stage} {self.spec.get('run_name', '')}",
-                                         start=self.step, enabled=self.dist.is_main)
-            yield run
-            self.progress.close()
+        previous = {sig: signal.signal(sig, self._signalled) for sig in STOP_SIGNALS}
+        try:
+            with tracked_run(stage, self.spec, device=runtime.device_name(self.device),
+                             enabled=self.dist.is_main, resume_run_id=self.run_id,
+                             **run_options) as run:
+                self.run_id = run.run_id or self.run_id
+                self.progress = StepProgress(self.total_steps,
+                                             f"{stage} {self.spec.get('run_name', '')}",
+                                             start=self.step, enabled=self.dist.is_main)
+                yield run
+                self.progress.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _signalled(self, signum: int, _frame: Any) -> None:
+        log.warning("received signal %d: saving state and stopping after this step", signum)
+        self.stop_signalled = True
 
     def end_of_step(self, **progress_scalars: float) -> None:
         """After each step: the progress line, the state at the checkpoint cadence, and on a
@@ -125,7 +144,7 @@ class TrainingLoop:
             raise Preempted()
 
     def _stop_requested(self) -> bool:
-        requested = self.guard.requested or os.environ.get(PREEMPT_ENV, "") == str(self.step)
+        requested = self.stop_signalled or os.environ.get(PREEMPT_ENV, "") == str(self.step)
         if self.dist.enabled:  # all ranks must stop at the same step, or the next collective hangs
             import torch.distributed as torch_dist
 

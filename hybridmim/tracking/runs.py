@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hybridmim.hashing import spec_hash as compute_spec_hash
-from hybridmim.preemption import Preempted
 from hybridmim.tracking import catalog
 from hybridmim.tracking.provenance import provenance_tags
 
@@ -131,7 +130,7 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
         with catalog.system_metrics(run_id, uri, interval):
             yield tracked
         status = "FINISHED"
-    except Preempted:
+    except SystemExit:  # the job stopped on request (SIGTERM: training_loop.Preempted)
         status = "KILLED"
         raise
     finally:
