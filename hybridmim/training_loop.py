@@ -19,11 +19,13 @@ import contextlib
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from hybridmim import checkpoints, runtime
+from hybridmim.atomic import write_json
 from hybridmim.progress import StepProgress
 from hybridmim.schedule import warmup_cosine_scheduler
 from hybridmim.tracking.runs import TrackedRun, tracked_run
@@ -76,6 +78,7 @@ class TrainingLoop:
         self.objects: dict[str, Any] = {}
         self.stop_signalled = False
         self.progress: StepProgress | None = None
+        self.stage = ""
         # Loaded on the CPU: RNG states must stay CPU tensors; weights and optimizer moments
         # are copied onto the device by load_state_dict.
         self.saved = checkpoints.load_state(self.state_dir, spec_hash, map_location="cpu")
@@ -114,6 +117,7 @@ class TrainingLoop:
             raise RuntimeError("TrainingLoop.resume must be called before the loop runs")
         previous = {sig: signal.signal(sig, self._signalled) for sig in STOP_SIGNALS}
         try:
+            self.stage = stage
             with tracked_run(stage, self.spec, device=runtime.device_name(self.device),
                              enabled=self.dist.is_main, resume_run_id=self.run_id,
                              **run_options) as run:
@@ -126,6 +130,27 @@ class TrainingLoop:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def publish(self, run: TrackedRun, network_class: str, network_kwargs: dict[str, Any],
+                state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
+                metrics: dict[str, Any], heads: dict[str, Any] | None = None,
+                registered_name: str | None = None, **result: Any) -> dict[str, Any]:
+        """Write model.pt (``meta`` plus the provenance every model records), log the network
+        as the run's MLflow model, and write metrics.json beside it; returns its content."""
+        from hybridmim.tracking import catalog
+        from hybridmim.tracking.provenance import git_state
+
+        out = Path(self.spec["out"])
+        meta = {"stage": self.stage, **meta, **git_state(), "mlflow_run_id": run.run_id,
+                "spec_hash": self.spec_hash, "steps": self.step}
+        checkpoints.publish_model(out, network_class, network_kwargs, state_dict, meta,
+                                  heads=heads)
+        catalog.log_network_model(run, out, registered_name)
+        result = {"run_id": run.run_id, "stage": self.stage, "metrics": metrics, **result,
+                  "spec_hash": self.spec_hash}
+        write_json(out.parent / "metrics.json", result)
+        run.log_artifact(out.parent / "metrics.json")
+        return result
 
     def _signalled(self, signum: int, _frame: Any) -> None:
         log.warning("received signal %d: saving state and stopping after this step", signum)

@@ -23,7 +23,6 @@ import torch
 from monai.losses import DiceCELoss
 
 from hybridmim import checkpoints, runtime
-from hybridmim.atomic import write_json
 from hybridmim.evaluate.metrics import (check_class_indices, class_names, foreground_masks,
                                         ground_truth_masks, metric_key, nanmean)
 from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
@@ -293,7 +292,8 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
                 _validate_and_keep_best(job, loop, run, forward, val_ds, extras)
                 t_last = time.monotonic()  # validation time is not training time
             loop.end_of_step(loss=loss.item())
-        return publish(job, run, class_path, kwargs, extras["seconds"], extras["init_counts"])
+        return publish(job, loop, run, class_path, kwargs, extras["seconds"],
+                       extras["init_counts"])
 
 
 def _validate_and_keep_best(job: FinetuneJob, loop: TrainingLoop, run, network, val_ds,
@@ -326,14 +326,14 @@ def _recorded_data_hash(run, processed_dir: str) -> str:
         return data_hash(processed_dir)["hash"]
 
 
-def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seconds: float,
-            init_counts: dict[str, int] | None) -> dict[str, Any]:
+def publish(job: FinetuneJob, loop: TrainingLoop, run, class_path: str, kwargs: dict[str, Any],
+            seconds: float, init_counts: dict[str, int] | None) -> dict[str, Any]:
     """Write model.pt and metrics.json beside it.
 
     The published weights are the best validation checkpoint (state/best.pt), except when the
     split's validation cases ARE its test cases (``val_is_test``): then the final weights are
     published, so that no choice is ever made on the cases the evaluation reports."""
-    from hybridmim.tracking.provenance import git_state
+    from hybridmim.tracking import catalog
 
     spec = job.spec
     best_state = checkpoints.load_state(job.state_dir, job.spec_hash, name="best")
@@ -351,7 +351,7 @@ def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seco
         weights, published = "final (validation cases are the test cases)", final_state["model"]
     from hybridmim.predict.pipeline import recorded_preprocess
 
-    meta = {"stage": "finetune", "method": spec["init"].get("name"), "crop": job.crop,
+    meta = {"method": spec["init"].get("name"), "crop": job.crop,
             "spacing": dataset_spacing(job.processed_dir), "modality": ds.get("modality"),
             "channels": int(spec["backbone"]["in_channels"]), "labels": ds["labels"],
             "regions": job.regions, "window": ds["window"],
@@ -359,20 +359,15 @@ def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seco
             "preprocess": recorded_preprocess(job.processed_dir) or ds.get("preprocess"),
             "channel_names": ds.get("channels"),
             "init": {**copy.deepcopy(spec["init"]), "transferred": init_counts or {}},
-            "data_hash": _recorded_data_hash(run, job.processed_dir), **git_state(),
-            "mlflow_run_id": run.run_id, "spec_hash": job.spec_hash, "steps": job.steps,
+            "data_hash": _recorded_data_hash(run, job.processed_dir),
             "weights": weights, "best_step": best_step, "best_val_dice": best_dice}
-    checkpoints.publish_model(job.out, class_path, kwargs, published, meta)
-    from hybridmim.tracking import catalog  # MLflow model + registry entry
-    catalog.log_network_model(run, job.out, catalog.registered_name(spec))
     metrics = {"best_val_dice_mean": best_dice, "best_step": float(best_step),
                "steps": float(job.steps), "train_seconds": seconds}
     run.log_metrics({"best_val_dice_mean": best_dice}, job.steps)
-    result = {"run_id": run.run_id, "stage": "finetune", "metrics": metrics,
-              "best_scores": best_state.get("scores", {}), "spec_hash": job.spec_hash}
-    metrics_path = job.out.parent / "metrics.json"
-    write_json(metrics_path, result)
-    run.log_artifact(metrics_path)
+    # Registered in the MLflow model registry under dataset-backbone-init.
+    result = loop.publish(run, class_path, kwargs, published, meta, metrics,
+                          registered_name=catalog.registered_name(spec),
+                          best_scores=best_state.get("scores", {}))
     log.info("published %s (best validation Dice %.4f at step %d of %d)", job.out, best_dice,
              best_step, job.steps)
     return result

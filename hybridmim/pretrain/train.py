@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ from typing import Any
 import torch
 
 from hybridmim import checkpoints, runtime
-from hybridmim.atomic import write_json
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.jobguard import guarded_job
 from hybridmim.pretrain.cost import CostMeter
@@ -224,8 +222,6 @@ class _PretrainJob:
             loop.end_of_step(loss=last_logged.get("total", float("nan")), lr=lr)
 
     def _finish(self, run: Any) -> dict[str, Any]:
-        from hybridmim.tracking.provenance import git_state
-
         spec, model = self.spec, self.model
         train_rows = [r for r in self.history if "total" in r]
         val_rows = [r for r in self.history if "val/total" in r]
@@ -241,7 +237,7 @@ class _PretrainJob:
         tags = run.client.get_run(run.run_id).data.tags if run.client is not None else {}
         datasets = spec["data"]["datasets"]
         meta = {
-            "stage": "pretrain", "method": spec["method"].get("name", self.method["kind"]),
+            "method": spec["method"].get("name", self.method["kind"]),
             "method_kind": self.method["kind"], "crop": self.geometry.crop,
             "geometry": dict(spec["geometry"]), "spacing": _corpus_spacing(datasets),
             "modality": datasets[0].get("modality"),
@@ -250,16 +246,10 @@ class _PretrainJob:
             "preprocess": recorded_preprocess(datasets[0]["processed_dir"]),
             "data_hash": {d["name"]: tags.get(f"data_hash.{Path(d['processed_dir']).name}")
                           for d in datasets},
-            **git_state(), "mlflow_run_id": run.run_id, "spec_hash": self.spec_hash,
-            "steps": self.loop.step,
         }
-        checkpoints.publish_model(spec["out"], model.network_class, model.network_kwargs,
-                                  model.network.state_dict(), meta, heads=model.heads_record())
-        from hybridmim.tracking import catalog  # the backbone as an MLflow model
-        catalog.log_network_model(run, spec["out"])
-        result = {"run_id": run.run_id, "stage": "pretrain", "metrics": metrics,
-                  "spec_hash": self.spec_hash}
-        write_json(os.path.join(os.path.dirname(spec["out"]) or ".", "metrics.json"), result)
+        result = self.loop.publish(run, model.network_class, model.network_kwargs,
+                                   model.network.state_dict(), meta, metrics,
+                                   heads=model.heads_record())
         log.info("published %s (%d steps, %s s/step)", spec["out"], self.loop.step,
                  f"{seconds_per_step:.3f}" if seconds_per_step else "n/a")
         return result
