@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 PREEMPT_ENV = "HYBRIDMIM_PREEMPT_AT_STEP"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a killed job would report
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# The objects whose state_dict a resume state holds under these names.
-RESUMED_OBJECTS = ("model", "optimizer", "scheduler", "scaler")
 
 
 class Preempted(SystemExit):
@@ -54,6 +52,30 @@ def optimisation(parameters: Iterable[torch.nn.Parameter], optim: dict[str, Any]
                                   weight_decay=float(optim["weight_decay"]))
     scheduler = warmup_cosine_scheduler(optimizer, int(optim.get("warmup_steps", 0)), total_steps)
     return optimizer, scheduler, runtime.make_grad_scaler(device, precision)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor | None:
+    """Clip the global gradient norm to ``max_norm`` (``optim.grad_clip``; 0 = off, the authors'
+    pretraining); returns the norm before clipping, or None when off."""
+    if max_norm <= 0:
+        return None
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).detach()
+
+
+def optimiser_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: Any, scaler: torch.amp.GradScaler,
+                   grad_clip: float) -> torch.Tensor | None:
+    """Backward pass, gradient clipping and one optimizer and scheduler step, with the loss
+    scaled for fp16; returns the gradient norm before clipping (None when clipping is off)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = clip_gradients(model, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return grad_norm
 
 
 class TrainingLoop:
@@ -83,14 +105,14 @@ class TrainingLoop:
         # are copied onto the device by load_state_dict.
         self.saved = checkpoints.load_state(self.state_dir, spec_hash, map_location="cpu")
 
-    def resume(self, **objects: Any) -> dict[str, Any] | None:
-        """Take the objects a checkpoint holds (RESUMED_OBJECTS) and load the saved state into
-        them; returns that state (the job restores its own entries) or None on a fresh start."""
-        if set(objects) != set(RESUMED_OBJECTS):
-            raise TypeError(f"resume needs exactly {RESUMED_OBJECTS}, got {sorted(objects)}")
-        self.objects = objects
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               scaler: torch.amp.GradScaler) -> dict[str, Any] | None:
+        """Take the objects a checkpoint holds and load the saved state into them; returns that
+        state (the job restores its own entries) or None on a fresh start."""
+        self.objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
+                        "scaler": scaler}
         if self.saved is not None:
-            for name, obj in objects.items():
+            for name, obj in self.objects.items():
                 obj.load_state_dict(self.saved[name])
             self.step, self.run_id = int(self.saved["step"]), self.saved.get("mlflow_run_id")
         return self.saved

@@ -29,7 +29,7 @@ from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.performance import prepare_network
 from hybridmim.jobguard import guarded_job
-from hybridmim.training_loop import TrainingLoop, optimisation
+from hybridmim.training_loop import TrainingLoop, optimisation, optimiser_step
 
 log = logging.getLogger(__name__)
 
@@ -274,15 +274,9 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {loop.step}; lower "
                                          "optim.lr or use precision fp32/bf16")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if job.optim.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(network.parameters(), float(job.optim["grad_clip"]))
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+            optimiser_step(loss, network, optimizer, scheduler, scaler,
+                           float(job.optim.get("grad_clip") or 0.0))
             loop.step += 1
             now = time.monotonic()
             extras["seconds"], t_last = extras["seconds"] + (now - t_last), now
