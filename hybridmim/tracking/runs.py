@@ -67,17 +67,10 @@ class NullRun(TrackedRun):
     def __init__(self) -> None:
         super().__init__(client=None, run_id="")
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def _record_nothing(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_dict(self, obj: Any, name: str) -> None:
-        pass
+    log_metrics = set_tags = log_artifact = log_dict = _record_nothing
 
 
 @contextlib.contextmanager
