@@ -394,3 +394,15 @@ def test_several_fractions_become_rows_in_numeric_order(tmp_path):
     lines = [line for line in dice.splitlines() if line.startswith("| btcv")]
     assert [line.split("|")[3].strip() for line in lines] == ["10%", "50%", "100%"]
     assert "65.00 (n=1)" in lines[1]  # one seed: no ± part
+
+
+def test_latex_table_keeps_the_cells_of_names_it_escapes(tmp_path):
+    # An ablation variant's init name holds "_": LaTeX escapes it, and its cells must survive.
+    rows = [{"run_id": f"r{i}", "dataset": "btcv", "backbone": "unet", "init": init,
+             "fraction": 1.0, "seed": 0, "test_dice_mean": dice, "test_hd95_mean": 10.0}
+            for i, (init, dice) in enumerate((("scratch", 0.5), ("hybridmim-no_cl", 0.9)))]
+    _, paths = comparison_table(pd.DataFrame(rows), tmp_path)
+    header, row = [line for line in paths["tex"].read_text().splitlines()
+                   if "scratch" in line or line.startswith("btcv")][:2]
+    assert header.split("&")[-1].strip(" \\") == r"hybridmim-no\_cl"
+    assert row.split("&")[-1].strip(" \\") == "90.00 (n=1)"

@@ -414,7 +414,7 @@ def label_efficiency_table(runs: pd.DataFrame, tables_dir: Path
         views = {"Test Dice (%) by label fraction": wide_view(long, index, "init",
                                                                column_order=inits)}
         latex_views = {"Test Dice (%) by label fraction": wide_view(
-            long, index, "init", latex=True, column_order=[escape_latex(i) for i in inits])}
+            long, index, "init", latex=True, column_order=inits)}
     note = ("Test Dice (%) against the fraction of training labels, mean ± sample std over "
             "seeds (n = seeds), for each dataset and backbone fine-tuned at two or more "
             "fractions; columns are the encoder initialisations.")

@@ -103,7 +103,8 @@ def escape_latex(text: str) -> str:
 
 def wide_view(long: pd.DataFrame, index: list[str], columns: str, latex: bool = False,
               column_order: list[str] | None = None) -> pd.DataFrame:
-    """Pivot long rows into a rendered table: one formatted 'mean ± std (n)' string per cell."""
+    """Pivot long rows into a rendered table: one formatted 'mean ± std (n)' string per cell.
+    ``column_order`` names the columns as in ``long`` (LaTeX escapes them after ordering)."""
     cells = long.assign(text=[format_cell(m, s, n, latex) for m, s, n in
                               zip(long["mean"], long["std"], long["n"])])
     wide = cells.pivot_table(index=index, columns=columns, values="text", aggfunc="first",
@@ -147,8 +148,7 @@ def comparison_table(runs: pd.DataFrame, tables_dir: Path) -> tuple[pd.DataFrame
         if part.empty:
             continue
         views[heading] = wide_view(part, index, "init", column_order=inits)
-        latex_views[heading] = wide_view(part, index, "init", latex=True,
-                                         column_order=[escape_latex(i) for i in inits])
+        latex_views[heading] = wide_view(part, index, "init", latex=True, column_order=inits)
     note = ("Test split; mean ± sample standard deviation over seeds (n = seeds); columns are the "
             "encoder initialisations.")
     paths = write_table(long, views, latex_views, tables_dir / "comparison",
@@ -168,8 +168,7 @@ def per_class_tables(runs: pd.DataFrame, tables_dir: Path) -> dict[str, dict[str
         index = ["backbone", "init"] + (["fraction"] if multi_fraction else [])
         order = list(classes.values()) + ["mean"]
         view = wide_view(long, index, "class", column_order=order)
-        latex = wide_view(long, index, "class", latex=True,
-                          column_order=[escape_latex(c) for c in order])
+        latex = wide_view(long, index, "class", latex=True, column_order=order)
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(dataset))
         note = (f"{dataset}, test split: Dice (%) per class, mean ± sample standard deviation over "
                 "seeds (n = seeds); 'mean' is the runs' mean over classes.")
