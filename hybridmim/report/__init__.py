@@ -66,6 +66,7 @@ def write_experiments(tracking_uri: str, runs, pretrain_runs, tables_dir: Path,
     the fine-tuning curves, per-class bars and one overlay gallery per dataset."""
     from hybridmim.report import experiments as ex
     from hybridmim.report import plots
+    from hybridmim.report.tables import safe_name
 
     # Artifacts (per-case scores, overlays) are downloaded one by one: no progress bar each.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -87,7 +88,7 @@ def write_experiments(tracking_uri: str, runs, pretrain_runs, tables_dir: Path,
     written["per_class_dice"] = plots.plot_per_class(runs, figures_dir / "per_class_dice.png")
     for dataset in sorted(runs["dataset"].unique()):
         written[f"gallery_{dataset}"] = plots.plot_gallery(
-            tracking_uri, runs, dataset, figures_dir / f"gallery_{ex.safe_name(dataset)}.png")
+            tracking_uri, runs, dataset, figures_dir / f"gallery_{safe_name(dataset)}.png")
     return written
 
 
