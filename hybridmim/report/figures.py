@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -57,6 +58,43 @@ def save_png(fig: Figure, path: str | Path, data: pd.DataFrame | None = None) ->
     return path
 
 
+def placeholder(path: str | Path, message: str, columns: list[str]) -> Path:
+    """The workflow lists every figure name up front, so a figure without data is still written:
+    it says in words what is missing and its CSV has the header only."""
+    fig = Figure(figsize=(6, 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=10, wrap=True)
+    ax.axis("off")
+    return save_png(fig, path, pd.DataFrame(columns=columns))
+
+
+def panel_grid(count: int, width: float = 4.4, height: float = 3.4) -> tuple[Figure, list[Axes]]:
+    """A figure of ``count`` panels, at most three a row."""
+    cols = max(1, min(3, count))
+    rows = max(1, -(-count // cols))
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    return fig, [fig.add_subplot(rows, cols, k + 1) for k in range(count)]
+
+
+def panels(data: pd.DataFrame, keys: list[str], **size: float
+           ) -> tuple[Figure, list[tuple[tuple, Axes, pd.DataFrame]]]:
+    """One panel per group of ``data`` by ``keys``, in first-seen order: (key, axes, rows)."""
+    groups = list(data.groupby(keys, sort=False, dropna=False))
+    fig, axes = panel_grid(len(groups), **size)
+    return fig, [(key, ax, part) for (key, part), ax in zip(groups, axes)]
+
+
+def grouped_bars(ax: Axes, means: pd.DataFrame, stds: pd.DataFrame, capsize: float) -> np.ndarray:
+    """One group of bars per row of ``means``, one bar per column (init) with ``stds`` as error
+    bars; a single seed has no spread: no error bar rather than a misleading zero-width one."""
+    x, width = np.arange(len(means)), 0.8 / len(means.columns)
+    for i, init in enumerate(means.columns):
+        yerr = None if stds[init].isna().all() else stds[init].fillna(0)
+        ax.bar(x + (i - (len(means.columns) - 1) / 2) * width, means[init], width, yerr=yerr,
+               capsize=capsize, label=init)
+    return x
+
+
 def _seed_stats(runs: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
     rows = []
     for keys, group in runs.groupby(by, sort=True):
@@ -74,23 +112,15 @@ def plot_dice_by_init(runs: pd.DataFrame, path: str | Path,
     # With several label fractions the bars show the full-label setting (the largest fraction).
     full = runs.loc[runs["fraction"] == runs["fraction"].max()]
     stats = _seed_stats(full, ["dataset", "backbone", "init"], metric)
-    groups = list(dict.fromkeys(zip(stats["dataset"], stats["backbone"])))
     inits = order_inits(stats["init"])
-    width = 0.8 / len(inits)
-    width_in = max(5.0, 0.7 * len(groups) * len(inits) + 2)
-    fig = Figure(figsize=(width_in, 4.0), layout="constrained")
+    means, stds = (stats.pivot(index=["dataset", "backbone"], columns="init", values=v)
+                   .reindex(columns=inits) for v in ("mean", "std"))
+    fig = Figure(figsize=(max(5.0, 0.7 * len(means) * len(inits) + 2), 4.0),
+                 layout="constrained")
     ax = fig.add_subplot()
-    x = np.arange(len(groups))
-    for i, init in enumerate(inits):
-        part = stats.loc[stats["init"] == init].set_index(["dataset", "backbone"])
-        means = [part["mean"].get(g, np.nan) for g in groups]
-        stds = [part["std"].get(g, np.nan) for g in groups]
-        # A single seed has no spread: draw no error bar rather than a misleading zero-width one.
-        yerr = None if all(np.isnan(stds)) else np.nan_to_num(stds)
-        ax.bar(x + (i - (len(inits) - 1) / 2) * width, means, width, yerr=yerr,
-               capsize=3 if yerr is not None else 0, label=init)
+    x = grouped_bars(ax, means, stds, capsize=3)
     multi_backbone = stats["backbone"].nunique() > 1
-    ax.set_xticks(x, [f"{d}\n{b}" if multi_backbone else d for d, b in groups])
+    ax.set_xticks(x, [f"{d}\n{b}" if multi_backbone else d for d, b in means.index])
     ax.set_ylabel("test Dice (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"Test Dice per initialisation (labels {fraction_text(full['fraction'].max())}, "
@@ -106,13 +136,8 @@ def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
     if runs["fraction"].nunique() < 2:
         return None
     stats = _seed_stats(runs, ["dataset", "backbone", "init", "fraction"], metric)
-    panels = list(dict.fromkeys(zip(stats["dataset"], stats["backbone"])))
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
-    for k, (dataset, backbone) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        panel = stats.loc[(stats["dataset"] == dataset) & (stats["backbone"] == backbone)]
+    fig, axes = panels(stats, ["dataset", "backbone"], width=4.2)
+    for (dataset, backbone), ax, panel in axes:
         for init in order_inits(panel["init"]):
             line = panel.loc[panel["init"] == init].sort_values("fraction")
             ax.errorbar(line["fraction"] * 100, line["mean"], yerr=line["std"].fillna(0),
@@ -159,11 +184,8 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
     terms = [t for t in LOSS_TERMS if t in curves]
     if not terms:
         return None
-    cols = min(3, len(terms))
-    rows = -(-len(terms) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
-    for k, term in enumerate(terms):
-        ax = fig.add_subplot(rows, cols, k + 1)
+    fig, axes = panel_grid(len(terms), width=4.2, height=3.2)
+    for k, (term, ax) in enumerate(zip(terms, axes)):
         for label, frame in curves[term].items():
             ax.plot(frame["step"], frame["value"], label=label, linewidth=1)
         if all((f["value"] > 0).all() for f in curves[term].values()):
@@ -182,7 +204,6 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
 def write_figures(tracking_uri: str, runs: pd.DataFrame, pretrain_runs: pd.DataFrame | None,
                   figures_dir: Path) -> dict[str, Any]:
     from hybridmim.report.experiments import label_efficiency_runs
-    from hybridmim.report.plots import placeholder
 
     written: dict[str, Any] = {"test_dice": plot_dice_by_init(runs, figures_dir / "test_dice.png")}
     path = figures_dir / "label_efficiency.png"
