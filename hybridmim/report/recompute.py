@@ -30,11 +30,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hybridmim.report.audit_checks import check
+
 DEFAULT_SAMPLE = 3
 DICE_TOLERANCE = 1e-6
 HD95_TOLERANCE_MM, HD95_REL_TOLERANCE = 1e-3, 1e-4
-
-Check = Callable[..., dict[str, str]]
 
 
 def class_masks(label_map: np.ndarray, labels: dict[str, str],
@@ -106,7 +106,7 @@ def sample_cases(cases: list[str], run_id: str, sample: int | None, seed: int) -
     return sorted(random.Random(f"{seed}:{run_id}").sample(sorted(cases), sample))
 
 
-def check_predictions(check: Check, who: str, run: Any, metrics_path: Path, payload: dict,
+def check_predictions(who: str, run: Any, metrics_path: Path, payload: dict,
                       on_disk: Callable[[str], Path], sha256: Callable[[Path], str],
                       sample: int | None, seed: int) -> list[dict[str, str]]:
     """Checks of one evaluate run's saved predictions and per-case values."""
@@ -120,7 +120,7 @@ def check_predictions(check: Check, who: str, run: Any, metrics_path: Path, payl
                       f"{metrics_path} names no saved prediction for {len(per_case) - len(saved)}"
                       f" of {len(per_case)} cases: the per-case numbers cannot be re-computed — "
                       "re-run the evaluate job with this version")]
-    checks = [_check_means(check, who, source, run, per_case, metric_key)]
+    checks = [_check_means(who, source, run, per_case, metric_key)]
     changed = set()
     for entry in per_case:
         path, case = on_disk(entry["prediction"]), str(entry.get("case"))
@@ -153,12 +153,11 @@ def check_predictions(check: Check, who: str, run: Any, metrics_path: Path, payl
         case = str(entry.get("case"))
         if case not in chosen or case in changed:
             continue
-        checks.append(_recompute_one(check, f"{who} case {case}", entry, on_disk, labels,
-                                     regions))
+        checks.append(_recompute_one(f"{who} case {case}", entry, on_disk, labels, regions))
     return checks
 
 
-def _check_means(check: Check, who: str, source: str, run: Any, per_case: list[dict],
+def _check_means(who: str, source: str, run: Any, per_case: list[dict],
                  metric_key: Callable[[str], str]) -> dict[str, str]:
     """The logged per-case values must average (class: over defined cases; mean: over classes)
     to the run's logged metrics, so that the per-case numbers are the ones behind the tables."""
@@ -184,7 +183,7 @@ def _check_means(check: Check, who: str, source: str, run: Any, per_case: list[d
                  f"{len(per_case)} cases average to the run's logged class and mean metrics")
 
 
-def _recompute_one(check: Check, label: str, entry: dict, on_disk: Callable[[str], Path],
+def _recompute_one(label: str, entry: dict, on_disk: Callable[[str], Path],
                    labels: dict[str, str], regions: dict[str, list[int]] | None
                    ) -> dict[str, str]:
     prediction, truth = on_disk(entry["prediction"]), on_disk(str(entry.get("label", "")))

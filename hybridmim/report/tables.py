@@ -97,7 +97,7 @@ def format_cell(mean: float, std: float, n: int) -> str:
 
 
 def format_cells(long: pd.DataFrame, prefix: str = "") -> list[str]:
-    """'mean ± std (n=…)' of every row, from its ``<prefix>mean``, ``<prefix>std``, ``<prefix>n``."""
+    """'mean ± std (n=…)' of every row, from its columns ``<prefix>mean``, ``std`` and ``n``."""
     return [format_cell(m, s, n) for m, s, n in
             zip(long[f"{prefix}mean"], long[f"{prefix}std"], long[f"{prefix}n"])]
 
