@@ -265,54 +265,29 @@ def ablation_table(runs: pd.DataFrame, cases: pd.DataFrame, cost_long: pd.DataFr
                    tables_dir: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Each variant's Dice next to its base (same dataset, backbone, fraction) with the
     difference, its paired 95% CI, and the variant's pretraining s/step relative to the base's."""
-    variants = _variant_columns(runs)
-    summary = summarise(runs, ["test_dice_mean"], ["dataset", "backbone", "fraction", "init"])
-    steps = cost_long.loc[cost_long["metric"] == "cost/median_step_s"] if not cost_long.empty \
-        else cost_long
+    cell = ["dataset", "backbone", "fraction"]
+    summary = summarise(runs, ["test_dice_mean"], [*cell, "init"])
+    base = summary[[*cell, "init", "mean", "std", "n", "run_ids"]].rename(
+        columns=lambda c: c if c in cell else "base" if c == "init" else f"base_{c}")
+    # The variants in order of appearance, each cell of a variant beside its base's same cell.
+    long = _variant_columns(runs).merge(summary, on="init").merge(base, on=[*cell, "base"])
+    paired = [paired_difference(runs.loc[(runs[cell] == row[cell]).all(axis=1)], cases,
+                                row["init"], row["base"]) or {} for _, row in long.iterrows()]
+    steps = cost_long.loc[cost_long["metric"] == "cost/median_step_s"]
     corpus_of = _corpus_by_run(runs)
-    rows = []
-    for _, variant in variants.iterrows():
-        mine = summary.loc[summary["init"] == variant["init"]]
-        for _, cell in mine.iterrows():
-            same = ((summary["dataset"] == cell["dataset"]) & (summary["backbone"] == cell["backbone"])
-                    & (summary["fraction"] == cell["fraction"]))
-            base = summary.loc[same & (summary["init"] == variant["base"])]
-            if base.empty:
-                continue
-            base = base.iloc[0]
-            part = runs.loc[(runs["dataset"] == cell["dataset"])
-                            & (runs["backbone"] == cell["backbone"])
-                            & (runs["fraction"] == cell["fraction"])]
-            paired = paired_difference(part, cases, variant["init"], variant["base"]) or {}
-            corpus = corpus_of.get((cell["dataset"], variant["init"]))
-            ratio, cost_ids = math.nan, ""
-            if corpus is not None and not steps.empty:
-                pick = steps.loc[(steps["backbone"] == cell["backbone"])
-                                 & (steps["corpus"] == corpus)]
-                mine_cost = pick.loc[pick["method"] == variant.get("pretrained_as", variant["init"])]
-                base_cost = pick.loc[pick["method"] == variant["base"]]
-                if len(mine_cost) and len(base_cost):
-                    ratio = float(mine_cost["mean"].iloc[0] / base_cost["mean"].iloc[0])
-                    cost_ids = RUN_ID_SEPARATOR.join(dict.fromkeys(
-                        [mine_cost["run_ids"].iloc[0], base_cost["run_ids"].iloc[0]]))
-            rows.append({
-                "dataset": cell["dataset"], "backbone": cell["backbone"],
-                "fraction": cell["fraction"], "init": variant["init"], "base": variant["base"],
-                "changes": variant["changes"], "metric": "test_dice_mean", "scale": 100.0,
-                "mean": cell["mean"], "std": cell["std"], "n": cell["n"],
-                "base_mean": base["mean"], "base_std": base["std"], "base_n": base["n"],
-                "diff": cell["mean"] - base["mean"],
-                "ci_low": paired.get("ci_low", math.nan),
-                "ci_high": paired.get("ci_high", math.nan),
-                "ci_note": paired.get("note", "no paired cases"),
-                "cost_ratio": ratio, "cost_run_ids": cost_ids,
-                "run_ids": cell["run_ids"], "base_run_ids": base["run_ids"],
-                "cell": f"{cell['dataset']} / {cell['backbone']} / frac {cell['fraction']:g} / "
-                        f"{variant['init']}"})
-    long = pd.DataFrame.from_records(rows, columns=[
-        "dataset", "backbone", "fraction", "init", "base", "changes", "metric", "scale", "mean",
-        "std", "n", "base_mean", "base_std", "base_n", "diff", "ci_low", "ci_high", "ci_note",
-        "cost_ratio", "cost_run_ids", "run_ids", "base_run_ids", "cell"])
+    costs = [_cost_ratio(row, steps, corpus_of.get((row["dataset"], row["init"])))
+             for _, row in long.iterrows()]
+    long = long.assign(
+        metric="test_dice_mean", scale=100.0, diff=long["mean"] - long["base_mean"],
+        ci_low=[p.get("ci_low", math.nan) for p in paired],
+        ci_high=[p.get("ci_high", math.nan) for p in paired],
+        ci_note=[p.get("note", "no paired cases") for p in paired],
+        cost_ratio=[ratio for ratio, _ in costs], cost_run_ids=[ids for _, ids in costs],
+        cell=[f"{d} / {b} / frac {f:g} / {i}" for d, b, f, i in
+              zip(long["dataset"], long["backbone"], long["fraction"], long["init"])],
+    )[["dataset", "backbone", "fraction", "init", "base", "changes", "metric", "scale", "mean",
+       "std", "n", "base_mean", "base_std", "base_n", "diff", "ci_low", "ci_high", "ci_note",
+       "cost_ratio", "cost_run_ids", "run_ids", "base_run_ids", "cell"]]
 
     views = {f"{dataset} / {backbone}": pd.DataFrame({
         "variant": part["init"], "changes": part["changes"],
@@ -335,6 +310,20 @@ def ablation_table(runs: pd.DataFrame, cases: pd.DataFrame, cost_long: pd.DataFr
     paths = write_table(long, views, tables_dir / "ablations",
                         "Ablations of HybridMIM", note)
     return long, paths
+
+
+def _cost_ratio(variant: pd.Series, steps: pd.DataFrame, corpus: str | None
+                ) -> tuple[float, str]:
+    """The variant's median pretraining s/step over its base's (same backbone and corpus) and
+    the ids of the two pretraining runs; (nan, "") unless both were measured."""
+    pick = steps.loc[(steps["backbone"] == variant["backbone"]) & (steps["corpus"] == corpus)]
+    mine = pick.loc[pick["method"] == variant.get("pretrained_as", variant["init"])]
+    base = pick.loc[pick["method"] == variant["base"]]
+    if corpus is None or mine.empty or base.empty:
+        return math.nan, ""
+    return (float(mine["mean"].iloc[0] / base["mean"].iloc[0]),
+            RUN_ID_SEPARATOR.join(dict.fromkeys([mine["run_ids"].iloc[0],
+                                                 base["run_ids"].iloc[0]])))
 
 
 def _corpus_by_run(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
