@@ -31,8 +31,12 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     The inputs are recorded in ``out_dir``/report_inputs.json: the audit rebuilds the report from
     them (contract 3).
     """
-    from hybridmim.report import experiments as ex
-    from hybridmim.report import plots
+    from hybridmim.report.experiment_figures import (plot_ablations, plot_finetune_curves,
+                                                     plot_gallery, plot_per_class,
+                                                     plot_time_to_quality)
+    from hybridmim.report.experiment_tables import (ablation_table, label_efficiency_table,
+                                                    paired_table, per_case_dice,
+                                                    pretrain_cost_table)
     from hybridmim.report.figures import write_figures
     from hybridmim.report.tables import (comparison_table, load_paper_results, paper_table,
                                          per_class_tables, safe_name)
@@ -60,19 +64,19 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
         written.update({f"per_class_{dataset}.{kind}": path for kind, path in paths.items()})
     table("paper_vs_ours", paper_table(comparison_long, paper, tables_dir))
     written.update(write_figures(tracking_uri, runs, pretrain_runs, figures_dir))
-    cases = ex.per_case_dice(tracking_uri, runs)
-    cost_long = table("pretrain_cost", ex.pretrain_cost_table(pretrain_runs, tables_dir))
-    ablation_long = table("ablations", ex.ablation_table(runs, cases, cost_long, tables_dir))
-    table("label_efficiency", ex.label_efficiency_table(runs, tables_dir))
-    table("paired_differences", ex.paired_table(runs, cases, tables_dir))
-    written["ablations_figure"] = plots.plot_ablations(ablation_long, figures_dir / "ablations.png")
-    written["time_to_quality"] = plots.plot_time_to_quality(tracking_uri, pretrain_runs,
-                                                            figures_dir / "time_to_quality.png")
-    written["finetune_curves"] = plots.plot_finetune_curves(tracking_uri, runs,
-                                                            figures_dir / "finetune_curves.png")
-    written["per_class_dice"] = plots.plot_per_class(runs, figures_dir / "per_class_dice.png")
+    cases = per_case_dice(tracking_uri, runs)
+    cost_long = table("pretrain_cost", pretrain_cost_table(pretrain_runs, tables_dir))
+    ablation_long = table("ablations", ablation_table(runs, cases, cost_long, tables_dir))
+    table("label_efficiency", label_efficiency_table(runs, tables_dir))
+    table("paired_differences", paired_table(runs, cases, tables_dir))
+    written["ablations_figure"] = plot_ablations(ablation_long, figures_dir / "ablations.png")
+    written["time_to_quality"] = plot_time_to_quality(tracking_uri, pretrain_runs,
+                                                      figures_dir / "time_to_quality.png")
+    written["finetune_curves"] = plot_finetune_curves(tracking_uri, runs,
+                                                      figures_dir / "finetune_curves.png")
+    written["per_class_dice"] = plot_per_class(runs, figures_dir / "per_class_dice.png")
     for dataset in sorted(runs["dataset"].unique()):
-        written[f"gallery_{dataset}"] = plots.plot_gallery(
+        written[f"gallery_{dataset}"] = plot_gallery(
             tracking_uri, runs, dataset, figures_dir / f"gallery_{safe_name(dataset)}.png")
     written["report_inputs"] = write_report_inputs(
         out_dir, tracking_uri, metrics_files, pretrain_files,

@@ -1,4 +1,5 @@
-"""Report figures: Dice per init, label efficiency, pretraining loss curves (more in plots.py).
+"""Report figures: Dice per init, label efficiency, pretraining loss curves, and what every figure
+shares (more figures in experiment_figures.py).
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot global state), so
 a report built inside a long-lived process never opens a window or leaks figures. Every figure is
@@ -203,7 +204,7 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
 
 def write_figures(tracking_uri: str, runs: pd.DataFrame, pretrain_runs: pd.DataFrame | None,
                   figures_dir: Path) -> dict[str, Any]:
-    from hybridmim.report.experiments import label_efficiency_runs
+    from hybridmim.report.experiment_tables import label_efficiency_runs
 
     written: dict[str, Any] = {"test_dice": plot_dice_by_init(runs, figures_dir / "test_dice.png")}
     path = figures_dir / "label_efficiency.png"
