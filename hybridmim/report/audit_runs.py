@@ -103,7 +103,7 @@ class RunAuditor:
             run = self.run(run_id)
             if run is None:
                 checks.append(check("run exists", f"run {run_id}", self.tracking_uri, False,
-                                     "not in the MLflow store"))
+                                    "not in the MLflow store"))
                 continue
             run_checks, upstream = self._check_run(run)
             affects = sorted(self.affects.get(run_id, ()))
@@ -121,14 +121,14 @@ class RunAuditor:
         who = f"{stage} run {run_id} ({wildcards})"
         deleted = run.info.lifecycle_stage == "deleted"
         checks = [check("run finished", who, run_id, run.info.status == "FINISHED",
-                         f"status {run.info.status}" + ("" if run.info.status == "FINISHED" else
-                                                        ": its numbers are not final results")),
+                        f"status {run.info.status}" + ("" if run.info.status == "FINISHED" else
+                                                       ": its numbers are not final results")),
                   check("run not deleted", who, run_id, not deleted,
-                         "deleted from the MLflow store (restore it with `mlflow runs restore` or "
-                         "re-run the job)" if deleted else "active")]
+                        "deleted from the MLflow store (restore it with `mlflow runs restore` or "
+                        "re-run the job)" if deleted else "active")]
         absent = [t for t in REQUIRED_TAGS if not tags.get(t)]
         checks.append(check("provenance tags", who, run_id, not absent,
-                             f"missing tags {absent}" if absent else "all recorded"))
+                            f"missing tags {absent}" if absent else "all recorded"))
         checks += self._check_git(who, run_id, tags)
         checks += self._check_metrics_file(who, run)
         checks += self._check_data(who, run)
@@ -141,19 +141,19 @@ class RunAuditor:
         commit = tags.get("git_commit", "")
         if not commit or commit == "unknown":
             return [check("git commit", who, run_id, False,
-                           "no git commit recorded: the code version is unknown")]
+                          "no git commit recorded: the code version is unknown")]
         checks = [check("git commit", who, run_id, True, f"commit {commit}")]
         known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"],
                                cwd=self.project_root, capture_output=True).returncode == 0
         if not known:
             checks.append(check("git commit", who, run_id, None,
-                                 f"commit {commit} is not in the repository at "
-                                 f"{self.project_root} (fetch it to reproduce this run)"))
+                                f"commit {commit} is not in the repository at "
+                                f"{self.project_root} (fetch it to reproduce this run)"))
         if tags.get("git_dirty") != "false":
             checks.append(check("git dirty", who, run_id, None,
-                                 f"run made with uncommitted changes on top of {commit} "
-                                 f"(git_dirty={tags.get('git_dirty')}): the commit alone does "
-                                 "not reproduce it"))
+                                f"run made with uncommitted changes on top of {commit} "
+                                f"(git_dirty={tags.get('git_dirty')}): the commit alone does "
+                                "not reproduce it"))
         return checks
 
     def _check_metrics_file(self, who: str, run: Any) -> list[dict[str, str]]:
@@ -162,19 +162,19 @@ class RunAuditor:
         if not files:
             ok = False if run.data.tags.get("stage") == "evaluate" else None
             return [check("metrics.json", who, run_id, ok,
-                           f"no metrics.json under {self.results_dir} names this run")]
+                          f"no metrics.json under {self.results_dir} names this run")]
         checks = []
         for path in files:
             payload = json.loads(path.read_text())
             if run.data.tags.get("stage") == "evaluate":
                 problems = metric_disagreements(payload, run.data.metrics)
                 checks.append(check("metrics.json = MLflow", who, str(path), not problems,
-                                     "; ".join(problems) if problems else
-                                     "every number in the file equals the run's metric"))
+                                    "; ".join(problems) if problems else
+                                    "every number in the file equals the run's metric"))
             recorded, tagged = payload.get("spec_hash"), run.data.tags.get("config_hash")
             if recorded:
                 checks.append(check("spec hash", who, str(path), recorded == tagged,
-                                     f"file {recorded}, run config_hash {tagged}"))
+                                    f"file {recorded}, run config_hash {tagged}"))
         return checks
 
     def _check_predictions(self, who: str, run: Any) -> list[dict[str, str]]:
@@ -215,7 +215,7 @@ class RunAuditor:
                 current = data_hash(folder, self.project_root)
                 if current["source"] != "dvc.lock":
                     checks.append(check("data hash", label, str(self.project_root / "dvc.lock"),
-                                         False, f"dvc.lock has no entry for {folder} any more"))
+                                        False, f"dvc.lock has no entry for {folder} any more"))
                     continue
                 checks.append(self.dvc.check(label, name, folder))
                 ok, now = current["hash"] == recorded, current["hash"]
@@ -223,19 +223,19 @@ class RunAuditor:
             elif source == "sha256-tree":
                 if not folder.is_dir():
                     checks.append(check("data hash", label, str(folder), False,
-                                         f"{folder} does not exist: the tree hash cannot be "
-                                         "re-computed (restore the data, e.g. dvc pull)"))
+                                        f"{folder} does not exist: the tree hash cannot be "
+                                        "re-computed (restore the data, e.g. dvc pull)"))
                     continue
                 ok, now, where = self.tree(folder) == recorded, self.tree(folder), str(folder)
             else:
                 checks.append(check("data hash", label, run_id, False,
-                                     f"unknown data_hash_source {source!r}"))
+                                    f"unknown data_hash_source {source!r}"))
                 continue
             checks.append(check("data hash", label, where, ok,
-                                 f"{source} {recorded}" if ok else
-                                 f"run used {recorded} ({source}) but it is {now} now: the data "
-                                 "changed since the run — re-run it or check out that data "
-                                 "version"))
+                                f"{source} {recorded}" if ok else
+                                f"run used {recorded} ({source}) but it is {now} now: the data "
+                                "changed since the run — re-run it or check out that data "
+                                "version"))
         return checks
 
     def _check_upstream(self, who: str, run: Any) -> tuple[list[dict[str, str]], str | None]:
@@ -245,37 +245,37 @@ class RunAuditor:
             needs = tags.get("stage") == "evaluate" or run.data.params.get(
                 "init.checkpoint", "null") not in ("null", "None", "")
             return ([check("upstream checkpoint", who, run_id, False,
-                            "the run loaded a model but recorded no upstream checkpoint")]
+                           "the run loaded a model but recorded no upstream checkpoint")]
                     if needs else []), None
         path = self.on_disk(recorded_path)
         if not path.is_file():
             return [check("upstream checkpoint", who, str(path), False,
-                           f"{path} does not exist any more")], None
+                          f"{path} does not exist any more")], None
         recorded, now = tags.get("upstream.checkpoint_sha256", ""), self.sha256(path)
         checks = [check("upstream checkpoint", who, str(path), recorded == now,
-                         f"sha256 {now}" if recorded == now else
-                         f"the run used sha256 {recorded or '(none recorded)'} but the file is "
-                         f"{now} now: the checkpoint changed since the run — re-run it")]
+                        f"sha256 {now}" if recorded == now else
+                        f"the run used sha256 {recorded or '(none recorded)'} but the file is "
+                        f"{now} now: the checkpoint changed since the run — re-run it")]
         try:
             meta = self.model_meta(path)
         except (ValueError, OSError, RuntimeError) as exc:
             return checks + [check("model meta", who, str(path), False, str(exc))], None
         upstream_id, meta_id = tags.get("upstream.run_id", ""), str(meta.get("mlflow_run_id", ""))
         checks.append(check("model meta run id", who, str(path),
-                             bool(meta_id) and meta_id == upstream_id,
-                             f"model.pt meta.mlflow_run_id {meta_id or '(none)'}, run's "
-                             f"upstream.run_id {upstream_id or '(none)'}"))
+                            bool(meta_id) and meta_id == upstream_id,
+                            f"model.pt meta.mlflow_run_id {meta_id or '(none)'}, run's "
+                            f"upstream.run_id {upstream_id or '(none)'}"))
         upstream = self.run(meta_id) if meta_id else None
         if meta_id and upstream is None:
             checks.append(check("upstream run", who, str(path), False,
-                                 f"run {meta_id} named by the model file is not in the store"))
+                                f"run {meta_id} named by the model file is not in the store"))
             return checks, None
         if upstream is not None and meta.get("spec_hash"):
             tagged = upstream.data.tags.get("config_hash")
             checks.append(check("model meta spec hash", who, str(path),
-                                 meta["spec_hash"] == tagged,
-                                 f"model.pt meta.spec_hash {meta['spec_hash']}, run {meta_id} "
-                                 f"config_hash {tagged}"))
+                                meta["spec_hash"] == tagged,
+                                f"model.pt meta.spec_hash {meta['spec_hash']}, run {meta_id} "
+                                f"config_hash {tagged}"))
         return checks, meta_id or None
 
 

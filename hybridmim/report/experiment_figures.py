@@ -84,8 +84,8 @@ def plot_time_to_quality(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
             style = "-" if method in ("hybridmim", "simmim") else ":"
             ax.plot(line["train_s"], line["value"], style, marker=".", label=method)
         metric = "validation" if (part["metric"] == "val/pr").all() else "training"
-        ax.set_xlabel("training wall-clock time (s)")
-        ax.set_ylabel(f"{metric} reconstruction loss L_PR (MSE, unitless)")
+        ax.set(xlabel="training wall-clock time (s)",
+               ylabel=f"{metric} reconstruction loss L_PR (MSE, unitless)")
         ax.set_title(f"{backbone} / {corpus}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -128,9 +128,7 @@ def plot_finetune_curves(tracking_uri: str, runs: pd.DataFrame, path: str | Path
             line = part.loc[part["init"] == init]
             ax.plot(line["step"], line["mean"], marker=".",
                     linestyle="--" if init == "scratch" else "-", label=init)
-        ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel("validation Dice (%)")
-        ax.set_ylim(0, 100)
+        ax.set(xlabel="fine-tuning step", ylabel="validation Dice (%)", ylim=(0, 100))
         ax.set_title(f"{dataset} / {backbone} (labels "
                      f"{fraction_text(part['fraction'].iloc[0])})", fontsize=9)
         ax.grid(alpha=0.3)
@@ -170,8 +168,7 @@ def plot_per_class(runs: pd.DataFrame, path: str | Path) -> Path:
                        for v in ("mean", "std"))
         x = grouped_bars(ax, means, stds, capsize=2)
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel("test Dice (%)")
-        ax.set_ylim(0, 100)
+        ax.set(ylabel="test Dice (%)", ylim=(0, 100))
         ax.set_title(f"{dataset} / {backbone} (labels "
                      f"{fraction_text(part['fraction'].iloc[0])})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)

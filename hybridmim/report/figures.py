@@ -122,8 +122,7 @@ def plot_dice_by_init(runs: pd.DataFrame, path: str | Path,
     x = grouped_bars(ax, means, stds, capsize=3)
     multi_backbone = stats["backbone"].nunique() > 1
     ax.set_xticks(x, [f"{d}\n{b}" if multi_backbone else d for d, b in means.index])
-    ax.set_ylabel("test Dice (%)")
-    ax.set_ylim(0, 100)
+    ax.set(ylabel="test Dice (%)", ylim=(0, 100))
     ax.set_title(f"Test Dice per initialisation (labels {fraction_text(full['fraction'].max())}, "
                  "error bars: std over seeds)", fontsize=9)
     ax.legend(title="init", fontsize=8, loc="lower right")
@@ -143,11 +142,9 @@ def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
             line = panel.loc[panel["init"] == init].sort_values("fraction")
             ax.errorbar(line["fraction"] * 100, line["mean"], yerr=line["std"].fillna(0),
                         marker="o", capsize=3, label=init)
-        ax.set_xscale("log")
+        ax.set(xscale="log", xlabel="training labels (%)", ylabel="test Dice (%)")
         ticks = sorted(panel["fraction"].unique() * 100)
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.set_xlabel("training labels (%)")
-        ax.set_ylabel("test Dice (%)")
         ax.set_title(f"{dataset} / {backbone}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -192,8 +189,7 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
         if all((f["value"] > 0).all() for f in curves[term].values()):
             ax.set_yscale("log")
         ax.set_title(term, fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (unitless)")
+        ax.set(xlabel="step", ylabel="loss (unitless)")
         ax.grid(alpha=0.3)
         if k == 0:
             ax.legend(fontsize=7)
