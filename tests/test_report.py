@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -406,3 +407,13 @@ def test_latex_table_keeps_the_cells_of_names_it_escapes(tmp_path):
                    if "scratch" in line or line.startswith("btcv")][:2]
     assert header.split("&")[-1].strip(" \\") == r"hybridmim-no\_cl"
     assert row.split("&")[-1].strip(" \\") == "90.00 (n=1)"
+
+
+def test_latex_tables_escape_every_percent_sign(report):
+    # A raw "%" inside a tabular (a heading such as "reported Dice (%)") comments out the rest
+    # of its row and breaks the table in LaTeX.
+    for name, path in report.items():
+        if path.suffix == ".tex":
+            tabulars = [part.split(r"\end{tabular}")[0]
+                        for part in path.read_text().split(r"\begin{tabular}")[1:]]
+            assert tabulars and not re.search(r"(?<!\\)%", "".join(tabulars)), name

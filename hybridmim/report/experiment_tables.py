@@ -254,7 +254,7 @@ def pretrain_cost_table(pretrain_runs: pd.DataFrame | None, tables_dir: Path
             "the CPU; ratio = median s/step over the SimMIM-style run's on the same backbone, "
             "corpus and device (n/a without one). On a shared machine the times are noisy.")
     paths = write_table(long, {"Pretraining cost": view}, tables_dir / "pretrain_cost",
-                        "Pretraining cost per method", note, escape_columns=True)
+                        "Pretraining cost per method", note)
     return long, paths
 
 
@@ -362,7 +362,7 @@ def label_efficiency_table(runs: pd.DataFrame, tables_dir: Path
             "seeds (n = seeds), for each dataset and backbone fine-tuned at two or more "
             "fractions; columns are the encoder initialisations.")
     paths = write_table(long, views, tables_dir / "label_efficiency",
-                        "Label efficiency", note, escape_columns=True)
+                        "Label efficiency", note)
     return long, paths
 
 

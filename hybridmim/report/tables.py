@@ -123,20 +123,17 @@ def wide_view(long: pd.DataFrame, index: list[str], columns: str,
     return wide
 
 
-def latex_view(view: pd.DataFrame, escape_columns: bool) -> pd.DataFrame:
-    """The LaTeX twin of a rendered view: every cell and index label escaped, ± typeset."""
+def latex_view(view: pd.DataFrame) -> pd.DataFrame:
+    """The LaTeX twin of a rendered view: every cell, index label and column name escaped (a raw
+    "%" in a heading would comment out the rest of its row), ± typeset."""
     latex = view.map(lambda text: escape_latex(text).replace(" ± ", r" $\pm$ "))
-    return latex.rename(index=escape_latex, columns=escape_latex if escape_columns else None)
+    return latex.rename(index=escape_latex, columns=escape_latex)
 
 
 def write_table(long: pd.DataFrame, views: dict[str, pd.DataFrame], base: Path, title: str,
-                note: str, escape_columns: bool = False,
-                caption_prefix: str = "") -> dict[str, Path]:
-    """Atomically write ``base``.csv (long, audited), .md and .tex (one section per view).
-
-    ``escape_columns``: the views' column names come from the data (inits, classes) and are
-    escaped in LaTeX; ``caption_prefix`` goes before each LaTeX caption.
-    """
+                note: str, caption_prefix: str = "") -> dict[str, Path]:
+    """Atomically write ``base``.csv (long, audited), .md and .tex (one section per view;
+    ``caption_prefix`` goes before each LaTeX caption)."""
     csv_path, md_path, tex_path = (base.with_suffix(s) for s in (".csv", ".md", ".tex"))
     write_text(csv_path, long.to_csv(index=False))
     md = [f"# {title}", "", note, "", f"Run ids per cell: `{csv_path.name}`.", ""]
@@ -144,7 +141,7 @@ def write_table(long: pd.DataFrame, views: dict[str, pd.DataFrame], base: Path, 
     for heading, view in views.items():
         md += [f"## {heading}", "", view.reset_index().to_markdown(index=False), ""]
         caption = caption_prefix + heading
-        tex += [f"% {caption}", latex_view(view, escape_columns).to_latex(
+        tex += [f"% {caption}", latex_view(view).to_latex(
             escape=False, caption=escape_latex(caption))]
     write_text(md_path, "\n".join(md))
     write_text(tex_path, "\n".join(tex))
@@ -164,7 +161,7 @@ def comparison_table(runs: pd.DataFrame, tables_dir: Path) -> tuple[pd.DataFrame
     note = ("Test split; mean ± sample standard deviation over seeds (n = seeds); columns are the "
             "encoder initialisations.")
     paths = write_table(long, views, tables_dir / "comparison",
-                        "Segmentation results per initialisation", note, escape_columns=True)
+                        "Segmentation results per initialisation", note)
     return long, paths
 
 
@@ -183,7 +180,7 @@ def per_class_tables(runs: pd.DataFrame, tables_dir: Path) -> dict[str, dict[str
                 "seeds (n = seeds); 'mean' is the runs' mean over classes.")
         written[str(dataset)] = write_table(
             long, {"Dice per class (%)": view}, tables_dir / f"per_class_{safe_name(dataset)}",
-            f"Per-class Dice — {dataset}", note, escape_columns=True,
+            f"Per-class Dice — {dataset}", note,
             caption_prefix=f"{dataset}: ")
     return written
 
