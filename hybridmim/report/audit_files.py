@@ -26,14 +26,10 @@ _RESULTS_JS = re.compile(r'<script id="results">\s*var results = ')
 
 def audited_files(results_dir: Path) -> dict[str, Path]:
     """{path relative to the results folder: path} of every table file and figure data file."""
-    files = {}
-    tables, figures = results_dir / "tables", results_dir / "figures"
-    for path in sorted(tables.rglob("*")) if tables.is_dir() else []:
-        if path.is_file() and not path.name.startswith("."):
-            files[path.relative_to(results_dir).as_posix()] = path
-    for path in sorted(figures.glob("*.csv")) if figures.is_dir() else []:
-        files[path.relative_to(results_dir).as_posix()] = path
-    return files
+    found = [path for path in sorted((results_dir / "tables").rglob("*"))
+             if path.is_file() and not path.name.startswith(".")]
+    found += sorted((results_dir / "figures").glob("*.csv"))
+    return {path.relative_to(results_dir).as_posix(): path for path in found}
 
 
 def _kind(rel: str) -> str:

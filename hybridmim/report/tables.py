@@ -247,7 +247,8 @@ def paper_table(comparison_long: pd.DataFrame, paper_results: dict[str, list[dic
                              & (ours["backbone"] == entry["backbone"])
                              & (ours["init"] == entry["init"])
                              & np.isclose(ours["fraction"].astype(float), float(entry["fraction"]))]
-            hit = match.iloc[0] if len(match) else None
+            hit = match.iloc[0] if len(match) else {"mean": math.nan, "std": math.nan, "n": 0,
+                                                     "run_ids": ""}
             what = (f"{entry['table']}" if kind == "HybridMIM paper" and entry.get("table")
                     else entry.get("setting", ""))
             rows.append({
@@ -261,10 +262,8 @@ def paper_table(comparison_long: pd.DataFrame, paper_results: dict[str, list[dic
                 "reported_table": entry.get("table") or "", "split": entry.get("split", ""),
                 "setting": what,
                 "metric": "test_dice_mean", "scale": 100.0,
-                "mean": math.nan if hit is None else hit["mean"],
-                "std": math.nan if hit is None else hit["std"],
-                "n": 0 if hit is None else int(hit["n"]),
-                "run_ids": "" if hit is None else hit["run_ids"],
+                "mean": hit["mean"], "std": hit["std"], "n": int(hit["n"]),
+                "run_ids": hit["run_ids"],
                 "cell": f"{kind}: {entry['dataset']} / {entry['backbone']} / {entry['init']} / "
                         f"frac {float(entry['fraction']):g}"})
     long = pd.DataFrame.from_records(rows, columns=[
