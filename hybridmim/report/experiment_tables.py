@@ -349,11 +349,8 @@ def label_efficiency_runs(runs: pd.DataFrame) -> pd.DataFrame:
 def label_efficiency_table(runs: pd.DataFrame, tables_dir: Path
                            ) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Test Dice per label fraction and init, for each dataset × backbone run at ≥ 2 fractions."""
-    part = label_efficiency_runs(runs)
-    long = summarise(part, ["test_dice_mean"], ["dataset", "backbone", "fraction", "init"]) \
-        if not part.empty else pd.DataFrame(columns=["dataset", "backbone", "fraction", "init",
-                                                     "metric", "unit", "scale", "mean", "std",
-                                                     "n", "seeds", "run_ids", "cell"])
+    long = summarise(label_efficiency_runs(runs), ["test_dice_mean"],
+                     ["dataset", "backbone", "fraction", "init"])
     views = {"Label efficiency": note_view(
         "no dataset was fine-tuned at two or more label fractions")} if long.empty else {
         "Test Dice (%) by label fraction": wide_view(long, ["dataset", "backbone", "fraction"],

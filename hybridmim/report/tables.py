@@ -76,7 +76,8 @@ def summarise(runs: pd.DataFrame, metrics: Sequence[str], by: Sequence[str]) -> 
                          "run_ids": RUN_ID_SEPARATOR.join(with_value.sort_values("seed")["run_id"]),
                          "cell": " / ".join(_ident_text(k, v) for k, v in ident.items())
                                  + f" / {metric}"})
-    return pd.DataFrame.from_records(rows)
+    return pd.DataFrame.from_records(rows, columns=[*by, "metric", "unit", "scale", "mean", "std",
+                                                    "n", "seeds", "run_ids", "cell"])
 
 
 def fraction_text(fraction: float) -> str:
