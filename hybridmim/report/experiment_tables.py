@@ -231,22 +231,19 @@ def pretrain_cost_long(pretrain_runs: pd.DataFrame | None) -> pd.DataFrame:
 def pretrain_cost_table(pretrain_runs: pd.DataFrame | None, tables_dir: Path
                         ) -> tuple[pd.DataFrame, dict[str, Path]]:
     long = pretrain_cost_long(pretrain_runs)
-    headings = {**{k: v for k, v in COST_METRICS.items()},
-                RATIO_METRIC: ("s/step ÷ SimMIM-style", 2)}
+    headings = {**COST_METRICS, RATIO_METRIC: ("s/step ÷ SimMIM-style", 2)}
     steps = long.loc[long["metric"] == "cost/median_step_s"]
     shown = pd.concat([long, steps.assign(metric=RATIO_METRIC, mean=steps["ratio_vs_simmim"])])
 
     if long.empty:
         view = note_view("no pretraining runs in this grid")
     else:
-        # Every (run, metric) row has a value; an all-NaN ratio column is re-added below.
+        # Every (run, metric) row has a value; an all-NaN ratio column is re-added by reindex.
         wide = shown.dropna(subset=["mean"]).pivot_table(
             index=["backbone", "corpus", "method", "device"], columns="metric", values="mean",
-            aggfunc="first", sort=True)
-        view = pd.DataFrame(index=wide.index)
-        for metric, (heading, decimals) in headings.items():
-            values = wide[metric] if metric in wide else pd.Series(math.nan, index=wide.index)
-            view[heading] = values.map(lambda v, d=decimals: _num(v, d))
+            aggfunc="first", sort=True).reindex(columns=list(headings))
+        view = pd.DataFrame({heading: wide[metric].map(lambda v, d=decimals: _num(v, d))
+                             for metric, (heading, decimals) in headings.items()})
     note = ("Measured inside each pretraining run (hybridmim/pretrain/cost.py): median wall time "
             "per training step excluding each process's first step and validation passes; "
             "crops per second at that median; total job time incl. start-up and validation; "
