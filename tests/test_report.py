@@ -381,7 +381,11 @@ def test_label_efficiency_plot_with_several_fractions(tmp_path):
             for init in INITS for frac in (0.1, 0.5, 1.0) for seed in SEEDS]
     path = plot_label_efficiency(pd.DataFrame(rows), tmp_path / "label_efficiency.png")
     _assert_png(path)
-    assert plot_label_efficiency(pd.DataFrame(rows[:1]), tmp_path / "none.png") is None
+    assert len(pd.read_csv(path.with_suffix(".csv"))) == len(INITS) * 3  # init x fraction
+    # One fraction is no curve: a figure that says so, with no plotted numbers.
+    none = plot_label_efficiency(pd.DataFrame(rows[:1]), tmp_path / "none.png")
+    _assert_png(none)
+    assert pd.read_csv(none.with_suffix(".csv")).empty
 
 
 def test_several_fractions_become_rows_in_numeric_order(tmp_path):

@@ -37,7 +37,8 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     from hybridmim.report.experiment_tables import (ablation_table, label_efficiency_table,
                                                     paired_table, per_case_dice,
                                                     pretrain_cost_table)
-    from hybridmim.report.figures import write_figures
+    from hybridmim.report.figures import (plot_dice_by_init, plot_label_efficiency,
+                                          plot_pretrain_losses)
     from hybridmim.report.tables import (comparison_table, load_paper_results, paper_table,
                                          per_class_tables, safe_name)
 
@@ -63,7 +64,10 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     for dataset, paths in per_class_tables(runs, tables_dir).items():
         written.update({f"per_class_{dataset}.{kind}": path for kind, path in paths.items()})
     table("paper_vs_ours", paper_table(comparison_long, paper, tables_dir))
-    written.update(write_figures(tracking_uri, runs, pretrain_runs, figures_dir))
+    written["test_dice"] = plot_dice_by_init(runs, figures_dir / "test_dice.png")
+    written["label_efficiency"] = plot_label_efficiency(runs, figures_dir / "label_efficiency.png")
+    written["pretrain_losses"] = plot_pretrain_losses(tracking_uri, pretrain_runs,
+                                                      figures_dir / "pretrain_losses.png")
     cases = per_case_dice(tracking_uri, runs)
     cost_long = table("pretrain_cost", pretrain_cost_table(pretrain_runs, tables_dir))
     ablation_long = table("ablations", ablation_table(runs, cases, cost_long, tables_dir))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -131,11 +131,17 @@ def plot_dice_by_init(runs: pd.DataFrame, path: str | Path,
 
 
 def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
-                          metric: str = "test_dice_mean") -> Path | None:
-    """Dice vs label fraction per init, one panel per dataset × backbone; None with one fraction."""
-    if runs["fraction"].nunique() < 2:
-        return None
-    stats = _seed_stats(runs, ["dataset", "backbone", "init", "fraction"], metric)
+                          metric: str = "test_dice_mean") -> Path:
+    """Dice vs label fraction per init, one panel per dataset × backbone, for the inits run at
+    two or more label fractions (experiment_tables.label_efficiency_runs)."""
+    from hybridmim.report.experiment_tables import label_efficiency_runs
+
+    curves = label_efficiency_runs(runs)
+    if curves.empty:
+        return placeholder(path, "No dataset was fine-tuned at two or more label fractions.",
+                           ["dataset", "backbone", "init", "fraction", "metric", "mean", "std",
+                            "n", "run_ids"])
+    stats = _seed_stats(curves, ["dataset", "backbone", "init", "fraction"], metric)
     fig, axes = panels(stats, ["dataset", "backbone"], width=4.2)
     for (dataset, backbone), ax, panel in axes:
         for init in order_inits(panel["init"]):
@@ -170,18 +176,19 @@ def metric_histories(tracking_uri: str, run_id: str,
     return histories
 
 
-def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
-                         path: str | Path) -> Path | None:
+def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
+                         path: str | Path) -> Path:
     """One panel per loss term, one line per pretraining run (``label`` column of the frame)."""
     curves: dict[str, dict[str, pd.DataFrame]] = {}
     points = []
-    for _, run in pretrain_runs.iterrows():
+    for _, run in (pd.DataFrame() if pretrain_runs is None else pretrain_runs).iterrows():
         for key, frame in metric_histories(tracking_uri, run["run_id"]).items():
             curves.setdefault(key, {})[run["label"]] = frame
             points.append(frame.assign(run=run["label"], metric=key, run_ids=run["run_id"]))
     terms = [t for t in LOSS_TERMS if t in curves]
     if not terms:
-        return None
+        return placeholder(path, "No pretraining loss was logged.",
+                           ["run", "metric", "step", "value", "run_ids"])
     fig, axes = panel_grid(len(terms), width=4.2, height=3.2)
     for k, (term, ax) in enumerate(zip(terms, axes)):
         for label, frame in curves[term].items():
@@ -196,22 +203,3 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
     fig.suptitle("Pretraining losses (MLflow metric history)", fontsize=10)
     return save_png(fig, path, pd.concat(points, ignore_index=True)[
         ["run", "metric", "step", "value", "run_ids"]])
-
-
-def write_figures(tracking_uri: str, runs: pd.DataFrame, pretrain_runs: pd.DataFrame | None,
-                  figures_dir: Path) -> dict[str, Any]:
-    from hybridmim.report.experiment_tables import label_efficiency_runs
-
-    written: dict[str, Any] = {"test_dice": plot_dice_by_init(runs, figures_dir / "test_dice.png")}
-    path = figures_dir / "label_efficiency.png"
-    curves = label_efficiency_runs(runs)
-    efficiency = plot_label_efficiency(curves, path) if len(curves) else None
-    written["label_efficiency"] = efficiency or placeholder(
-        path, "No dataset was fine-tuned at two or more label fractions.",
-        ["dataset", "backbone", "init", "fraction", "metric", "mean", "std", "n", "run_ids"])
-    path = figures_dir / "pretrain_losses.png"
-    losses = (plot_pretrain_losses(tracking_uri, pretrain_runs, path)
-              if pretrain_runs is not None and not pretrain_runs.empty else None)
-    written["pretrain_losses"] = losses or placeholder(
-        path, "No pretraining loss was logged.", ["run", "metric", "step", "value", "run_ids"])
-    return written
