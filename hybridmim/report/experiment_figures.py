@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from hybridmim.report.figures import (_seed_stats, grouped_bars, metric_histories, panels,
-                                      placeholder, save_png)
+                                      placeholder, save_figure)
 from hybridmim.report.tables import RUN_ID_SEPARATOR, fraction_text, order_inits
 
 
@@ -46,7 +46,7 @@ def plot_ablations(ablation_long: pd.DataFrame, path: str | Path) -> Path:
                                 run_ids=[RUN_ID_SEPARATOR.join(filter(None, (a, b)))
                                          for a, b in zip(ablation_long["run_ids"],
                                                          ablation_long["base_run_ids"])])
-    return save_png(fig, path, data[columns])
+    return save_figure(fig, path, data[columns])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def plot_time_to_quality(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Time to quality: reconstruction loss against training time", fontsize=10)
-    return save_png(fig, path, data[columns])
+    return save_figure(fig, path, data[columns])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def plot_finetune_curves(tracking_uri: str, runs: pd.DataFrame, path: str | Path
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Fine-tuning curves (mean over seeds)", fontsize=10)
-    return save_png(fig, path, data[columns])
+    return save_figure(fig, path, data[columns])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def plot_per_class(runs: pd.DataFrame, path: str | Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, title="init")
     fig.suptitle("Per-class test Dice (error bars: std over seeds)", fontsize=10)
-    return save_png(fig, path, data[columns])
+    return save_figure(fig, path, data[columns])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,4 +219,4 @@ def plot_gallery(tracking_uri: str, runs: pd.DataFrame, dataset: str, path: str 
     fig.suptitle(f"{dataset}: test cases (rows of each panel: image | ground truth | "
                  f"prediction), labels {fraction_text(part['fraction'].iloc[0])}, seed "
                  f"{part['seed'].iloc[0]}", fontsize=10)
-    return save_png(fig, path, pd.DataFrame.from_records(rows, columns=columns))
+    return save_figure(fig, path, pd.DataFrame.from_records(rows, columns=columns))

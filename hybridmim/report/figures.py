@@ -41,19 +41,15 @@ def data_only() -> Iterator[None]:
         _RENDER.reset(token)
 
 
-def save_png(fig: Figure, path: str | Path, data: pd.DataFrame | None = None) -> Path:
+def save_figure(fig: Figure, path: str | Path, data: pd.DataFrame | None = None) -> Path:
     """Write ``path`` (PNG), the same figure as PDF and, given ``data``, its numbers as CSV."""
     path = Path(path)
-    if not _RENDER.get():
-        if data is not None:
-            write_text(path.with_suffix(".csv"), data.to_csv(index=False))
-        return path
-    FigureCanvasAgg(fig)
-    path = Path(path)
-    for fmt in ("png", "pdf"):
-        with atomic_path(path.with_suffix(f".{fmt}"), suffix=f".{fmt}") as tmp:
-            # The temporary name ends in .tmp, so the format must be given explicitly.
-            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+    if _RENDER.get():
+        FigureCanvasAgg(fig)
+        for fmt in ("png", "pdf"):
+            with atomic_path(path.with_suffix(f".{fmt}"), suffix=f".{fmt}") as tmp:
+                # The temporary name ends in .tmp, so the format must be given explicitly.
+                fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
     if data is not None:
         write_text(path.with_suffix(".csv"), data.to_csv(index=False))
     return path
@@ -66,7 +62,7 @@ def placeholder(path: str | Path, message: str, columns: list[str]) -> Path:
     ax = fig.add_subplot()
     ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=10, wrap=True)
     ax.axis("off")
-    return save_png(fig, path, pd.DataFrame(columns=columns))
+    return save_figure(fig, path, pd.DataFrame(columns=columns))
 
 
 def panel_grid(count: int, width: float = 4.4, height: float = 3.4) -> tuple[Figure, list[Axes]]:
@@ -127,7 +123,7 @@ def plot_dice_by_init(runs: pd.DataFrame, path: str | Path,
                  "error bars: std over seeds)", fontsize=9)
     ax.legend(title="init", fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    return save_png(fig, path, stats.assign(fraction=full["fraction"].max(), unit="Dice %"))
+    return save_figure(fig, path, stats.assign(fraction=full["fraction"].max(), unit="Dice %"))
 
 
 def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
@@ -155,7 +151,7 @@ def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Label efficiency (error bars: std over seeds)", fontsize=10)
-    return save_png(fig, path, stats.assign(unit="Dice %"))
+    return save_figure(fig, path, stats.assign(unit="Dice %"))
 
 
 def metric_histories(tracking_uri: str, run_id: str,
@@ -201,5 +197,5 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
         if k == 0:
             ax.legend(fontsize=7)
     fig.suptitle("Pretraining losses (MLflow metric history)", fontsize=10)
-    return save_png(fig, path, pd.concat(points, ignore_index=True)[
+    return save_figure(fig, path, pd.concat(points, ignore_index=True)[
         ["run", "metric", "step", "value", "run_ids"]])
