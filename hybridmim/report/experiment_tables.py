@@ -186,9 +186,8 @@ def paired_table(runs: pd.DataFrame, cases: pd.DataFrame, tables_dir: Path
             f"cases ({BOOTSTRAP_RESAMPLES} resamples, numpy default_rng seed {BOOTSTRAP_SEED}). "
             f"* = interval excludes 0; cells with one seed and fewer than {MIN_CASES} cases say "
             "so and are never marked.")
-    paths = write_table(long, {"Paired differences": view}, tables_dir / "paired_differences",
-                        "Pretrained vs scratch and variant vs base: paired bootstrap", note)
-    return long, paths
+    return long, write_table(long, {"Paired differences": view}, tables_dir / "paired_differences",
+                             "Pretrained vs scratch and variant vs base: paired bootstrap", note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,9 +249,8 @@ def pretrain_cost_table(pretrain_runs: pd.DataFrame | None, tables_dir: Path
             "peak memory = CUDA max allocated on a GPU, growth of the peak resident set size on "
             "the CPU; ratio = median s/step over the SimMIM-style run's on the same backbone, "
             "corpus and device (n/a without one). On a shared machine the times are noisy.")
-    paths = write_table(long, {"Pretraining cost": view}, tables_dir / "pretrain_cost",
-                        "Pretraining cost per method", note)
-    return long, paths
+    return long, write_table(long, {"Pretraining cost": view}, tables_dir / "pretrain_cost",
+                             "Pretraining cost per method", note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,9 +302,8 @@ def ablation_table(runs: pd.DataFrame, cases: pd.DataFrame, cost_long: pd.DataFr
             "difference in percentage points, paired 95% bootstrap CI over test cases (see "
             "paired_differences), and the variant's median pretraining s/step relative to the "
             "base's (1.00 when the variant reused the base's pretraining).")
-    paths = write_table(long, views, tables_dir / "ablations",
-                        "Ablations of HybridMIM", note)
-    return long, paths
+    return long, write_table(long, views, tables_dir / "ablations",
+                             "Ablations of HybridMIM", note)
 
 
 def _cost_ratio(variant: pd.Series, steps: pd.DataFrame, corpus: str | None
@@ -355,9 +352,8 @@ def label_efficiency_table(runs: pd.DataFrame, tables_dir: Path
     note = ("Test Dice (%) against the fraction of training labels, mean ± sample std over "
             "seeds (n = seeds), for each dataset and backbone fine-tuned at two or more "
             "fractions; columns are the encoder initialisations.")
-    paths = write_table(long, views, tables_dir / "label_efficiency",
-                        "Label efficiency", note)
-    return long, paths
+    return long, write_table(long, views, tables_dir / "label_efficiency",
+                             "Label efficiency", note)
 
 
 __all__ = ["ablation_table", "label_efficiency_table", "paired_table", "per_case_dice",

@@ -161,9 +161,8 @@ def comparison_table(runs: pd.DataFrame, tables_dir: Path) -> tuple[pd.DataFrame
              if (long["metric"] == metric).any()}
     note = ("Test split; mean ± sample standard deviation over seeds (n = seeds); columns are the "
             "encoder initialisations.")
-    paths = write_table(long, views, tables_dir / "comparison",
-                        "Segmentation results per initialisation", note)
-    return long, paths
+    return long, write_table(long, views, tables_dir / "comparison",
+                             "Segmentation results per initialisation", note)
 
 
 def per_class_tables(runs: pd.DataFrame, tables_dir: Path) -> dict[str, dict[str, Path]]:
@@ -286,6 +285,5 @@ def paper_table(comparison_long: pd.DataFrame, paper_results: dict[str, list[dic
             "config/paper_results.yaml. Public reference rows are sanity anchors from other "
             "sources, settings and splits (often validation, not test) — not the paper's numbers. "
             "'ours' is our mean Dice ± std over seeds on our test split.")
-    paths = write_table(long, {"Reported vs ours": view}, tables_dir / "paper_vs_ours",
-                        "HybridMIM paper and public references vs this reproduction", note)
-    return long, paths
+    return long, write_table(long, {"Reported vs ours": view}, tables_dir / "paper_vs_ours",
+                             "HybridMIM paper and public references vs this reproduction", note)
