@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from hybridmim.report.figures import (_seed_stats, grouped_bars, metric_histories, panels,
-                                      placeholder, save_figure)
+                                      placeholder, save_figure, style_panel)
 from hybridmim.report.tables import RUN_ID_SEPARATOR, fraction_text, order_inits
 
 
@@ -38,9 +38,7 @@ def plot_ablations(ablation_long: pd.DataFrame, path: str | Path) -> Path:
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(y, labels, fontsize=8)
         ax.set_xlabel(f"Δ test Dice vs {part['base'].iloc[0]} (percentage points)")
-        ax.set_title(f"{dataset} / {backbone}", fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        style_panel(ax, f"{dataset} / {backbone}", grid="x", loc="lower right")
     fig.suptitle("Ablations: each variant vs full HybridMIM", fontsize=10)
     data = ablation_long.assign(unit="Dice percentage points",
                                 run_ids=[RUN_ID_SEPARATOR.join(filter(None, (a, b)))
@@ -86,9 +84,7 @@ def plot_time_to_quality(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
         metric = "validation" if (part["metric"] == "val/pr").all() else "training"
         ax.set(xlabel="training wall-clock time (s)",
                ylabel=f"{metric} reconstruction loss L_PR (MSE, unitless)")
-        ax.set_title(f"{backbone} / {corpus}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        style_panel(ax, f"{backbone} / {corpus}")
     fig.suptitle("Time to quality: reconstruction loss against training time", fontsize=10)
     return save_figure(fig, path, data[columns])
 
@@ -129,10 +125,8 @@ def plot_finetune_curves(tracking_uri: str, runs: pd.DataFrame, path: str | Path
             ax.plot(line["step"], line["mean"], marker=".",
                     linestyle="--" if init == "scratch" else "-", label=init)
         ax.set(xlabel="fine-tuning step", ylabel="validation Dice (%)", ylim=(0, 100))
-        ax.set_title(f"{dataset} / {backbone} (labels "
-                     f"{fraction_text(part['fraction'].iloc[0])})", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        style_panel(ax, f"{dataset} / {backbone} (labels "
+                        f"{fraction_text(part['fraction'].iloc[0])})")
     fig.suptitle("Fine-tuning curves (mean over seeds)", fontsize=10)
     return save_figure(fig, path, data[columns])
 
@@ -169,10 +163,8 @@ def plot_per_class(runs: pd.DataFrame, path: str | Path) -> Path:
         x = grouped_bars(ax, means, stds, capsize=2)
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
         ax.set(ylabel="test Dice (%)", ylim=(0, 100))
-        ax.set_title(f"{dataset} / {backbone} (labels "
-                     f"{fraction_text(part['fraction'].iloc[0])})", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, title="init")
+        style_panel(ax, f"{dataset} / {backbone} (labels "
+                        f"{fraction_text(part['fraction'].iloc[0])})", grid="y", title="init")
     fig.suptitle("Per-class test Dice (error bars: std over seeds)", fontsize=10)
     return save_figure(fig, path, data[columns])
 

@@ -81,6 +81,14 @@ def panels(data: pd.DataFrame, keys: list[str], **size: float
     return fig, [(key, ax, part) for (key, part), ax in zip(groups, axes)]
 
 
+def style_panel(ax: Axes, heading: str, grid: str = "both", **legend: str) -> None:
+    """The look every panel shares: a small heading, a light grid (on ``grid``), a small legend
+    (``legend``: its options)."""
+    ax.set_title(heading, fontsize=9)
+    ax.grid(axis=grid, alpha=0.3)
+    ax.legend(fontsize=7, **legend)
+
+
 def grouped_bars(ax: Axes, means: pd.DataFrame, stds: pd.DataFrame, capsize: float) -> np.ndarray:
     """One group of bars per row of ``means``, one bar per column (init) with ``stds`` as error
     bars; a single seed has no spread: no error bar rather than a misleading zero-width one."""
@@ -147,9 +155,7 @@ def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
         ax.set(xscale="log", xlabel="training labels (%)", ylabel="test Dice (%)")
         ticks = sorted(panel["fraction"].unique() * 100)
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.set_title(f"{dataset} / {backbone}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        style_panel(ax, f"{dataset} / {backbone}")
     fig.suptitle("Label efficiency (error bars: std over seeds)", fontsize=10)
     return save_figure(fig, path, stats.assign(unit="Dice %"))
 
