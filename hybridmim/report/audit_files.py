@@ -32,10 +32,6 @@ def audited_files(results_dir: Path) -> dict[str, Path]:
     return {path.relative_to(results_dir).as_posix(): path for path in found}
 
 
-def _kind(rel: str) -> str:
-    return "figure data" if rel.startswith("figures/") else "table file"
-
-
 def rebuild_report(results_dir: Path, project_root: Path, tracking_uri: str, into: Path) -> None:
     """``build_report`` on the inputs the report recorded, with the audit's MLflow store."""
     from hybridmim.report import REPORT_INPUTS, build_report
@@ -106,8 +102,8 @@ def audit_report_files(results_dir: Path, project_root: Path, tracking_uri: str,
         for rel in sorted(set(shown) | set(rebuilt)):
             path = shown.get(rel, results_dir / rel)
             text = _text(path) if rel in shown else None
-            checks += compare_file(_kind(rel), rel, str(path), text, path,
-                                   rebuilt.get(rel))
+            kind = "figure data" if rel.startswith("figures/") else "table file"
+            checks += compare_file(kind, rel, str(path), text, path, rebuilt.get(rel))
         checks += audit_html(html or results_dir / HTML_REPORT, results_dir,
                              project_root, rebuilt_dir)
     return checks
