@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -380,7 +381,11 @@ def test_label_efficiency_plot_with_several_fractions(tmp_path):
             for init in INITS for frac in (0.1, 0.5, 1.0) for seed in SEEDS]
     path = plot_label_efficiency(pd.DataFrame(rows), tmp_path / "label_efficiency.png")
     _assert_png(path)
-    assert plot_label_efficiency(pd.DataFrame(rows[:1]), tmp_path / "none.png") is None
+    assert len(pd.read_csv(path.with_suffix(".csv"))) == len(INITS) * 3  # init x fraction
+    # One fraction is no curve: a figure that says so, with no plotted numbers.
+    none = plot_label_efficiency(pd.DataFrame(rows[:1]), tmp_path / "none.png")
+    _assert_png(none)
+    assert pd.read_csv(none.with_suffix(".csv")).empty
 
 
 def test_several_fractions_become_rows_in_numeric_order(tmp_path):
@@ -394,3 +399,25 @@ def test_several_fractions_become_rows_in_numeric_order(tmp_path):
     lines = [line for line in dice.splitlines() if line.startswith("| btcv")]
     assert [line.split("|")[3].strip() for line in lines] == ["10%", "50%", "100%"]
     assert "65.00 (n=1)" in lines[1]  # one seed: no ± part
+
+
+def test_latex_table_keeps_the_cells_of_names_it_escapes(tmp_path):
+    # An ablation variant's init name holds "_": LaTeX escapes it, and its cells must survive.
+    rows = [{"run_id": f"r{i}", "dataset": "btcv", "backbone": "unet", "init": init,
+             "fraction": 1.0, "seed": 0, "test_dice_mean": dice, "test_hd95_mean": 10.0}
+            for i, (init, dice) in enumerate((("scratch", 0.5), ("hybridmim-no_cl", 0.9)))]
+    _, paths = comparison_table(pd.DataFrame(rows), tmp_path)
+    header, row = [line for line in paths["tex"].read_text().splitlines()
+                   if "scratch" in line or line.startswith("btcv")][:2]
+    assert header.split("&")[-1].strip(" \\") == r"hybridmim-no\_cl"
+    assert row.split("&")[-1].strip(" \\") == "90.00 (n=1)"
+
+
+def test_latex_tables_escape_every_percent_sign(report):
+    # A raw "%" inside a tabular (a heading such as "reported Dice (%)") comments out the rest
+    # of its row and breaks the table in LaTeX.
+    for name, path in report.items():
+        if path.suffix == ".tex":
+            tabulars = [part.split(r"\end{tabular}")[0]
+                        for part in path.read_text().split(r"\begin{tabular}")[1:]]
+            assert tabulars and not re.search(r"(?<!\\)%", "".join(tabulars)), name

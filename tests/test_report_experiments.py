@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hybridmim.report import build_report, collect_runs
-from hybridmim.report.experiments import (ablation_table, paired_bootstrap, paired_difference,
-                                          pretrain_cost_long)
+from hybridmim.report.experiment_tables import (ablation_table, paired_bootstrap,
+                                                paired_difference, pretrain_cost_long)
 
 from test_report import DATASETS, SEEDS, build_project
 

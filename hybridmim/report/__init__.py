@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from hybridmim.report.collect import ReportInputError, collect_pretrain_runs, collect_runs
 from hybridmim.resources import PAPER_RESULTS
@@ -31,9 +31,16 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     The inputs are recorded in ``out_dir``/report_inputs.json: the audit rebuilds the report from
     them (contract 3).
     """
-    from hybridmim.report.figures import write_figures
+    from hybridmim.report.experiment_figures import (plot_ablations, plot_finetune_curves,
+                                                     plot_gallery, plot_per_class,
+                                                     plot_time_to_quality)
+    from hybridmim.report.experiment_tables import (ablation_table, label_efficiency_table,
+                                                    paired_table, per_case_dice,
+                                                    pretrain_cost_table)
+    from hybridmim.report.figures import (plot_dice_by_init, plot_label_efficiency,
+                                          plot_pretrain_losses)
     from hybridmim.report.tables import (comparison_table, load_paper_results, paper_table,
-                                         per_class_tables)
+                                         per_class_tables, safe_name)
 
     out_dir, metrics_files = Path(out_dir), list(metrics_files)
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
@@ -42,51 +49,44 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     log.info("report: %d evaluate runs from %s", len(runs), tracking_uri)
     pretrain_files = list(pretrain_metrics_files)
     pretrain_runs = collect_pretrain_runs(tracking_uri, pretrain_files) if pretrain_files else None
+    # Artifacts (per-case scores, overlays) are downloaded one by one: no progress bar each.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     written: dict[str, Path] = {}
-    comparison_long, paths = comparison_table(runs, tables_dir)
-    written.update({f"comparison.{k}": p for k, p in paths.items()})
+
+    def table(name: str, built: tuple[Any, dict[str, Path]]) -> Any:
+        """Record a table's files (``<name>.csv``, ...); return its long frame."""
+        long, paths = built
+        written.update({f"{name}.{kind}": path for kind, path in paths.items()})
+        return long
+
+    comparison_long = table("comparison", comparison_table(runs, tables_dir))
     for dataset, paths in per_class_tables(runs, tables_dir).items():
-        written.update({f"per_class_{dataset}.{k}": p for k, p in paths.items()})
-    _, paths = paper_table(comparison_long, paper, tables_dir)
-    written.update({f"paper_vs_ours.{k}": p for k, p in paths.items()})
-    written.update(write_figures(tracking_uri, runs, pretrain_runs, figures_dir))
-    written.update(write_experiments(tracking_uri, runs, pretrain_runs, tables_dir, figures_dir))
+        written.update({f"per_class_{dataset}.{kind}": path for kind, path in paths.items()})
+    table("paper_vs_ours", paper_table(comparison_long, paper, tables_dir))
+    written["test_dice"] = plot_dice_by_init(runs, figures_dir / "test_dice.png")
+    written["label_efficiency"] = plot_label_efficiency(runs, figures_dir / "label_efficiency.png")
+    written["pretrain_losses"] = plot_pretrain_losses(tracking_uri, pretrain_runs,
+                                                      figures_dir / "pretrain_losses.png")
+    cases = per_case_dice(tracking_uri, runs)
+    cost_long = table("pretrain_cost", pretrain_cost_table(pretrain_runs, tables_dir))
+    ablation_long = table("ablations", ablation_table(runs, cases, cost_long, tables_dir))
+    table("label_efficiency", label_efficiency_table(runs, tables_dir))
+    table("paired_differences", paired_table(runs, cases, tables_dir))
+    written["ablations_figure"] = plot_ablations(ablation_long, figures_dir / "ablations.png")
+    written["time_to_quality"] = plot_time_to_quality(tracking_uri, pretrain_runs,
+                                                      figures_dir / "time_to_quality.png")
+    written["finetune_curves"] = plot_finetune_curves(tracking_uri, runs,
+                                                      figures_dir / "finetune_curves.png")
+    written["per_class_dice"] = plot_per_class(runs, figures_dir / "per_class_dice.png")
+    for dataset in sorted(runs["dataset"].unique()):
+        written[f"gallery_{dataset}"] = plot_gallery(
+            tracking_uri, runs, dataset, figures_dir / f"gallery_{safe_name(dataset)}.png")
     written["report_inputs"] = write_report_inputs(
         out_dir, tracking_uri, metrics_files, pretrain_files,
         paper_results or DEFAULT_PAPER_RESULTS)
     for name, path in written.items():
         log.info("report: wrote %s (%s)", path, name)
-    return written
-
-
-def write_experiments(tracking_uri: str, runs, pretrain_runs, tables_dir: Path,
-                      figures_dir: Path) -> dict[str, Path]:
-    """The ablation, cost, label-efficiency and paired-statistics tables and their figures,
-    the fine-tuning curves, per-class bars and one overlay gallery per dataset."""
-    from hybridmim.report import experiments as ex, plots
-
-    # Artifacts (per-case scores, overlays) are downloaded one by one: no progress bar each.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    written: dict[str, Path] = {}
-    cases = ex.per_case_dice(tracking_uri, runs)
-    cost_long, paths = ex.pretrain_cost_table(pretrain_runs, tables_dir)
-    written.update({f"pretrain_cost.{k}": p for k, p in paths.items()})
-    ablation_long, paths = ex.ablation_table(runs, cases, cost_long, tables_dir)
-    written.update({f"ablations.{k}": p for k, p in paths.items()})
-    _, paths = ex.label_efficiency_table(runs, tables_dir)
-    written.update({f"label_efficiency.{k}": p for k, p in paths.items()})
-    _, paths = ex.paired_table(runs, cases, tables_dir)
-    written.update({f"paired_differences.{k}": p for k, p in paths.items()})
-    written["ablations_figure"] = plots.plot_ablations(ablation_long, figures_dir / "ablations.png")
-    written["time_to_quality"] = plots.plot_time_to_quality(tracking_uri, pretrain_runs,
-                                                            figures_dir / "time_to_quality.png")
-    written["finetune_curves"] = plots.plot_finetune_curves(tracking_uri, runs,
-                                                            figures_dir / "finetune_curves.png")
-    written["per_class_dice"] = plots.plot_per_class(runs, figures_dir / "per_class_dice.png")
-    for dataset in sorted(runs["dataset"].unique()):
-        written[f"gallery_{dataset}"] = plots.plot_gallery(
-            tracking_uri, runs, dataset, figures_dir / f"gallery_{ex.safe_name(dataset)}.png")
     return written
 
 

@@ -14,11 +14,11 @@ import json
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from hybridmim.report.audit_checks import check
 from hybridmim.report.readback import compare_cells, read_cells
 
-Check = Callable[..., dict[str, str]]
 HTML_REPORT = "report.html"
 # The results block of Snakemake's HTML template (other scripts declare `var results` too).
 _RESULTS_JS = re.compile(r'<script id="results">\s*var results = ')
@@ -26,18 +26,10 @@ _RESULTS_JS = re.compile(r'<script id="results">\s*var results = ')
 
 def audited_files(results_dir: Path) -> dict[str, Path]:
     """{path relative to the results folder: path} of every table file and figure data file."""
-    files = {}
-    tables, figures = results_dir / "tables", results_dir / "figures"
-    for path in sorted(tables.rglob("*")) if tables.is_dir() else []:
-        if path.is_file() and not path.name.startswith("."):
-            files[path.relative_to(results_dir).as_posix()] = path
-    for path in sorted(figures.glob("*.csv")) if figures.is_dir() else []:
-        files[path.relative_to(results_dir).as_posix()] = path
-    return files
-
-
-def _kind(rel: str) -> str:
-    return "figure data" if rel.startswith("figures/") else "table file"
+    found = [path for path in sorted((results_dir / "tables").rglob("*"))
+             if path.is_file() and not path.name.startswith(".")]
+    found += sorted((results_dir / "figures").glob("*.csv"))
+    return {path.relative_to(results_dir).as_posix(): path for path in found}
 
 
 def rebuild_report(results_dir: Path, project_root: Path, tracking_uri: str, into: Path) -> None:
@@ -64,7 +56,7 @@ def rebuild_report(results_dir: Path, project_root: Path, tracking_uri: str, int
                      paper_results=resolved(str(paper)))
 
 
-def compare_file(check: Check, kind: str, label: str, source: str, shown_text: str | None,
+def compare_file(kind: str, label: str, source: str, shown_text: str | None,
                  shown_path: Path, rebuilt: Path | None) -> list[dict[str, str]]:
     """One check per difference (naming line, row, column), or one passing check."""
     if rebuilt is None or not rebuilt.is_file():
@@ -90,7 +82,7 @@ def compare_file(check: Check, kind: str, label: str, source: str, shown_text: s
                   "(tolerance: the rounding the file shows)")]
 
 
-def audit_report_files(check: Check, results_dir: Path, project_root: Path, tracking_uri: str,
+def audit_report_files(results_dir: Path, project_root: Path, tracking_uri: str,
                        html: Path | None) -> list[dict[str, str]]:
     """Checks for every table file, figure data file and the HTML report's embedded files."""
     from hybridmim.report.collect import ReportInputError
@@ -110,9 +102,9 @@ def audit_report_files(check: Check, results_dir: Path, project_root: Path, trac
         for rel in sorted(set(shown) | set(rebuilt)):
             path = shown.get(rel, results_dir / rel)
             text = _text(path) if rel in shown else None
-            checks += compare_file(check, _kind(rel), rel, str(path), text, path,
-                                   rebuilt.get(rel))
-        checks += audit_html(check, html or results_dir / HTML_REPORT, results_dir,
+            kind = "figure data" if rel.startswith("figures/") else "table file"
+            checks += compare_file(kind, rel, str(path), text, path, rebuilt.get(rel))
+        checks += audit_html(html or results_dir / HTML_REPORT, results_dir,
                              project_root, rebuilt_dir)
     return checks
 
@@ -140,7 +132,7 @@ def embedded_files(html_text: str) -> dict[str, bytes]:
     return files
 
 
-def audit_html(check: Check, html: Path, results_dir: Path, project_root: Path,
+def audit_html(html: Path, results_dir: Path, project_root: Path,
                rebuilt_dir: Path) -> list[dict[str, Any]]:
     if not html.is_file():
         return [check("html report", str(html), str(html), "skip",
@@ -167,7 +159,7 @@ def audit_html(check: Check, html: Path, results_dir: Path, project_root: Path,
             text = payload.decode("utf-8")
         except UnicodeDecodeError:
             text = ""
-        checks += compare_file(check, "html report", f"{html.name} › {rel}", str(html), text,
+        checks += compare_file("html report", f"{html.name} › {rel}", str(html), text,
                                Path(rel), rebuilt_dir / rel)
     if not checks:
         checks.append(check("html report", str(html), str(html), "skip",

@@ -144,7 +144,10 @@ def search_runs_by_id(tracking_uri: str, run_ids: Iterable[str], experiment: str
     return runs_frame(found)
 
 
-def _load_listed(metrics_files: Iterable[str | os.PathLike]) -> dict[str, tuple[Path, dict]]:
+def _listed_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike], experiment: str,
+                 what_to_do: str) -> tuple[dict[str, tuple[Path, dict]], pd.DataFrame]:
+    """({run id: (metrics file, its payload)}, the runs found in MLflow); a run missing from the
+    store is an error naming its file and ending in ``what_to_do``."""
     listed: dict[str, tuple[Path, dict]] = {}
     for raw in metrics_files:
         path = Path(raw)
@@ -157,7 +160,13 @@ def _load_listed(metrics_files: Iterable[str | os.PathLike]) -> dict[str, tuple[
     if not listed:
         raise ReportInputError("no metrics files given: the report needs the evaluate jobs' "
                                "metrics.json files")
-    return listed
+    found = search_runs_by_id(tracking_uri, listed, experiment)
+    missing = sorted(set(listed) - set(found["run_id"]))
+    if missing:
+        lines = "; ".join(f"run {run_id} listed in {listed[run_id][0]}" for run_id in missing)
+        raise ReportInputError(f"not in the MLflow store {tracking_uri} (experiment "
+                               f"{experiment!r}): {lines}{what_to_do}")
+    return listed, found
 
 
 def _wildcards(row: pd.Series, path: Path) -> dict[str, Any]:
@@ -203,14 +212,9 @@ def collect_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     file's per_class) and one float column per MLflow metric (``test_dice_mean``,
     ``test_dice_<class>``, ...; inf restored), plus MLflow's ``tags.*`` columns.
     """
-    listed = _load_listed(metrics_files)
-    found = search_runs_by_id(tracking_uri, listed, experiment)
-    missing = sorted(set(listed) - set(found["run_id"]))
-    if missing:
-        lines = "; ".join(f"run {run_id} listed in {listed[run_id][0]}" for run_id in missing)
-        raise ReportInputError(
-            f"not in the MLflow store {tracking_uri} (experiment {experiment!r}): {lines}. "
-            "Point the report at the store the jobs logged to, or re-run those evaluate jobs")
+    listed, found = _listed_runs(
+        tracking_uri, metrics_files, experiment,
+        ". Point the report at the store the jobs logged to, or re-run those evaluate jobs")
     metric_columns = [c for c in found.columns if c.startswith("metrics.")]
     tag_columns = [c for c in found.columns if c.startswith("tags.")]
     # An ablation variant's evaluate spec names its base (params variant.of, .changes, ...).
@@ -243,13 +247,8 @@ def collect_pretrain_runs(tracking_uri: str, metrics_files: Iterable[str | os.Pa
                           experiment: str = "pretrain") -> pd.DataFrame:
     """The listed pretraining runs (run_id, metrics_file, label, tags.*); a missing run is an
     error naming its file."""
-    listed = _load_listed(metrics_files)
-    found = search_runs_by_id(tracking_uri, listed, experiment)
-    missing = sorted(set(listed) - set(found["run_id"]))
-    if missing:
-        lines = "; ".join(f"run {run_id} listed in {listed[run_id][0]}" for run_id in missing)
-        raise ReportInputError(f"not in the MLflow store {tracking_uri} (experiment "
-                               f"{experiment!r}): {lines}; re-run those pretraining jobs")
+    listed, found = _listed_runs(tracking_uri, metrics_files, experiment,
+                                 "; re-run those pretraining jobs")
     wildcard_columns = sorted(c for c in found.columns if c.startswith("tags.snakemake.wildcard."))
 
     def label(row: pd.Series) -> str:

@@ -1,4 +1,5 @@
-"""Report figures: Dice per init, label efficiency, pretraining loss curves (more in plots.py).
+"""Report figures: Dice per init, label efficiency, pretraining loss curves, and what every figure
+shares (more figures in experiment_figures.py).
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot global state), so
 a report built inside a long-lived process never opens a window or leaks figures. Every figure is
@@ -11,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -39,22 +41,63 @@ def data_only() -> Iterator[None]:
         _RENDER.reset(token)
 
 
-def save_png(fig: Figure, path: str | Path, data: pd.DataFrame | None = None) -> Path:
+def save_figure(fig: Figure, path: str | Path, data: pd.DataFrame | None = None) -> Path:
     """Write ``path`` (PNG), the same figure as PDF and, given ``data``, its numbers as CSV."""
     path = Path(path)
-    if not _RENDER.get():
-        if data is not None:
-            write_text(path.with_suffix(".csv"), data.to_csv(index=False))
-        return path
-    FigureCanvasAgg(fig)
-    path = Path(path)
-    for fmt in ("png", "pdf"):
-        with atomic_path(path.with_suffix(f".{fmt}"), suffix=f".{fmt}") as tmp:
-            # The temporary name ends in .tmp, so the format must be given explicitly.
-            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+    if _RENDER.get():
+        FigureCanvasAgg(fig)
+        for fmt in ("png", "pdf"):
+            with atomic_path(path.with_suffix(f".{fmt}"), suffix=f".{fmt}") as tmp:
+                # The temporary name ends in .tmp, so the format must be given explicitly.
+                fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
     if data is not None:
         write_text(path.with_suffix(".csv"), data.to_csv(index=False))
     return path
+
+
+def placeholder(path: str | Path, message: str, columns: list[str]) -> Path:
+    """The workflow lists every figure name up front, so a figure without data is still written:
+    it says in words what is missing and its CSV has the header only."""
+    fig = Figure(figsize=(6, 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=10, wrap=True)
+    ax.axis("off")
+    return save_figure(fig, path, pd.DataFrame(columns=columns))
+
+
+def panel_grid(count: int, width: float = 4.4, height: float = 3.4) -> tuple[Figure, list[Axes]]:
+    """A figure of ``count`` panels, at most three a row."""
+    cols = max(1, min(3, count))
+    rows = max(1, -(-count // cols))
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    return fig, [fig.add_subplot(rows, cols, k + 1) for k in range(count)]
+
+
+def panels(data: pd.DataFrame, keys: list[str], **size: float
+           ) -> tuple[Figure, list[tuple[tuple, Axes, pd.DataFrame]]]:
+    """One panel per group of ``data`` by ``keys``, in first-seen order: (key, axes, rows)."""
+    groups = list(data.groupby(keys, sort=False, dropna=False))
+    fig, axes = panel_grid(len(groups), **size)
+    return fig, [(key, ax, part) for (key, part), ax in zip(groups, axes)]
+
+
+def style_panel(ax: Axes, heading: str, grid: str = "both", **legend: str) -> None:
+    """The look every panel shares: a small heading, a light grid (on ``grid``), a small legend
+    (``legend``: its options)."""
+    ax.set_title(heading, fontsize=9)
+    ax.grid(axis=grid, alpha=0.3)
+    ax.legend(fontsize=7, **legend)
+
+
+def grouped_bars(ax: Axes, means: pd.DataFrame, stds: pd.DataFrame, capsize: float) -> np.ndarray:
+    """One group of bars per row of ``means``, one bar per column (init) with ``stds`` as error
+    bars; a single seed has no spread: no error bar rather than a misleading zero-width one."""
+    x, width = np.arange(len(means)), 0.8 / len(means.columns)
+    for i, init in enumerate(means.columns):
+        yerr = None if stds[init].isna().all() else stds[init].fillna(0)
+        ax.bar(x + (i - (len(means.columns) - 1) / 2) * width, means[init], width, yerr=yerr,
+               capsize=capsize, label=init)
+    return x
 
 
 def _seed_stats(runs: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
@@ -74,59 +117,47 @@ def plot_dice_by_init(runs: pd.DataFrame, path: str | Path,
     # With several label fractions the bars show the full-label setting (the largest fraction).
     full = runs.loc[runs["fraction"] == runs["fraction"].max()]
     stats = _seed_stats(full, ["dataset", "backbone", "init"], metric)
-    groups = list(dict.fromkeys(zip(stats["dataset"], stats["backbone"])))
     inits = order_inits(stats["init"])
-    width = 0.8 / len(inits)
-    width_in = max(5.0, 0.7 * len(groups) * len(inits) + 2)
-    fig = Figure(figsize=(width_in, 4.0), layout="constrained")
+    means, stds = (stats.pivot(index=["dataset", "backbone"], columns="init", values=v)
+                   .reindex(columns=inits) for v in ("mean", "std"))
+    fig = Figure(figsize=(max(5.0, 0.7 * len(means) * len(inits) + 2), 4.0),
+                 layout="constrained")
     ax = fig.add_subplot()
-    x = np.arange(len(groups))
-    for i, init in enumerate(inits):
-        part = stats.loc[stats["init"] == init].set_index(["dataset", "backbone"])
-        means = [part["mean"].get(g, np.nan) for g in groups]
-        stds = [part["std"].get(g, np.nan) for g in groups]
-        # A single seed has no spread: draw no error bar rather than a misleading zero-width one.
-        yerr = None if all(np.isnan(stds)) else np.nan_to_num(stds)
-        ax.bar(x + (i - (len(inits) - 1) / 2) * width, means, width, yerr=yerr,
-               capsize=3 if yerr is not None else 0, label=init)
+    x = grouped_bars(ax, means, stds, capsize=3)
     multi_backbone = stats["backbone"].nunique() > 1
-    ax.set_xticks(x, [f"{d}\n{b}" if multi_backbone else d for d, b in groups])
-    ax.set_ylabel("test Dice (%)")
-    ax.set_ylim(0, 100)
+    ax.set_xticks(x, [f"{d}\n{b}" if multi_backbone else d for d, b in means.index])
+    ax.set(ylabel="test Dice (%)", ylim=(0, 100))
     ax.set_title(f"Test Dice per initialisation (labels {fraction_text(full['fraction'].max())}, "
                  "error bars: std over seeds)", fontsize=9)
     ax.legend(title="init", fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    return save_png(fig, path, stats.assign(fraction=full["fraction"].max(), unit="Dice %"))
+    return save_figure(fig, path, stats.assign(fraction=full["fraction"].max(), unit="Dice %"))
 
 
 def plot_label_efficiency(runs: pd.DataFrame, path: str | Path,
-                          metric: str = "test_dice_mean") -> Path | None:
-    """Dice vs label fraction per init, one panel per dataset × backbone; None with one fraction."""
-    if runs["fraction"].nunique() < 2:
-        return None
-    stats = _seed_stats(runs, ["dataset", "backbone", "init", "fraction"], metric)
-    panels = list(dict.fromkeys(zip(stats["dataset"], stats["backbone"])))
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
-    for k, (dataset, backbone) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        panel = stats.loc[(stats["dataset"] == dataset) & (stats["backbone"] == backbone)]
+                          metric: str = "test_dice_mean") -> Path:
+    """Dice vs label fraction per init, one panel per dataset × backbone, for the inits run at
+    two or more label fractions (experiment_tables.label_efficiency_runs)."""
+    from hybridmim.report.experiment_tables import label_efficiency_runs
+
+    curves = label_efficiency_runs(runs)
+    if curves.empty:
+        return placeholder(path, "No dataset was fine-tuned at two or more label fractions.",
+                           ["dataset", "backbone", "init", "fraction", "metric", "mean", "std",
+                            "n", "run_ids"])
+    stats = _seed_stats(curves, ["dataset", "backbone", "init", "fraction"], metric)
+    fig, axes = panels(stats, ["dataset", "backbone"], width=4.2)
+    for (dataset, backbone), ax, panel in axes:
         for init in order_inits(panel["init"]):
             line = panel.loc[panel["init"] == init].sort_values("fraction")
             ax.errorbar(line["fraction"] * 100, line["mean"], yerr=line["std"].fillna(0),
                         marker="o", capsize=3, label=init)
-        ax.set_xscale("log")
+        ax.set(xscale="log", xlabel="training labels (%)", ylabel="test Dice (%)")
         ticks = sorted(panel["fraction"].unique() * 100)
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.set_xlabel("training labels (%)")
-        ax.set_ylabel("test Dice (%)")
-        ax.set_title(f"{dataset} / {backbone}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        style_panel(ax, f"{dataset} / {backbone}")
     fig.suptitle("Label efficiency (error bars: std over seeds)", fontsize=10)
-    return save_png(fig, path, stats.assign(unit="Dice %"))
+    return save_figure(fig, path, stats.assign(unit="Dice %"))
 
 
 def metric_histories(tracking_uri: str, run_id: str,
@@ -147,53 +178,30 @@ def metric_histories(tracking_uri: str, run_id: str,
     return histories
 
 
-def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame,
-                         path: str | Path) -> Path | None:
+def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
+                         path: str | Path) -> Path:
     """One panel per loss term, one line per pretraining run (``label`` column of the frame)."""
     curves: dict[str, dict[str, pd.DataFrame]] = {}
     points = []
-    for _, run in pretrain_runs.iterrows():
+    for _, run in (pd.DataFrame() if pretrain_runs is None else pretrain_runs).iterrows():
         for key, frame in metric_histories(tracking_uri, run["run_id"]).items():
             curves.setdefault(key, {})[run["label"]] = frame
             points.append(frame.assign(run=run["label"], metric=key, run_ids=run["run_id"]))
     terms = [t for t in LOSS_TERMS if t in curves]
     if not terms:
-        return None
-    cols = min(3, len(terms))
-    rows = -(-len(terms) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
-    for k, term in enumerate(terms):
-        ax = fig.add_subplot(rows, cols, k + 1)
+        return placeholder(path, "No pretraining loss was logged.",
+                           ["run", "metric", "step", "value", "run_ids"])
+    fig, axes = panel_grid(len(terms), width=4.2, height=3.2)
+    for k, (term, ax) in enumerate(zip(terms, axes)):
         for label, frame in curves[term].items():
             ax.plot(frame["step"], frame["value"], label=label, linewidth=1)
         if all((f["value"] > 0).all() for f in curves[term].values()):
             ax.set_yscale("log")
         ax.set_title(term, fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (unitless)")
+        ax.set(xlabel="step", ylabel="loss (unitless)")
         ax.grid(alpha=0.3)
         if k == 0:
             ax.legend(fontsize=7)
     fig.suptitle("Pretraining losses (MLflow metric history)", fontsize=10)
-    return save_png(fig, path, pd.concat(points, ignore_index=True)[
+    return save_figure(fig, path, pd.concat(points, ignore_index=True)[
         ["run", "metric", "step", "value", "run_ids"]])
-
-
-def write_figures(tracking_uri: str, runs: pd.DataFrame, pretrain_runs: pd.DataFrame | None,
-                  figures_dir: Path) -> dict[str, Any]:
-    from hybridmim.report.experiments import label_efficiency_runs
-    from hybridmim.report.plots import placeholder
-
-    written: dict[str, Any] = {"test_dice": plot_dice_by_init(runs, figures_dir / "test_dice.png")}
-    path = figures_dir / "label_efficiency.png"
-    curves = label_efficiency_runs(runs)
-    efficiency = plot_label_efficiency(curves, path) if len(curves) else None
-    written["label_efficiency"] = efficiency or placeholder(
-        path, "No dataset was fine-tuned at two or more label fractions.",
-        ["dataset", "backbone", "init", "fraction", "metric", "mean", "std", "n", "run_ids"])
-    path = figures_dir / "pretrain_losses.png"
-    losses = (plot_pretrain_losses(tracking_uri, pretrain_runs, path)
-              if pretrain_runs is not None and not pretrain_runs.empty else None)
-    written["pretrain_losses"] = losses or placeholder(
-        path, "No pretraining loss was logged.", ["run", "metric", "step", "value", "run_ids"])
-    return written

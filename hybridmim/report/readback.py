@@ -50,13 +50,12 @@ def shown_rounding(token: str) -> float:
 def read_cells(path: Path, text: str | None = None) -> list[Cell]:
     """Parse a report file (by its suffix) into cells; ``text`` overrides reading ``path``."""
     text = path.read_text(encoding="utf-8") if text is None else text
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _csv_cells(text)
-    if suffix == ".md":
-        return _markdown_cells(text)
-    if suffix == ".tex":
-        return _latex_cells(text)
+    parse = {".csv": _csv_cells, ".md": _markdown_cells, ".tex": _latex_cells}.get(
+        path.suffix.lower(), _line_cells)
+    return parse(text)
+
+
+def _line_cells(text: str) -> list[Cell]:
     return [Cell(i, f"line {i}", "text", line) for i, line in enumerate(text.splitlines(), 1)]
 
 

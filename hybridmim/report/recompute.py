@@ -5,10 +5,10 @@ the raw image's grid, raw label values) and names, per case in metrics.json, the
 sha256 and the raw ground-truth file it was scored against. The audit then:
 
 - checks every prediction file still has its recorded sha256 (cheap, every case);
-- re-computes Dice and HD95 with the evaluation's own metric code (``case_metrics``: MONAI's
-  ``DiceMetric`` and ``compute_hausdorff_distance`` with the label file's voxel spacing) for a
-  seeded sample of cases per run, or every case with ``--recompute``, and compares them with the
-  logged per-case values;
+- re-computes Dice and HD95 with the evaluation's own code (its label reader and masks, and
+  ``case_metrics``: MONAI's ``DiceMetric`` and ``compute_hausdorff_distance`` with the label
+  file's voxel spacing) for a seeded sample of cases per run, or every case with
+  ``--recompute``, and compares them with the logged per-case values;
 - checks that the logged per-case values average to the run's logged class and mean metrics.
 
 Tolerance: Dice ±1e-6 (it is a ratio of voxel counts); HD95 ±1e-3 mm or 1e-4 relative (distance
@@ -30,21 +30,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hybridmim.report.audit_checks import check
+
 DEFAULT_SAMPLE = 3
 DICE_TOLERANCE = 1e-6
 HD95_TOLERANCE_MM, HD95_REL_TOLERANCE = 1e-3, 1e-4
-
-Check = Callable[..., dict[str, str]]
-
-
-def class_masks(label_map: np.ndarray, labels: dict[str, str],
-                regions: dict[str, list[int]] | None) -> np.ndarray:
-    """Raw label values → (K, X, Y, Z) bool, one channel per evaluated structure, in the order of
-    ``hybridmim.evaluate.metrics.class_names``."""
-    if regions:
-        return np.stack([np.isin(label_map, list(values)) for values in regions.values()])
-    keys = [k for k in sorted(labels, key=int) if int(k) != 0]
-    return np.stack([label_map == int(k) for k in keys])
 
 
 def classes_of_run(params: dict[str, str]) -> tuple[dict[str, str], dict[str, list[int]] | None]:
@@ -58,33 +48,27 @@ def classes_of_run(params: dict[str, str]) -> tuple[dict[str, str], dict[str, li
     return labels, regions or None
 
 
-def load_label_map(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """(integer array, affine, voxel spacing in mm: the affine's column norms) of a NIfTI label
-    map; trailing singleton axes (X, Y, Z, 1) are dropped."""
-    import nibabel as nib
-
-    image = nib.load(str(path))
-    data = np.asarray(image.dataobj)
-    if data.ndim < 3 or any(n != 1 for n in data.shape[3:]):
-        raise ValueError(f"{path} has shape {data.shape}; a 3-D label map was expected")
-    spacing = tuple(float(s) for s in np.linalg.norm(image.affine[:3, :3], axis=0))
-    return np.rint(data.reshape(data.shape[:3])).astype(np.int64), image.affine, spacing
-
-
 def recompute_case(prediction: Path, label: Path, labels: dict[str, str],
                    regions: dict[str, list[int]] | None) -> dict[str, dict[str, Any]]:
-    import torch
+    """Dice and HD95 of one case, its files read and scored by the evaluation's own code."""
+    import nibabel as nib
 
     from hybridmim.evaluate.metrics import case_metrics, class_names
+    from hybridmim.evaluate.run import read_label_file
+    from hybridmim.predict.pipeline import masks_from_label_values
 
-    pred, pred_affine, _ = load_label_map(prediction)
-    truth, truth_affine, spacing = load_label_map(label)
-    if pred.shape != truth.shape or not np.allclose(pred_affine, truth_affine, atol=1e-4):
-        raise ValueError(f"prediction {prediction} (shape {pred.shape}) is not on the grid of "
-                         f"its label {label} (shape {truth.shape}) — shapes or affines differ")
-    names = class_names(labels, regions)
-    return case_metrics(torch.from_numpy(class_masks(pred, labels, regions)),
-                        torch.from_numpy(class_masks(truth, labels, regions)), spacing, names)
+    pred_image, truth_image = nib.load(str(prediction)), nib.load(str(label))
+    for path, image in ((prediction, pred_image), (label, truth_image)):
+        if len(image.shape) < 3 or any(n != 1 for n in image.shape[3:]):
+            raise ValueError(f"{path} has shape {image.shape}; a 3-D label map was expected")
+    shape, truth_shape = pred_image.shape[:3], truth_image.shape[:3]
+    if shape != truth_shape or not np.allclose(pred_image.affine, truth_image.affine, atol=1e-4):
+        raise ValueError(f"prediction {prediction} (shape {shape}) is not on the grid of "
+                         f"its label {label} (shape {truth_shape}) — shapes or affines differ")
+    (pred, _), (truth, spacing) = read_label_file(prediction), read_label_file(label)
+    return case_metrics(masks_from_label_values(pred, labels, regions),
+                        masks_from_label_values(truth, labels, regions), spacing,
+                        class_names(labels, regions))
 
 
 def _number(value: Any) -> float:
@@ -106,7 +90,7 @@ def sample_cases(cases: list[str], run_id: str, sample: int | None, seed: int) -
     return sorted(random.Random(f"{seed}:{run_id}").sample(sorted(cases), sample))
 
 
-def check_predictions(check: Check, who: str, run: Any, metrics_path: Path, payload: dict,
+def check_predictions(who: str, run: Any, metrics_path: Path, payload: dict,
                       on_disk: Callable[[str], Path], sha256: Callable[[Path], str],
                       sample: int | None, seed: int) -> list[dict[str, str]]:
     """Checks of one evaluate run's saved predictions and per-case values."""
@@ -120,7 +104,7 @@ def check_predictions(check: Check, who: str, run: Any, metrics_path: Path, payl
                       f"{metrics_path} names no saved prediction for {len(per_case) - len(saved)}"
                       f" of {len(per_case)} cases: the per-case numbers cannot be re-computed — "
                       "re-run the evaluate job with this version")]
-    checks = [_check_means(check, who, source, run, per_case, metric_key)]
+    checks = [_check_means(who, source, run, per_case, metric_key)]
     changed = set()
     for entry in per_case:
         path, case = on_disk(entry["prediction"]), str(entry.get("case"))
@@ -153,12 +137,11 @@ def check_predictions(check: Check, who: str, run: Any, metrics_path: Path, payl
         case = str(entry.get("case"))
         if case not in chosen or case in changed:
             continue
-        checks.append(_recompute_one(check, f"{who} case {case}", entry, on_disk, labels,
-                                     regions))
+        checks.append(_recompute_one(f"{who} case {case}", entry, on_disk, labels, regions))
     return checks
 
 
-def _check_means(check: Check, who: str, source: str, run: Any, per_case: list[dict],
+def _check_means(who: str, source: str, run: Any, per_case: list[dict],
                  metric_key: Callable[[str], str]) -> dict[str, str]:
     """The logged per-case values must average (class: over defined cases; mean: over classes)
     to the run's logged metrics, so that the per-case numbers are the ones behind the tables."""
@@ -184,7 +167,7 @@ def _check_means(check: Check, who: str, source: str, run: Any, per_case: list[d
                  f"{len(per_case)} cases average to the run's logged class and mean metrics")
 
 
-def _recompute_one(check: Check, label: str, entry: dict, on_disk: Callable[[str], Path],
+def _recompute_one(label: str, entry: dict, on_disk: Callable[[str], Path],
                    labels: dict[str, str], regions: dict[str, list[int]] | None
                    ) -> dict[str, str]:
     prediction, truth = on_disk(entry["prediction"]), on_disk(str(entry.get("label", "")))

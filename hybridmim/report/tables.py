@@ -76,7 +76,8 @@ def summarise(runs: pd.DataFrame, metrics: Sequence[str], by: Sequence[str]) -> 
                          "run_ids": RUN_ID_SEPARATOR.join(with_value.sort_values("seed")["run_id"]),
                          "cell": " / ".join(_ident_text(k, v) for k, v in ident.items())
                                  + f" / {metric}"})
-    return pd.DataFrame.from_records(rows)
+    return pd.DataFrame.from_records(rows, columns=[*by, "metric", "unit", "scale", "mean", "std",
+                                                    "n", "seeds", "run_ids", "cell"])
 
 
 def fraction_text(fraction: float) -> str:
@@ -87,49 +88,63 @@ def _ident_text(key: str, value: Any) -> str:
     return f"frac {value:g}" if key == "fraction" else str(value)
 
 
-def format_cell(mean: float, std: float, n: int, latex: bool = False) -> str:
+def format_cell(mean: float, std: float, n: int) -> str:
     if n == 0 or mean is None or math.isnan(mean):
         return "n/a"
-    pm = r" $\pm$ " if latex else " ± "
     text = f"{mean:.2f}"
     if not math.isnan(std):
-        text += f"{pm}{std:.2f}"
+        text += f" ± {std:.2f}"
     return f"{text} (n={n})"
+
+
+def format_cells(long: pd.DataFrame, prefix: str = "") -> list[str]:
+    """'mean ± std (n=…)' of every row, from its columns ``<prefix>mean``, ``std`` and ``n``."""
+    return [format_cell(m, s, n) for m, s, n in
+            zip(long[f"{prefix}mean"], long[f"{prefix}std"], long[f"{prefix}n"])]
 
 
 def escape_latex(text: str) -> str:
     return re.sub(r"([_%&#$\{\}])", r"\\\1", str(text))
 
 
-def wide_view(long: pd.DataFrame, index: list[str], columns: str, latex: bool = False,
+def note_view(message: str) -> pd.DataFrame:
+    """The rendered view of a table without rows: one line that says why."""
+    return pd.DataFrame({"note": [message]}).set_index("note")
+
+
+def wide_view(long: pd.DataFrame, index: list[str], columns: str,
               column_order: list[str] | None = None) -> pd.DataFrame:
     """Pivot long rows into a rendered table: one formatted 'mean ± std (n)' string per cell."""
-    cells = long.assign(text=[format_cell(m, s, n, latex) for m, s, n in
-                              zip(long["mean"], long["std"], long["n"])])
-    wide = cells.pivot_table(index=index, columns=columns, values="text", aggfunc="first",
-                             sort=True).fillna("n/a")
+    wide = long.assign(text=format_cells(long)).pivot_table(
+        index=index, columns=columns, values="text", aggfunc="first", sort=True).fillna("n/a")
     wide = wide.reindex(columns=column_order or sorted(wide.columns), fill_value="n/a")
     if "fraction" in index:  # sorted as numbers above, shown as percentages
         wide = wide.rename(index=fraction_text, level="fraction")
     wide.columns.name = None
-    if latex:
-        wide = wide.rename(columns=escape_latex, index=escape_latex)
     return wide
 
 
-def write_table(long: pd.DataFrame, views: dict[str, pd.DataFrame],
-                latex_views: dict[str, pd.DataFrame], base: Path, title: str,
-                note: str) -> dict[str, Path]:
-    """Atomically write ``base``.csv (long, audited), .md and .tex (one section per view)."""
+def latex_view(view: pd.DataFrame) -> pd.DataFrame:
+    """The LaTeX twin of a rendered view: every cell, index label and column name escaped (a raw
+    "%" in a heading would comment out the rest of its row), ± typeset."""
+    latex = view.map(lambda text: escape_latex(text).replace(" ± ", r" $\pm$ "))
+    return latex.rename(index=escape_latex, columns=escape_latex)
+
+
+def write_table(long: pd.DataFrame, views: dict[str, pd.DataFrame], base: Path, title: str,
+                note: str, caption_prefix: str = "") -> dict[str, Path]:
+    """Atomically write ``base``.csv (long, audited), .md and .tex (one section per view;
+    ``caption_prefix`` goes before each LaTeX caption)."""
     csv_path, md_path, tex_path = (base.with_suffix(s) for s in (".csv", ".md", ".tex"))
     write_text(csv_path, long.to_csv(index=False))
     md = [f"# {title}", "", note, "", f"Run ids per cell: `{csv_path.name}`.", ""]
+    tex = [f"% {title}. {note}", f"% Run ids per cell: {csv_path.name}"]
     for heading, view in views.items():
         md += [f"## {heading}", "", view.reset_index().to_markdown(index=False), ""]
+        caption = caption_prefix + heading
+        tex += [f"% {caption}", latex_view(view).to_latex(
+            escape=False, caption=escape_latex(caption))]
     write_text(md_path, "\n".join(md))
-    tex = [f"% {title}. {note}", f"% Run ids per cell: {csv_path.name}"]
-    for heading, view in latex_views.items():
-        tex += [f"% {heading}", view.to_latex(escape=False, caption=escape_latex(heading))]
     write_text(tex_path, "\n".join(tex))
     return {"csv": csv_path, "md": md_path, "tex": tex_path}
 
@@ -140,20 +155,14 @@ def comparison_table(runs: pd.DataFrame, tables_dir: Path) -> tuple[pd.DataFrame
     long = summarise(runs, SUMMARY_METRICS, by)
     index = ["dataset", "backbone", "fraction"] if multi_fraction else ["dataset", "backbone"]
     inits = order_inits(runs["init"])
-    views, latex_views = {}, {}
-    for metric, heading in (("test_dice_mean", "Mean Dice (%)"),
-                            ("test_hd95_mean", "Mean HD95 (mm)")):
-        part = long.loc[long["metric"] == metric]
-        if part.empty:
-            continue
-        views[heading] = wide_view(part, index, "init", column_order=inits)
-        latex_views[heading] = wide_view(part, index, "init", latex=True,
-                                         column_order=[escape_latex(i) for i in inits])
+    views = {heading: wide_view(long.loc[long["metric"] == metric], index, "init", inits)
+             for metric, heading in (("test_dice_mean", "Mean Dice (%)"),
+                                     ("test_hd95_mean", "Mean HD95 (mm)"))
+             if (long["metric"] == metric).any()}
     note = ("Test split; mean ± sample standard deviation over seeds (n = seeds); columns are the "
             "encoder initialisations.")
-    paths = write_table(long, views, latex_views, tables_dir / "comparison",
-                        "Segmentation results per initialisation", note)
-    return long, paths
+    return long, write_table(long, views, tables_dir / "comparison",
+                             "Segmentation results per initialisation", note)
 
 
 def per_class_tables(runs: pd.DataFrame, tables_dir: Path) -> dict[str, dict[str, Path]]:
@@ -166,18 +175,19 @@ def per_class_tables(runs: pd.DataFrame, tables_dir: Path) -> dict[str, dict[str
         names = {f"test_dice_{key}": name for key, name in classes.items()}
         long = long.assign(**{"class": long["metric"].map(lambda m: names.get(m, "mean"))})
         index = ["backbone", "init"] + (["fraction"] if multi_fraction else [])
-        order = list(classes.values()) + ["mean"]
-        view = wide_view(long, index, "class", column_order=order)
-        latex = wide_view(long, index, "class", latex=True,
-                          column_order=[escape_latex(c) for c in order])
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(dataset))
+        view = wide_view(long, index, "class", list(classes.values()) + ["mean"])
         note = (f"{dataset}, test split: Dice (%) per class, mean ± sample standard deviation over "
                 "seeds (n = seeds); 'mean' is the runs' mean over classes.")
-        written[str(dataset)] = write_table(long, {"Dice per class (%)": view},
-                                            {f"{dataset}: Dice per class (%)": latex},
-                                            tables_dir / f"per_class_{name}",
-                                            f"Per-class Dice — {dataset}", note)
+        written[str(dataset)] = write_table(
+            long, {"Dice per class (%)": view}, tables_dir / f"per_class_{safe_name(dataset)}",
+            f"Per-class Dice — {dataset}", note,
+            caption_prefix=f"{dataset}: ")
     return written
+
+
+def safe_name(text: str) -> str:
+    """``text`` as part of a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(text))
 
 
 def _classes_in_order(runs: pd.DataFrame) -> dict[str, str]:
@@ -237,7 +247,8 @@ def paper_table(comparison_long: pd.DataFrame, paper_results: dict[str, list[dic
                              & (ours["backbone"] == entry["backbone"])
                              & (ours["init"] == entry["init"])
                              & np.isclose(ours["fraction"].astype(float), float(entry["fraction"]))]
-            hit = match.iloc[0] if len(match) else None
+            hit = match.iloc[0] if len(match) else {"mean": math.nan, "std": math.nan, "n": 0,
+                                                     "run_ids": ""}
             what = (f"{entry['table']}" if kind == "HybridMIM paper" and entry.get("table")
                     else entry.get("setting", ""))
             rows.append({
@@ -251,10 +262,8 @@ def paper_table(comparison_long: pd.DataFrame, paper_results: dict[str, list[dic
                 "reported_table": entry.get("table") or "", "split": entry.get("split", ""),
                 "setting": what,
                 "metric": "test_dice_mean", "scale": 100.0,
-                "mean": math.nan if hit is None else hit["mean"],
-                "std": math.nan if hit is None else hit["std"],
-                "n": 0 if hit is None else int(hit["n"]),
-                "run_ids": "" if hit is None else hit["run_ids"],
+                "mean": hit["mean"], "std": hit["std"], "n": int(hit["n"]),
+                "run_ids": hit["run_ids"],
                 "cell": f"{kind}: {entry['dataset']} / {entry['backbone']} / {entry['init']} / "
                         f"frac {float(entry['fraction']):g}"})
     long = pd.DataFrame.from_records(rows, columns=[
@@ -262,28 +271,19 @@ def paper_table(comparison_long: pd.DataFrame, paper_results: dict[str, list[dic
         "reported_table", "split", "setting", "metric", "scale", "mean", "std", "n", "run_ids",
         "cell"])
 
-    def view(latex: bool) -> pd.DataFrame:
-        fmt = escape_latex if latex else str
-        return pd.DataFrame({
-            "kind": long["kind"].map(fmt), "dataset": long["dataset"].map(fmt),
-            "backbone": long["backbone"].map(fmt), "reported for": long["label"].map(fmt),
-            "labels": long["fraction"].map(lambda f: fmt(fraction_text(f))),
-            "reported Dice (%)": long["reported"].map(
-                lambda v: "n/a" if math.isnan(v) else f"{v:.2f}"),
-            "source / table": [fmt(" ".join(filter(None, (s, t))) or "n/a") for s, t in
-                               zip(long["reported_source"], long["reported_table"])],
-            "split, setting": [fmt(", ".join(filter(None, (s, t)))) for s, t in
-                               zip(long["split"], long["setting"])],
-            "ours: init": long["init"].map(fmt),
-            "ours (test)": [format_cell(m, s, n, latex) for m, s, n in
-                            zip(long["mean"], long["std"], long["n"])],
-        }).set_index("kind")
-
+    view = pd.DataFrame({
+        "kind": long["kind"], "dataset": long["dataset"], "backbone": long["backbone"],
+        "reported for": long["label"], "labels": long["fraction"].map(fraction_text),
+        "reported Dice (%)": long["reported"].map(lambda v: "n/a" if math.isnan(v) else f"{v:.2f}"),
+        "source / table": [" ".join(filter(None, (s, t))) or "n/a" for s, t in
+                           zip(long["reported_source"], long["reported_table"])],
+        "split, setting": [", ".join(filter(None, (s, t))) for s, t in
+                           zip(long["split"], long["setting"])],
+        "ours: init": long["init"], "ours (test)": format_cells(long),
+    }).set_index("kind")
     note = ("The HybridMIM paper's cells stay n/a until entered from the paper (with its table) in "
             "config/paper_results.yaml. Public reference rows are sanity anchors from other "
             "sources, settings and splits (often validation, not test) — not the paper's numbers. "
             "'ours' is our mean Dice ± std over seeds on our test split.")
-    paths = write_table(long, {"Reported vs ours": view(False)},
-                        {"Reported vs ours": view(True)}, tables_dir / "paper_vs_ours",
-                        "HybridMIM paper and public references vs this reproduction", note)
-    return long, paths
+    return long, write_table(long, {"Reported vs ours": view}, tables_dir / "paper_vs_ours",
+                             "HybridMIM paper and public references vs this reproduction", note)

@@ -1,9 +1,8 @@
 """The report's experiment figures: ablations, time-to-quality, fine-tuning curves, per-class Dice
 bars and one qualitative gallery per dataset.
 
-Same rules as figures.py (Agg figures, PNG + PDF + the plotted numbers as CSV, atomic writes).
-The workflow lists every figure name up front, so a figure without data is still written: it
-says in words what is missing and its CSV has the header only.
+Same rules as figures.py (Agg figures, PNG + PDF + the plotted numbers as CSV, atomic writes; a
+figure without data is a placeholder that says what is missing).
 """
 from __future__ import annotations
 
@@ -14,22 +13,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from hybridmim.report.figures import _seed_stats, metric_histories, save_png
+from hybridmim.report.figures import (_seed_stats, grouped_bars, metric_histories, panels,
+                                      placeholder, save_figure, style_panel)
 from hybridmim.report.tables import RUN_ID_SEPARATOR, fraction_text, order_inits
-
-
-def placeholder(path: str | Path, message: str, columns: list[str]) -> Path:
-    fig = Figure(figsize=(6, 1.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=10, wrap=True)
-    ax.axis("off")
-    return save_png(fig, path, pd.DataFrame(columns=columns))
-
-
-def _grid(count: int, width: float = 4.4, height: float = 3.4) -> tuple[Figure, int, int]:
-    cols = max(1, min(3, count))
-    rows = max(1, -(-count // cols))
-    return Figure(figsize=(width * cols, height * rows), layout="constrained"), rows, cols
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,12 +26,9 @@ def plot_ablations(ablation_long: pd.DataFrame, path: str | Path) -> Path:
     if ablation_long.empty:
         return placeholder(path, "No ablation variants in this grid (pretraining.variants).",
                            columns)
-    panels = list(dict.fromkeys(zip(ablation_long["dataset"], ablation_long["backbone"])))
-    fig, rows, cols = _grid(len(panels), height=0.5 * ablation_long["init"].nunique() + 2)
-    for k, (dataset, backbone) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        part = ablation_long.loc[(ablation_long["dataset"] == dataset)
-                                 & (ablation_long["backbone"] == backbone)]
+    fig, axes = panels(ablation_long, ["dataset", "backbone"],
+                       height=0.5 * ablation_long["init"].nunique() + 2)
+    for (dataset, backbone), ax, part in axes:
         labels = [f"{i} ({fraction_text(f)})" for i, f in zip(part["init"], part["fraction"])]
         y = np.arange(len(part))
         lower = (part["diff"] - part["ci_low"]).clip(lower=0).fillna(0)
@@ -55,15 +38,13 @@ def plot_ablations(ablation_long: pd.DataFrame, path: str | Path) -> Path:
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(y, labels, fontsize=8)
         ax.set_xlabel(f"Δ test Dice vs {part['base'].iloc[0]} (percentage points)")
-        ax.set_title(f"{dataset} / {backbone}", fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        style_panel(ax, f"{dataset} / {backbone}", grid="x", loc="lower right")
     fig.suptitle("Ablations: each variant vs full HybridMIM", fontsize=10)
     data = ablation_long.assign(unit="Dice percentage points",
                                 run_ids=[RUN_ID_SEPARATOR.join(filter(None, (a, b)))
                                          for a, b in zip(ablation_long["run_ids"],
                                                          ablation_long["base_run_ids"])])
-    return save_png(fig, path, data[columns])
+    return save_figure(fig, path, data[columns])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,22 +76,17 @@ def plot_time_to_quality(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
         return placeholder(path, "The pretraining runs logged no training clock "
                                  "(cost/train_s).", columns)
     data = pd.concat(points, ignore_index=True)
-    panels = list(dict.fromkeys(zip(data["backbone"], data["corpus"])))
-    fig, rows, cols = _grid(len(panels))
-    for k, (backbone, corpus) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        part = data.loc[(data["backbone"] == backbone) & (data["corpus"] == corpus)]
+    fig, axes = panels(data, ["backbone", "corpus"])
+    for (backbone, corpus), ax, part in axes:
         for method, line in part.groupby("method", sort=True):
             style = "-" if method in ("hybridmim", "simmim") else ":"
             ax.plot(line["train_s"], line["value"], style, marker=".", label=method)
         metric = "validation" if (part["metric"] == "val/pr").all() else "training"
-        ax.set_xlabel("training wall-clock time (s)")
-        ax.set_ylabel(f"{metric} reconstruction loss L_PR (MSE, unitless)")
-        ax.set_title(f"{backbone} / {corpus}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.set(xlabel="training wall-clock time (s)",
+               ylabel=f"{metric} reconstruction loss L_PR (MSE, unitless)")
+        style_panel(ax, f"{backbone} / {corpus}")
     fig.suptitle("Time to quality: reconstruction loss against training time", fontsize=10)
-    return save_png(fig, path, data[columns])
+    return save_figure(fig, path, data[columns])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,24 +118,17 @@ def plot_finetune_curves(tracking_uri: str, runs: pd.DataFrame, path: str | Path
             .reset_index())
     data["mean"] *= 100
     data["unit"] = "Dice %"
-    panels = list(dict.fromkeys(zip(data["dataset"], data["backbone"])))
-    fig, rows, cols = _grid(len(panels))
-    for k, (dataset, backbone) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        part = data.loc[(data["dataset"] == dataset) & (data["backbone"] == backbone)]
+    fig, axes = panels(data, ["dataset", "backbone"])
+    for (dataset, backbone), ax, part in axes:
         for init in order_inits(part["init"]):
             line = part.loc[part["init"] == init]
             ax.plot(line["step"], line["mean"], marker=".",
                     linestyle="--" if init == "scratch" else "-", label=init)
-        ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel("validation Dice (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(f"{dataset} / {backbone} (labels "
-                     f"{fraction_text(part['fraction'].iloc[0])})", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.set(xlabel="fine-tuning step", ylabel="validation Dice (%)", ylim=(0, 100))
+        style_panel(ax, f"{dataset} / {backbone} (labels "
+                        f"{fraction_text(part['fraction'].iloc[0])})")
     fig.suptitle("Fine-tuning curves (mean over seeds)", fontsize=10)
-    return save_png(fig, path, data[columns])
+    return save_figure(fig, path, data[columns])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,29 +154,19 @@ def plot_per_class(runs: pd.DataFrame, path: str | Path) -> Path:
     if not frames:
         return placeholder(path, "No multi-class task in this grid.", columns)
     data = pd.concat(frames, ignore_index=True).assign(unit="Dice %")
-    panels = list(dict.fromkeys(zip(data["dataset"], data["backbone"])))
-    fig, rows, cols = _grid(len(panels), width=5.5)
-    for k, (dataset, backbone) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        part = data.loc[(data["dataset"] == dataset) & (data["backbone"] == backbone)]
+    fig, axes = panels(data, ["dataset", "backbone"], width=5.5)
+    for (dataset, backbone), ax, part in axes:
         names = list(dict.fromkeys(part["class"]))
-        inits = order_inits(part["init"])
-        width = 0.8 / len(inits)
-        x = np.arange(len(names))
-        for i, init in enumerate(inits):
-            bars = part.loc[part["init"] == init].set_index("class").reindex(names)
-            yerr = None if bars["std"].isna().all() else bars["std"].fillna(0)
-            ax.bar(x + (i - (len(inits) - 1) / 2) * width, bars["mean"], width, yerr=yerr,
-                   capsize=2, label=init)
+        means, stds = (part.pivot(index="class", columns="init", values=v)
+                       .reindex(index=names, columns=order_inits(part["init"]))
+                       for v in ("mean", "std"))
+        x = grouped_bars(ax, means, stds, capsize=2)
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel("test Dice (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(f"{dataset} / {backbone} (labels "
-                     f"{fraction_text(part['fraction'].iloc[0])})", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, title="init")
+        ax.set(ylabel="test Dice (%)", ylim=(0, 100))
+        style_panel(ax, f"{dataset} / {backbone} (labels "
+                        f"{fraction_text(part['fraction'].iloc[0])})", grid="y", title="init")
     fig.suptitle("Per-class test Dice (error bars: std over seeds)", fontsize=10)
-    return save_png(fig, path, data[columns])
+    return save_figure(fig, path, data[columns])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,4 +211,4 @@ def plot_gallery(tracking_uri: str, runs: pd.DataFrame, dataset: str, path: str 
     fig.suptitle(f"{dataset}: test cases (rows of each panel: image | ground truth | "
                  f"prediction), labels {fraction_text(part['fraction'].iloc[0])}, seed "
                  f"{part['seed'].iloc[0]}", fontsize=10)
-    return save_png(fig, path, pd.DataFrame.from_records(rows, columns=columns))
+    return save_figure(fig, path, pd.DataFrame.from_records(rows, columns=columns))

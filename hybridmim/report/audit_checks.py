@@ -1,5 +1,6 @@
-"""The audit's outputs: ``<results>/audit.json`` (every check) and ``audit.md`` (summary, then
-every failure, warning and skipped check, with the table numbers a run check affects)."""
+"""The audit's check records and its outputs: ``<results>/audit.json`` (every check) and
+``audit.md`` (summary, then every failure, warning and skipped check, with the table numbers a run
+check affects)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -7,6 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from hybridmim.atomic import write_json, write_text
+
+
+def check(kind: str, number: str, source: str, ok: bool | None | str,
+          reason: str) -> dict[str, str]:
+    """One check record. ``ok``: True pass, False fail, None warn, "skip" (not applicable here,
+    with why)."""
+    status = ok if ok == "skip" else "warn" if ok is None else ("pass" if ok else "fail")
+    return {"check": kind, "number": number, "source": source, "status": status, "reason": reason}
 
 
 def summary(checks: list[dict[str, str]]) -> dict[str, int]:

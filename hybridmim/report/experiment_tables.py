@@ -17,16 +17,14 @@ too small to judge.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from hybridmim.report.tables import (RUN_ID_SEPARATOR, aggregate, escape_latex, format_cell,
-                                     fraction_text, order_inits, summarise, wide_view,
-                                     write_table)
+from hybridmim.report.tables import (RUN_ID_SEPARATOR, aggregate, format_cells, fraction_text,
+                                     note_view, order_inits, summarise, wide_view, write_table)
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -41,15 +39,16 @@ RATIO_METRIC = "cost/step_ratio_vs_simmim"
 BASELINE_KIND = "simmim"
 
 
-def _note_frame(message: str) -> pd.DataFrame:
-    """The rendered view of a table without rows: one line that says why."""
-    return pd.DataFrame({"note": [message]}).set_index("note")
-
-
 def _num(value: Any, decimals: int = 2, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
+
+
+def _intervals(long: pd.DataFrame) -> list[str]:
+    """'[low, high]' of each row's confidence interval, in signed percentage points."""
+    return [f"[{_num(lo, signed=True)}, {_num(hi, signed=True)}]"
+            for lo, hi in zip(long["ci_low"], long["ci_high"])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,53 +168,31 @@ def paired_table(runs: pd.DataFrame, cases: pd.DataFrame, tables_dir: Path
         "n", "diff", "ci_low", "ci_high", "n_cases", "n_seeds", "excludes_zero", "note",
         "run_ids", "b_run_ids", "cell"])
 
-    def view(latex: bool) -> pd.DataFrame:
-        if long.empty:
-            return _note_frame("no pretrained-vs-scratch or variant-vs-base pair in this grid")
-        fmt = escape_latex if latex else str
-        return pd.DataFrame({
-            "dataset": long["dataset"].map(fmt), "backbone": long["backbone"].map(fmt),
-            "labels": long["fraction"].map(lambda f: fmt(fraction_text(f))),
-            "comparison": [fmt(f"{a} − {b}") for a, b in zip(long["a"], long["b"])],
-            "A: Dice (%)": [format_cell(m, s, n, latex) for m, s, n in
-                            zip(long["mean"], long["std"], long["n"])],
+    view = note_view("no pretrained-vs-scratch or variant-vs-base pair in this grid") \
+        if long.empty else pd.DataFrame({
+            "dataset": long["dataset"], "backbone": long["backbone"],
+            "labels": long["fraction"].map(fraction_text),
+            "comparison": [f"{a} − {b}" for a, b in zip(long["a"], long["b"])],
+            "A: Dice (%)": format_cells(long),
             "Δ Dice (pp)": [_num(m, signed=True) + (" *" if e else "")
                             for m, e in zip(long["diff"], long["excludes_zero"])],
-            "95% CI": [f"[{_num(lo, signed=True)}, {_num(hi, signed=True)}]"
-                       for lo, hi in zip(long["ci_low"], long["ci_high"])],
+            "95% CI": _intervals(long),
             "cases × seeds": [f"{c} × {s}" for c, s in zip(long["n_cases"], long["n_seeds"])],
-            "note": long["note"].map(fmt),
+            "note": long["note"],
         }).set_index("dataset")
-
     note = ("Paired difference of test Dice (percentage points) between two inits over the same "
             "test cases: per case, Dice (mean over classes) under A minus under B, averaged over "
             f"the seeds both ran; mean over cases with a 95% percentile bootstrap interval over "
             f"cases ({BOOTSTRAP_RESAMPLES} resamples, numpy default_rng seed {BOOTSTRAP_SEED}). "
             f"* = interval excludes 0; cells with one seed and fewer than {MIN_CASES} cases say "
             "so and are never marked.")
-    paths = write_table(long, {"Paired differences": view(False)},
-                        {"Paired differences": view(True)}, tables_dir / "paired_differences",
-                        "Pretrained vs scratch and variant vs base: paired bootstrap", note)
-    return long, paths
+    return long, write_table(long, {"Paired differences": view}, tables_dir / "paired_differences",
+                             "Pretrained vs scratch and variant vs base: paired bootstrap", note)
 
 
 # ---------------------------------------------------------------------------------------------
 # Pretraining cost
 # ---------------------------------------------------------------------------------------------
-def _pretrain_ident(pretrain_runs: pd.DataFrame) -> pd.DataFrame:
-    def tag(name: str) -> pd.Series:
-        column = f"tags.snakemake.wildcard.{name}"
-        return pretrain_runs[column] if column in pretrain_runs else pd.Series(
-            [""] * len(pretrain_runs), index=pretrain_runs.index)
-    kind = (pretrain_runs["tags.method.kind"] if "tags.method.kind" in pretrain_runs
-            else pd.Series([""] * len(pretrain_runs), index=pretrain_runs.index))
-    device = (pretrain_runs["tags.device"] if "tags.device" in pretrain_runs
-              else pd.Series([""] * len(pretrain_runs), index=pretrain_runs.index))
-    return pd.DataFrame({"run_id": pretrain_runs["run_id"], "backbone": tag("backbone"),
-                         "method": tag("method"), "corpus": tag("corpus"),
-                         "kind": kind.fillna(""), "device": device.fillna("")})
-
-
 def pretrain_cost_long(pretrain_runs: pd.DataFrame | None) -> pd.DataFrame:
     """One row per (pretraining run, cost metric), plus its median s/step ratio to the SimMIM-style
     run on the same backbone, corpus and device."""
@@ -223,68 +200,57 @@ def pretrain_cost_long(pretrain_runs: pd.DataFrame | None) -> pd.DataFrame:
                "n", "ratio_vs_simmim", "simmim_run_id", "run_ids", "cell"]
     if pretrain_runs is None or pretrain_runs.empty:
         return pd.DataFrame(columns=columns)
-    ident = _pretrain_ident(pretrain_runs)
-    rows = []
-    for (_, run), (_, who) in zip(pretrain_runs.iterrows(), ident.iterrows()):
-        for metric in COST_METRICS:
-            value = run.get(f"metrics.{metric}", math.nan)
-            if value is None or pd.isna(value):
-                continue
-            rows.append({**who.drop("run_id").to_dict(), "metric": metric, "scale": 1.0,
-                         "mean": float(value), "std": math.nan, "n": 1,
-                         "ratio_vs_simmim": math.nan, "simmim_run_id": "",
-                         "run_ids": who["run_id"]})
-    long = pd.DataFrame.from_records(rows, columns=columns[:-1])
+
+    def tag(name: str) -> pd.Series:  # "" where the runs lack the tag
+        return pretrain_runs.get(f"tags.{name}", pd.Series("", index=pretrain_runs.index))
+
+    ident = pd.DataFrame({"backbone": tag("snakemake.wildcard.backbone"),
+                          "corpus": tag("snakemake.wildcard.corpus"),
+                          "method": tag("snakemake.wildcard.method"),
+                          "kind": tag("method.kind").fillna(""), "device": tag("device").fillna(""),
+                          "run_ids": pretrain_runs["run_id"]})
+    # Run by run, its metrics in COST_METRICS order; a metric the run did not log has no row.
+    long = pd.concat([ident.assign(metric=metric, mean=pretrain_runs.get(f"metrics.{metric}",
+                                                                         math.nan))
+                      for metric in COST_METRICS]).sort_index(kind="stable").dropna(subset=["mean"])
     # Each metric row carries its ratio to the SimMIM-style run of the same backbone, corpus and
     # device (the table's rows stay one MLflow metric of one run each, like every table's).
-    for metric in COST_METRICS:
-        rows_of = long["metric"] == metric
-        baseline = long.loc[rows_of & (long["kind"] == BASELINE_KIND)].set_index(
-            ["backbone", "corpus", "device"])
-        for index, row in long.loc[rows_of].iterrows():
-            key = (row["backbone"], row["corpus"], row["device"])
-            if key in baseline.index:
-                base = baseline.loc[[key]].iloc[0]
-                long.loc[index, "ratio_vs_simmim"] = row["mean"] / base["mean"]
-                long.loc[index, "simmim_run_id"] = base["run_ids"]
-    long["cell"] = [f"{b} / {c} / {m} / {metric}" for b, c, m, metric in
-                    zip(long["backbone"], long["corpus"], long["method"], long["metric"])]
-    return long.sort_values(["backbone", "corpus", "method", "metric"], ignore_index=True)
+    keys = ["backbone", "corpus", "device", "metric"]
+    baseline = long.loc[long["kind"] == BASELINE_KIND].drop_duplicates(keys)
+    long = long.merge(baseline[[*keys, "mean", "run_ids"]], on=keys, how="left",
+                      suffixes=("", "_simmim"))
+    long = long.assign(scale=1.0, std=math.nan, n=1,
+                       ratio_vs_simmim=long["mean"] / long["mean_simmim"],
+                       simmim_run_id=long["run_ids_simmim"].fillna(""),
+                       cell=[f"{b} / {c} / {m} / {metric}" for b, c, m, metric in
+                             zip(long["backbone"], long["corpus"], long["method"], long["metric"])])
+    return long[columns].sort_values(["backbone", "corpus", "method", "metric"], ignore_index=True)
 
 
 def pretrain_cost_table(pretrain_runs: pd.DataFrame | None, tables_dir: Path
                         ) -> tuple[pd.DataFrame, dict[str, Path]]:
     long = pretrain_cost_long(pretrain_runs)
-    headings = {**{k: v for k, v in COST_METRICS.items()},
-                RATIO_METRIC: ("s/step ÷ SimMIM-style", 2)}
+    headings = {**COST_METRICS, RATIO_METRIC: ("s/step ÷ SimMIM-style", 2)}
     steps = long.loc[long["metric"] == "cost/median_step_s"]
     shown = pd.concat([long, steps.assign(metric=RATIO_METRIC, mean=steps["ratio_vs_simmim"])])
 
-    def view(latex: bool) -> pd.DataFrame:
-        if long.empty:
-            return _note_frame("no pretraining runs in this grid")
-        fmt = escape_latex if latex else str
-        # Every (run, metric) row has a value; an all-NaN ratio column is re-added below.
+    if long.empty:
+        view = note_view("no pretraining runs in this grid")
+    else:
+        # Every (run, metric) row has a value; an all-NaN ratio column is re-added by reindex.
         wide = shown.dropna(subset=["mean"]).pivot_table(
             index=["backbone", "corpus", "method", "device"], columns="metric", values="mean",
-            aggfunc="first", sort=True)
-        out = pd.DataFrame(index=wide.index)
-        for metric, (heading, decimals) in headings.items():
-            values = wide[metric] if metric in wide else pd.Series(math.nan, index=wide.index)
-            out[fmt(heading)] = values.map(lambda v, d=decimals: _num(v, d))
-        out.index = out.index.set_levels([lvl.map(fmt) for lvl in out.index.levels])
-        return out
-
+            aggfunc="first", sort=True).reindex(columns=list(headings))
+        view = pd.DataFrame({heading: wide[metric].map(lambda v, d=decimals: _num(v, d))
+                             for metric, (heading, decimals) in headings.items()})
     note = ("Measured inside each pretraining run (hybridmim/pretrain/cost.py): median wall time "
             "per training step excluding each process's first step and validation passes; "
             "crops per second at that median; total job time incl. start-up and validation; "
             "peak memory = CUDA max allocated on a GPU, growth of the peak resident set size on "
             "the CPU; ratio = median s/step over the SimMIM-style run's on the same backbone, "
             "corpus and device (n/a without one). On a shared machine the times are noisy.")
-    paths = write_table(long, {"Pretraining cost": view(False)},
-                        {"Pretraining cost": view(True)}, tables_dir / "pretrain_cost",
-                        "Pretraining cost per method", note)
-    return long, paths
+    return long, write_table(long, {"Pretraining cost": view}, tables_dir / "pretrain_cost",
+                             "Pretraining cost per method", note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,95 +260,72 @@ def ablation_table(runs: pd.DataFrame, cases: pd.DataFrame, cost_long: pd.DataFr
                    tables_dir: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Each variant's Dice next to its base (same dataset, backbone, fraction) with the
     difference, its paired 95% CI, and the variant's pretraining s/step relative to the base's."""
-    variants = _variant_columns(runs)
-    summary = summarise(runs, ["test_dice_mean"], ["dataset", "backbone", "fraction", "init"])
-    steps = cost_long.loc[cost_long["metric"] == "cost/median_step_s"] if not cost_long.empty \
-        else cost_long
+    cell = ["dataset", "backbone", "fraction"]
+    summary = summarise(runs, ["test_dice_mean"], [*cell, "init"])
+    base = summary[[*cell, "init", "mean", "std", "n", "run_ids"]].rename(
+        columns=lambda c: c if c in cell else "base" if c == "init" else f"base_{c}")
+    # The variants in order of appearance, each cell of a variant beside its base's same cell.
+    long = _variant_columns(runs).merge(summary, on="init").merge(base, on=[*cell, "base"])
+    paired = [paired_difference(runs.loc[(runs[cell] == row[cell]).all(axis=1)], cases,
+                                row["init"], row["base"]) or {} for _, row in long.iterrows()]
+    steps = cost_long.loc[cost_long["metric"] == "cost/median_step_s"]
     corpus_of = _corpus_by_run(runs)
-    rows = []
-    for _, variant in variants.iterrows():
-        mine = summary.loc[summary["init"] == variant["init"]]
-        for _, cell in mine.iterrows():
-            same = ((summary["dataset"] == cell["dataset"]) & (summary["backbone"] == cell["backbone"])
-                    & (summary["fraction"] == cell["fraction"]))
-            base = summary.loc[same & (summary["init"] == variant["base"])]
-            if base.empty:
-                continue
-            base = base.iloc[0]
-            part = runs.loc[(runs["dataset"] == cell["dataset"])
-                            & (runs["backbone"] == cell["backbone"])
-                            & (runs["fraction"] == cell["fraction"])]
-            paired = paired_difference(part, cases, variant["init"], variant["base"]) or {}
-            corpus = corpus_of.get((cell["dataset"], variant["init"]))
-            ratio, cost_ids = math.nan, ""
-            if corpus is not None and not steps.empty:
-                pick = steps.loc[(steps["backbone"] == cell["backbone"])
-                                 & (steps["corpus"] == corpus)]
-                mine_cost = pick.loc[pick["method"] == variant.get("pretrained_as", variant["init"])]
-                base_cost = pick.loc[pick["method"] == variant["base"]]
-                if len(mine_cost) and len(base_cost):
-                    ratio = float(mine_cost["mean"].iloc[0] / base_cost["mean"].iloc[0])
-                    cost_ids = RUN_ID_SEPARATOR.join(dict.fromkeys(
-                        [mine_cost["run_ids"].iloc[0], base_cost["run_ids"].iloc[0]]))
-            rows.append({
-                "dataset": cell["dataset"], "backbone": cell["backbone"],
-                "fraction": cell["fraction"], "init": variant["init"], "base": variant["base"],
-                "changes": variant["changes"], "metric": "test_dice_mean", "scale": 100.0,
-                "mean": cell["mean"], "std": cell["std"], "n": cell["n"],
-                "base_mean": base["mean"], "base_std": base["std"], "base_n": base["n"],
-                "diff": cell["mean"] - base["mean"],
-                "ci_low": paired.get("ci_low", math.nan),
-                "ci_high": paired.get("ci_high", math.nan),
-                "ci_note": paired.get("note", "no paired cases"),
-                "cost_ratio": ratio, "cost_run_ids": cost_ids,
-                "run_ids": cell["run_ids"], "base_run_ids": base["run_ids"],
-                "cell": f"{cell['dataset']} / {cell['backbone']} / frac {cell['fraction']:g} / "
-                        f"{variant['init']}"})
-    long = pd.DataFrame.from_records(rows, columns=[
-        "dataset", "backbone", "fraction", "init", "base", "changes", "metric", "scale", "mean",
-        "std", "n", "base_mean", "base_std", "base_n", "diff", "ci_low", "ci_high", "ci_note",
-        "cost_ratio", "cost_run_ids", "run_ids", "base_run_ids", "cell"])
+    costs = [_cost_ratio(row, steps, corpus_of.get((row["dataset"], row["init"])))
+             for _, row in long.iterrows()]
+    long = long.assign(
+        metric="test_dice_mean", scale=100.0, diff=long["mean"] - long["base_mean"],
+        ci_low=[p.get("ci_low", math.nan) for p in paired],
+        ci_high=[p.get("ci_high", math.nan) for p in paired],
+        ci_note=[p.get("note", "no paired cases") for p in paired],
+        cost_ratio=[ratio for ratio, _ in costs], cost_run_ids=[ids for _, ids in costs],
+        cell=[f"{d} / {b} / frac {f:g} / {i}" for d, b, f, i in
+              zip(long["dataset"], long["backbone"], long["fraction"], long["init"])],
+    )[["dataset", "backbone", "fraction", "init", "base", "changes", "metric", "scale", "mean",
+       "std", "n", "base_mean", "base_std", "base_n", "diff", "ci_low", "ci_high", "ci_note",
+       "cost_ratio", "cost_run_ids", "run_ids", "base_run_ids", "cell"]]
 
-    views, latex_views = {}, {}
-    for (dataset, backbone), part in long.groupby(["dataset", "backbone"], sort=True):
-        for latex, target in ((False, views), (True, latex_views)):
-            fmt = escape_latex if latex else str
-            target[f"{dataset} / {backbone}"] = pd.DataFrame({
-                "variant": part["init"].map(fmt), "changes": part["changes"].map(fmt),
-                "labels": part["fraction"].map(lambda f: fmt(fraction_text(f))),
-                "Dice (%)": [format_cell(m, s, n, latex) for m, s, n in
-                             zip(part["mean"], part["std"], part["n"])],
-                "base Dice (%)": [fmt(b) + ": " + format_cell(m, s, n, latex) for b, m, s, n in
-                                  zip(part["base"], part["base_mean"], part["base_std"],
-                                      part["base_n"])],
-                "Δ (pp)": part["diff"].map(lambda v: _num(v, signed=True)),
-                "paired 95% CI": [f"[{_num(lo, signed=True)}, {_num(hi, signed=True)}]"
-                                  for lo, hi in zip(part["ci_low"], part["ci_high"])],
-                "pretrain s/step ÷ base": part["cost_ratio"].map(lambda v: _num(v, 2)),
-                "note": part["ci_note"].map(fmt),
-            }).set_index("variant")
+    views = {f"{dataset} / {backbone}": pd.DataFrame({
+        "variant": part["init"], "changes": part["changes"],
+        "labels": part["fraction"].map(fraction_text), "Dice (%)": format_cells(part),
+        "base Dice (%)": [f"{b}: {cell}" for b, cell in
+                          zip(part["base"], format_cells(part, prefix="base_"))],
+        "Δ (pp)": part["diff"].map(lambda v: _num(v, signed=True)),
+        "paired 95% CI": _intervals(part),
+        "pretrain s/step ÷ base": part["cost_ratio"].map(lambda v: _num(v, 2)),
+        "note": part["ci_note"],
+    }).set_index("variant") for (dataset, backbone), part in long.groupby(["dataset", "backbone"],
+                                                                           sort=True)}
     if long.empty:
-        views = latex_views = {"Ablations": _note_frame("no ablation variants in this grid")}
+        views = {"Ablations": note_view("no ablation variants in this grid")}
     note = ("Each ablation variant of a base method (pretraining.variants) next to its base on "
             "the same dataset, backbone and label fraction: test Dice mean ± std over seeds, "
             "difference in percentage points, paired 95% bootstrap CI over test cases (see "
             "paired_differences), and the variant's median pretraining s/step relative to the "
             "base's (1.00 when the variant reused the base's pretraining).")
-    paths = write_table(long, views, latex_views, tables_dir / "ablations",
-                        "Ablations of HybridMIM", note)
-    return long, paths
+    return long, write_table(long, views, tables_dir / "ablations",
+                             "Ablations of HybridMIM", note)
+
+
+def _cost_ratio(variant: pd.Series, steps: pd.DataFrame, corpus: str | None
+                ) -> tuple[float, str]:
+    """The variant's median pretraining s/step over its base's (same backbone and corpus) and
+    the ids of the two pretraining runs; (nan, "") unless both were measured."""
+    pick = steps.loc[(steps["backbone"] == variant["backbone"]) & (steps["corpus"] == corpus)]
+    mine = pick.loc[pick["method"] == variant.get("pretrained_as", variant["init"])]
+    base = pick.loc[pick["method"] == variant["base"]]
+    if corpus is None or mine.empty or base.empty:
+        return math.nan, ""
+    return (float(mine["mean"].iloc[0] / base["mean"].iloc[0]),
+            RUN_ID_SEPARATOR.join(dict.fromkeys([mine["run_ids"].iloc[0],
+                                                 base["run_ids"].iloc[0]])))
 
 
 def _corpus_by_run(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
     """(dataset, init) → the pretraining corpus of a variant's runs (their ``variant.corpus``)."""
-    out: dict[tuple[str, str], str] = {}
     if "params.variant.corpus" not in runs.columns:
-        return out
-    for _, run in runs.iterrows():
-        corpus = run.get("params.variant.corpus")
-        if isinstance(corpus, str) and corpus:
-            out[(run["dataset"], run["init"])] = corpus
-    return out
+        return {}
+    named = runs.loc[runs["params.variant.corpus"].map(lambda c: isinstance(c, str) and c != "")]
+    return dict(zip(zip(named["dataset"], named["init"]), named["params.variant.corpus"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,31 +343,17 @@ def label_efficiency_runs(runs: pd.DataFrame) -> pd.DataFrame:
 def label_efficiency_table(runs: pd.DataFrame, tables_dir: Path
                            ) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Test Dice per label fraction and init, for each dataset × backbone run at ≥ 2 fractions."""
-    part = label_efficiency_runs(runs)
-    long = summarise(part, ["test_dice_mean"], ["dataset", "backbone", "fraction", "init"]) \
-        if not part.empty else pd.DataFrame(columns=["dataset", "backbone", "fraction", "init",
-                                                     "metric", "unit", "scale", "mean", "std",
-                                                     "n", "seeds", "run_ids", "cell"])
-    if long.empty:
-        views = latex_views = {"Label efficiency": _note_frame(
-            "no dataset was fine-tuned at two or more label fractions")}
-    else:
-        inits = order_inits(long["init"])
-        index = ["dataset", "backbone", "fraction"]
-        views = {"Test Dice (%) by label fraction": wide_view(long, index, "init",
-                                                               column_order=inits)}
-        latex_views = {"Test Dice (%) by label fraction": wide_view(
-            long, index, "init", latex=True, column_order=[escape_latex(i) for i in inits])}
+    long = summarise(label_efficiency_runs(runs), ["test_dice_mean"],
+                     ["dataset", "backbone", "fraction", "init"])
+    views = {"Label efficiency": note_view(
+        "no dataset was fine-tuned at two or more label fractions")} if long.empty else {
+        "Test Dice (%) by label fraction": wide_view(long, ["dataset", "backbone", "fraction"],
+                                                     "init", order_inits(long["init"]))}
     note = ("Test Dice (%) against the fraction of training labels, mean ± sample std over "
             "seeds (n = seeds), for each dataset and backbone fine-tuned at two or more "
             "fractions; columns are the encoder initialisations.")
-    paths = write_table(long, views, latex_views, tables_dir / "label_efficiency",
-                        "Label efficiency", note)
-    return long, paths
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(text))
+    return long, write_table(long, views, tables_dir / "label_efficiency",
+                             "Label efficiency", note)
 
 
 __all__ = ["ablation_table", "label_efficiency_table", "paired_table", "per_case_dice",
