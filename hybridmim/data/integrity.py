@@ -20,7 +20,8 @@ from typing import Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from hybridmim.data.layout import REQUIRED_INDEX_FIELDS, strip_nifti_suffix
+from hybridmim.data.layout import (REQUIRED_INDEX_FIELDS, index_entries, listed_files,
+                                   unlisted_files)
 from hybridmim.progress import StepProgress
 
 log = logging.getLogger("hybridmim.data.integrity")
@@ -61,12 +62,6 @@ def _resolve(raw_dir: Path, rel: str) -> tuple[Path | None, str | None]:
     return path, None
 
 
-def _channels_of(array: np.ndarray) -> list[np.ndarray]:
-    if array.ndim == 4:
-        return [array[..., c] for c in range(array.shape[3])]
-    return [array]
-
-
 def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
                 label_values: set[int], num_channels: int) -> list[str]:
     problems: list[str] = []
@@ -94,7 +89,7 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
             add(f"{rel}: shape {array.shape[:3]} differs from {grid[2]} {grid[0]}")
         elif not np.allclose(affine, grid[1], atol=AFFINE_ATOL):
             add(f"{rel}: affine differs from {grid[2]} (channels not on one grid)")
-        for channel in _channels_of(array):
+        for channel in (np.moveaxis(array, 3, 0) if array.ndim == 4 else [array]):
             where = f"{rel} channel {len(channels)}" if num_channels > 1 else rel
             if np.issubdtype(channel.dtype, np.floating):
                 bad = int(np.count_nonzero(~np.isfinite(channel)))
@@ -144,20 +139,6 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
     return problems
 
 
-def _entries(index: dict) -> Iterable[tuple[str, list[str], str | None]]:
-    for entry in index.get("training", []):
-        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-        case = entry.get("case") or (strip_nifti_suffix(Path(images[0]).name) if len(images) == 1
-                                     else strip_nifti_suffix(Path(entry["label"]).name))
-        yield case, images, entry["label"]
-    for entry in index.get("test", []):
-        image = entry["image"] if isinstance(entry, dict) else entry
-        images = image if isinstance(image, list) else [image]
-        case = (entry.get("case") if isinstance(entry, dict) else None) or \
-            strip_nifti_suffix(Path(images[0]).name)
-        yield case, images, None
-
-
 def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Iterable[int],
                   channels: Sequence[str] | int, workers: int = 2,
                   declared_by: str = "the registry entry") -> list[str]:
@@ -193,20 +174,12 @@ def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Ite
         if key in index and index[key] != len(index.get(listed, [])):
             problems.append(f"dataset.json: {key} is {index[key]} but '{listed}' lists "
                             f"{len(index.get(listed, []))} entries")
-    cases = list(_entries(index))
+    cases = list(index_entries(index))
     names = [case for case, _, _ in cases]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{duplicate}: case id occurs more than once in dataset.json")
-    listed_files = {os.path.normpath(p) for _, images, label in cases
-                    for p in images + ([label] if label else [])}
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        if not (raw_dir / sub).is_dir():
-            continue
-        for path in sorted((raw_dir / sub).iterdir()):
-            rel = os.path.normpath(f"{sub}/{path.name}")
-            if not path.name.startswith(".") and rel not in listed_files:
-                problems.append(f"{rel}: present but not listed in dataset.json (remove it or "
-                                "add it to dataset.json)")
+    problems += [f"{rel}: present but not listed in dataset.json (remove it or add it to "
+                 "dataset.json)" for rel in unlisted_files(raw_dir, listed_files(index))]
     progress = StepProgress(len(cases), "integrity check", every_s=30.0)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda c: _check_case(raw_dir, c[0], c[1], c[2], label_values,

@@ -22,6 +22,8 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from hybridmim.data.layout import read_json_or_none
+
 log = logging.getLogger("hybridmim.data.sources.extract")
 
 COMPLETE_MARKER = ".complete"
@@ -49,21 +51,12 @@ def _safe_relative(name: str, archive: Path) -> PurePosixPath:
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
-def _copy_stream(src, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "wb") as out:
-        shutil.copyfileobj(src, out, _COPY_BUFFER)
-
-
 def _tar_member_filter(archive: Path, counter: list[int]):
     """The standard library's ``data`` filter (no escape from the target, no device/FIFO, sane
-    modes), with two refusals stricter than it: absolute names (it would strip the ``/``) and
-    links of any kind (the datasets have none; a link can redirect a later write)."""
+    modes), with the refusals of zip members: absolute names (it would strip the ``/``), any
+    ``..``, and links of any kind (the datasets have none; a link can redirect a later write)."""
     def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-        if PurePosixPath(member.name.replace("\\", "/")).is_absolute() or member.name[1:2] == ":":
-            raise UnsafeArchiveError(f"{archive}: member {member.name!r} has an absolute path; "
-                                     "refusing to extract this archive (it may be malicious or "
-                                     "corrupt).")
+        _safe_relative(member.name, archive)
         if member.issym() or member.islnk():
             link_kind = "symbolic" if member.issym() else "hard"
             raise UnsafeArchiveError(
@@ -72,10 +65,6 @@ def _tar_member_filter(archive: Path, counter: list[int]):
                 "outside the target folder.")
         try:
             checked = tarfile.data_filter(member, dest)
-        except tarfile.OutsideDestinationError:
-            raise UnsafeArchiveError(f"{archive}: member {member.name!r} contains '..' and would "
-                                     "escape the target folder; refusing to extract this "
-                                     "archive.") from None
         except tarfile.SpecialFileError:
             raise UnsafeArchiveError(f"{archive}: member {member.name!r} is a device, FIFO or "
                                      "other special file; refusing to extract it.") from None
@@ -114,8 +103,10 @@ def _extract_zip(archive: Path, into: Path) -> int:
             if info.is_dir():
                 (into / rel).mkdir(parents=True, exist_ok=True)
                 continue
-            with zf.open(info) as source:  # reading to the end checks the member's CRC
-                _copy_stream(source, into / rel)
+            (into / rel).parent.mkdir(parents=True, exist_ok=True)
+            # reading to the end checks the member's CRC
+            with zf.open(info) as source, open(into / rel, "wb") as out:
+                shutil.copyfileobj(source, out, _COPY_BUFFER)
             count += 1
     return count
 
@@ -135,14 +126,9 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     if not archive.is_file():
         raise ArchiveError(f"Archive {archive} does not exist.")
     record = {"archive": archive.name, "size": archive.stat().st_size}
-    marker = target / COMPLETE_MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == record:
-                log.info("%s already extracted into %s", archive.name, target)
-                return target
-        except json.JSONDecodeError:
-            pass
+    if read_json_or_none(target / COMPLETE_MARKER) == record:
+        log.info("%s already extracted into %s", archive.name, target)
+        return target
     if zipfile.is_zipfile(archive):
         extractor = _extract_zip
     elif tarfile.is_tarfile(archive):
