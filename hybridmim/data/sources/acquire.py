@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
@@ -29,8 +28,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 from hybridmim.data.integrity import assert_dataset_ok
 from hybridmim.data.layout import read_json_or_none
 from hybridmim.data.sources.convert import convert_folder, convert_msd, get_converter
-from hybridmim.data.sources.download import (SYNAPSE_REPO_ENDPOINT, check_free_space, download,
-                                             synapse_download)
+from hybridmim.data.sources.download import SYNAPSE_REPO_ENDPOINT, download, synapse_download
 from hybridmim.data.sources.extract import safe_extract
 from hybridmim.hashing import md5_file
 
@@ -127,16 +125,6 @@ def _folder_identity(folder: Path) -> dict:
         stat = path.stat()
         digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return {"folder": str(folder.resolve()), "listing_sha256": digest.hexdigest()}
-
-
-def _extract_with_space_check(archive: Path, target: Path) -> Path:
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            needed = sum(info.file_size for info in zf.infolist())
-    else:
-        needed = archive.stat().st_size  # an uncompressed tar (MSD) is as large as its content
-    check_free_space(target.parent, needed, f"extracting {archive.name}")
-    return safe_extract(archive, target)
 
 
 def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.PathLike,
@@ -262,7 +250,7 @@ def _from_url(r: _Request) -> _Located:
     else:
         archive = r.downloads / (r.source.get("archive") or url.rsplit("/", 1)[-1])
         download(url, archive, md5=md5, size=r.source.get("size"), progress=r.progress)
-    extracted = _extract_with_space_check(archive, r.downloads / "extracted" / r.name)
+    extracted = safe_extract(archive, r.downloads / "extracted" / r.name)
     return _Located(extracted, {"url": url, "md5": md5, "file": archive.name}, convert,
                     extracted=extracted)
 
@@ -288,7 +276,7 @@ def _from_manual(r: _Request) -> _Located:
         log.warning("%s: md5 %s differs from the md5 reported elsewhere (%s); continuing "
                     "— the conversion and integrity checks decide", location,
                     identity["md5"], info.reported_md5)
-    extracted = _extract_with_space_check(location, r.downloads / "extracted" / r.name)
+    extracted = safe_extract(location, r.downloads / "extracted" / r.name)
     return _Located(extracted, identity, convert, extracted=extracted)
 
 

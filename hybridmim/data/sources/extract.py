@@ -2,9 +2,9 @@
 
 Archives come from the internet or from a user's download folder, so every member is checked
 before a byte of it is written: no absolute paths, no ``..`` escaping the target, no symlinks or
-hard links (a link could later redirect a write outside the target), no devices or FIFOs. Tar
-members pass the standard library's ``data`` extraction filter plus two stricter refusals; zip has
-no such filter, so its members are checked here. Everything is written into a temporary sibling
+hard links (a link could later redirect a write outside the target), no devices or FIFOs. Every
+member gets our path and link checks; tar members also pass the standard library's ``data``
+extraction filter (zip has no such filter). Everything is written into a temporary sibling
 folder that is renamed onto the target only after the whole archive was read without error and a
 ``.complete`` marker was written inside it. A truncated or corrupt archive leaves nothing behind.
 """
@@ -23,6 +23,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from hybridmim.data.layout import read_json_or_none
+from hybridmim.data.sources.download import check_free_space
 
 log = logging.getLogger("hybridmim.data.sources.extract")
 
@@ -118,9 +119,9 @@ def is_complete(folder: str | os.PathLike) -> bool:
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Extract ``archive`` into ``target`` safely and atomically; return ``target``.
 
-    Idempotent: a target holding the ``.complete`` marker of the same archive (same name and size)
-    is returned as is. Anything else already at ``target`` is an unfinished earlier attempt and is
-    replaced.
+    Fails before writing when the target's file system lacks the space. Idempotent: a target
+    holding the ``.complete`` marker of the same archive (same name and size) is returned as is.
+    Anything else already at ``target`` is an unfinished earlier attempt and is replaced.
     """
     archive, target = Path(archive), Path(target)
     if not archive.is_file():
@@ -131,11 +132,15 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
         return target
     if zipfile.is_zipfile(archive):
         extractor = _extract_zip
+        with zipfile.ZipFile(archive) as zf:
+            needed = sum(info.file_size for info in zf.infolist())
     elif tarfile.is_tarfile(archive):
         extractor = _extract_tar
+        needed = archive.stat().st_size  # an uncompressed tar (MSD) is as large as its content
     else:
         raise ArchiveError(f"{archive} is neither a tar nor a zip archive (or it is truncated "
                            "before its first member). Delete it and download it again.")
+    check_free_space(target.parent, needed, f"extracting {archive.name}")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of an attempt that was killed (SIGKILL, power loss) before its cleanup ran.
     for stale in target.parent.glob(f".{target.name}.extracting-*"):
