@@ -112,10 +112,6 @@ def _extract_zip(archive: Path, into: Path) -> int:
     return count
 
 
-def is_complete(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / COMPLETE_MARKER).is_file()
-
-
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Extract ``archive`` into ``target`` safely and atomically; return ``target``.
 
