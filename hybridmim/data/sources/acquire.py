@@ -169,6 +169,8 @@ def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.Path
     if kind == "generated":
         from hybridmim.data.demo import generate_demo
 
+        log.info("generating demo dataset %s (%s) into %s", name, source.get("generator", name),
+                 raw_dir)
         out = generate_demo(source.get("generator", name), raw_dir,
                             num_cases=int(source.get("num_cases", 10)),
                             num_test=int(source.get("num_test", 2)),
