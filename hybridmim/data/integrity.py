@@ -43,23 +43,18 @@ class DatasetIntegrityError(ValueError):
             "then run again.")
 
 
-def _load(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
-    """(voxels, affine, None) or (None, None, reason)."""
+def _read(raw_dir: Path, rel: str) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """(voxels, affine, None) of a file dataset.json lists, or (None, None, the problem)."""
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        return None, None, (f"path {rel!r} in dataset.json must be relative and stay inside the "
+                            "folder")
+    if not (raw_dir / rel).is_file():
+        return None, None, f"{rel}: listed in dataset.json but missing"
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(raw_dir / rel))
         return np.asanyarray(image.dataobj), image.affine, None
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib, ...)
-        return None, None, f"unreadable NIfTI ({type(err).__name__}: {err})"
-
-
-def _resolve(raw_dir: Path, rel: str) -> tuple[Path | None, str | None]:
-    candidate = Path(rel)
-    if candidate.is_absolute() or ".." in candidate.parts:
-        return None, f"path {rel!r} in dataset.json must be relative and stay inside the folder"
-    path = raw_dir / rel
-    if not path.is_file():
-        return None, f"{rel}: listed in dataset.json but missing"
-    return path, None
+        return None, None, f"{rel}: unreadable NIfTI ({type(err).__name__}: {err})"
 
 
 def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
@@ -72,13 +67,9 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
     channels: list[np.ndarray] = []
     grid: tuple[tuple[int, ...], np.ndarray, str] | None = None  # (spatial shape, affine, file)
     for rel in images:
-        path, error = _resolve(raw_dir, rel)
+        array, affine, error = _read(raw_dir, rel)
         if error:
             add(error)
-            continue
-        array, affine, error = _load(path)
-        if error:
-            add(f"{rel}: {error}")
             continue
         if array.ndim not in (3, 4):
             add(f"{rel}: image has {array.ndim} dimensions, expected 3 (or 4 with channels last)")
@@ -106,13 +97,9 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
         add(f"image has {len(channels)} channel(s), the dataset declares {num_channels}")
     if label is None:
         return problems
-    path, error = _resolve(raw_dir, label)
+    array, affine, error = _read(raw_dir, label)
     if error:
         add(error)
-        return problems
-    array, affine, error = _load(path)
-    if error:
-        add(f"{label}: {error}")
         return problems
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
