@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hybridmim.data.layout import (LAYOUT_DIRS, atomic_directory, make_index, read_json_or_none,
-                                   save_nifti, write_json)
+from hybridmim.data.layout import (LAYOUT_DIRS, atomic_directory, listed_files, make_index,
+                                   read_json_or_none, save_nifti, write_json)
 from hybridmim.dataset_catalog import (BRATS_LABELS, BTCV_LABELS, LIVER_LABELS, SPLEEN_LABELS)
 
 DEMO_KINDS = ("brats", "btcv", "liver", "spleen")
@@ -298,5 +298,4 @@ def _already_generated(out_dir: Path, parameters: dict) -> bool:
     index = read_json_or_none(out_dir / "dataset.json")
     if index is None or index.get("generator") != parameters:
         return False
-    listed = [e["image"] for e in index["training"]] + [e["label"] for e in index["training"]]
-    return all((out_dir / path).is_file() for path in listed + index["test"])
+    return all((out_dir / path).is_file() for path in listed_files(index))
