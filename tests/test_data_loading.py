@@ -9,13 +9,12 @@ import torch
 
 from hybridmim.data.demo import generate_demo
 from hybridmim.data.intensity import apply_window
-from hybridmim.data.loading import (PretrainCropDataset, SegmentationDataset, brats_regions,
-                                    labels_to_regions)
+from hybridmim.data.loading import PretrainCropDataset, SegmentationDataset, labels_to_regions
 from hybridmim.data.prepare.preprocess import preprocess_dataset
 from hybridmim.data.prepare.splits import (SplitError, label_fraction_subset, load_splits,
                                            make_splits, pretraining_cases)
-from hybridmim.dataset_catalog import (CT_PRETRAIN_WINDOW, MRI_PRETRAIN_WINDOW, dataset_from_config,
-                                       get_dataset, validate_window)
+from hybridmim.dataset_catalog import (BRATS_REGIONS, CT_PRETRAIN_WINDOW, MRI_PRETRAIN_WINDOW,
+                                       dataset_from_config, get_dataset, validate_window)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +198,7 @@ def test_segmentation_validation_returns_whole_volumes(cache):
 
 def test_brats_regions_and_class_indices(cache):
     label = np.array([0, 1, 2, 4], np.uint8).reshape(1, 1, 1, 4)
-    regions = brats_regions(label)
+    regions = labels_to_regions(label, BRATS_REGIONS)
     assert regions.shape == (3, 1, 1, 4)  # TC, WT, ET
     assert regions[:, 0, 0].tolist() == [[0, 1, 0, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
     assert torch.equal(labels_to_regions(torch.from_numpy(label[0]), {"TC": [1, 4]}),

@@ -26,12 +26,12 @@ recipe spacing and cropping to the foreground they are ~43 x 34 x 32 (CT, 1.5 x 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from hybridmim.data.layout import atomic_directory, make_index, save_nifti, write_json
+from hybridmim.data.layout import (LAYOUT_DIRS, atomic_directory, listed_files, make_index,
+                                   read_json_or_none, save_nifti, write_json)
 from hybridmim.dataset_catalog import (BRATS_LABELS, BTCV_LABELS, LIVER_LABELS, SPLEEN_LABELS)
 
 DEMO_KINDS = ("brats", "btcv", "liver", "spleen")
@@ -269,7 +269,7 @@ def generate_demo(kind: str, out_dir, num_cases: int = 10, num_test: int = 2,
     if _already_generated(out_dir, parameters):
         return out_dir
     with atomic_directory(out_dir) as temp:
-        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        for sub in LAYOUT_DIRS:
             (temp / sub).mkdir()
         training, test = [], []
         kind_index = DEMO_KINDS.index(kind)
@@ -295,11 +295,7 @@ def generate_demo(kind: str, out_dir, num_cases: int = 10, num_test: int = 2,
 
 
 def _already_generated(out_dir: Path, parameters: dict) -> bool:
-    try:
-        index = json.loads((out_dir / "dataset.json").read_text())
-    except (OSError, ValueError):
+    index = read_json_or_none(out_dir / "dataset.json")
+    if index is None or index.get("generator") != parameters:
         return False
-    if index.get("generator") != parameters:
-        return False
-    listed = [e["image"] for e in index["training"]] + [e["label"] for e in index["training"]]
-    return all((out_dir / path).is_file() for path in listed + index["test"])
+    return all((out_dir / path).is_file() for path in listed_files(index))

@@ -20,7 +20,8 @@ from typing import Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from hybridmim.data.layout import REQUIRED_INDEX_FIELDS, strip_nifti_suffix
+from hybridmim.data.layout import (REQUIRED_INDEX_FIELDS, index_entries, listed_files,
+                                   unlisted_files)
 from hybridmim.progress import StepProgress
 
 log = logging.getLogger("hybridmim.data.integrity")
@@ -42,29 +43,18 @@ class DatasetIntegrityError(ValueError):
             "then run again.")
 
 
-def _load(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
-    """(voxels, affine, None) or (None, None, reason)."""
+def _read(raw_dir: Path, rel: str) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """(voxels, affine, None) of a file dataset.json lists, or (None, None, the problem)."""
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        return None, None, (f"path {rel!r} in dataset.json must be relative and stay inside the "
+                            "folder")
+    if not (raw_dir / rel).is_file():
+        return None, None, f"{rel}: listed in dataset.json but missing"
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(raw_dir / rel))
         return np.asanyarray(image.dataobj), image.affine, None
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib, ...)
-        return None, None, f"unreadable NIfTI ({type(err).__name__}: {err})"
-
-
-def _resolve(raw_dir: Path, rel: str) -> tuple[Path | None, str | None]:
-    candidate = Path(rel)
-    if candidate.is_absolute() or ".." in candidate.parts:
-        return None, f"path {rel!r} in dataset.json must be relative and stay inside the folder"
-    path = raw_dir / rel
-    if not path.is_file():
-        return None, f"{rel}: listed in dataset.json but missing"
-    return path, None
-
-
-def _channels_of(array: np.ndarray) -> list[np.ndarray]:
-    if array.ndim == 4:
-        return [array[..., c] for c in range(array.shape[3])]
-    return [array]
+        return None, None, f"{rel}: unreadable NIfTI ({type(err).__name__}: {err})"
 
 
 def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
@@ -77,13 +67,9 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
     channels: list[np.ndarray] = []
     grid: tuple[tuple[int, ...], np.ndarray, str] | None = None  # (spatial shape, affine, file)
     for rel in images:
-        path, error = _resolve(raw_dir, rel)
+        array, affine, error = _read(raw_dir, rel)
         if error:
             add(error)
-            continue
-        array, affine, error = _load(path)
-        if error:
-            add(f"{rel}: {error}")
             continue
         if array.ndim not in (3, 4):
             add(f"{rel}: image has {array.ndim} dimensions, expected 3 (or 4 with channels last)")
@@ -94,7 +80,7 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
             add(f"{rel}: shape {array.shape[:3]} differs from {grid[2]} {grid[0]}")
         elif not np.allclose(affine, grid[1], atol=AFFINE_ATOL):
             add(f"{rel}: affine differs from {grid[2]} (channels not on one grid)")
-        for channel in _channels_of(array):
+        for channel in (np.moveaxis(array, 3, 0) if array.ndim == 4 else [array]):
             where = f"{rel} channel {len(channels)}" if num_channels > 1 else rel
             if np.issubdtype(channel.dtype, np.floating):
                 bad = int(np.count_nonzero(~np.isfinite(channel)))
@@ -111,13 +97,9 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
         add(f"image has {len(channels)} channel(s), the dataset declares {num_channels}")
     if label is None:
         return problems
-    path, error = _resolve(raw_dir, label)
+    array, affine, error = _read(raw_dir, label)
     if error:
         add(error)
-        return problems
-    array, affine, error = _load(path)
-    if error:
-        add(f"{label}: {error}")
         return problems
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
@@ -142,20 +124,6 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
     if outside:
         add(f"{label}: label values {outside} are not in the label map {sorted(label_values)}")
     return problems
-
-
-def _entries(index: dict) -> Iterable[tuple[str, list[str], str | None]]:
-    for entry in index.get("training", []):
-        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-        case = entry.get("case") or (strip_nifti_suffix(Path(images[0]).name) if len(images) == 1
-                                     else strip_nifti_suffix(Path(entry["label"]).name))
-        yield case, images, entry["label"]
-    for entry in index.get("test", []):
-        image = entry["image"] if isinstance(entry, dict) else entry
-        images = image if isinstance(image, list) else [image]
-        case = (entry.get("case") if isinstance(entry, dict) else None) or \
-            strip_nifti_suffix(Path(images[0]).name)
-        yield case, images, None
 
 
 def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Iterable[int],
@@ -193,20 +161,12 @@ def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Ite
         if key in index and index[key] != len(index.get(listed, [])):
             problems.append(f"dataset.json: {key} is {index[key]} but '{listed}' lists "
                             f"{len(index.get(listed, []))} entries")
-    cases = list(_entries(index))
+    cases = list(index_entries(index))
     names = [case for case, _, _ in cases]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{duplicate}: case id occurs more than once in dataset.json")
-    listed_files = {os.path.normpath(p) for _, images, label in cases
-                    for p in images + ([label] if label else [])}
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        if not (raw_dir / sub).is_dir():
-            continue
-        for path in sorted((raw_dir / sub).iterdir()):
-            rel = os.path.normpath(f"{sub}/{path.name}")
-            if not path.name.startswith(".") and rel not in listed_files:
-                problems.append(f"{rel}: present but not listed in dataset.json (remove it or "
-                                "add it to dataset.json)")
+    problems += [f"{rel}: present but not listed in dataset.json (remove it or add it to "
+                 "dataset.json)" for rel in unlisted_files(raw_dir, listed_files(index))]
     progress = StepProgress(len(cases), "integrity check", every_s=30.0)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda c: _check_case(raw_dir, c[0], c[1], c[2], label_values,

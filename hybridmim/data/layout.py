@@ -23,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -35,6 +35,7 @@ REQUIRED_INDEX_FIELDS = ("modality", "labels", "training")
 MSD_INDEX_FIELDS = ("name", "description", "reference", "licence", "tensorImageSize",
                     "modality", "labels", "numTraining", "numTest", "training", "test")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+LAYOUT_DIRS = ("imagesTr", "labelsTr", "imagesTs")
 
 
 class LayoutError(ValueError):
@@ -71,25 +72,49 @@ def read_index(raw_dir: Path) -> dict:
     return index
 
 
+def index_entries(index: dict, include_unlabelled: bool = True) -> Iterator[
+        tuple[str, list[str], str | None]]:
+    """(case id, image paths, label path or None) of each entry of dataset.json, paths as written
+    there: the labelled ``training`` entries, then (when asked) the unlabelled ``test`` ones."""
+    entries = [(entry, entry["label"]) for entry in index["training"]]
+    if include_unlabelled:
+        entries += [(e if isinstance(e, dict) else {"image": e}, None)
+                    for e in index.get("test", [])]
+    for entry, label in entries:
+        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        yield entry.get("case") or _derive_case_id(images, label), images, label
+
+
+def listed_files(index: dict) -> list[str]:
+    """Every path dataset.json lists (images, channel files, labels), as written there."""
+    return [path for _, images, label in index_entries(index)
+            for path in (*images, *([label] if label else []))]
+
+
+def unlisted_files(folder: Path, listed: Iterable[str]) -> list[str]:
+    """Files in the layout's folders that are not among ``listed`` (hidden files aside)."""
+    listed = {os.path.normpath(path) for path in listed}
+    unlisted = []
+    for sub in LAYOUT_DIRS:
+        for path in sorted((folder / sub).iterdir()) if (folder / sub).is_dir() else []:
+            rel = f"{sub}/{path.name}"
+            if not path.name.startswith(".") and os.path.normpath(rel) not in listed:
+                unlisted.append(rel)
+    return unlisted
+
+
 def list_cases(raw_dir: Path, index: dict, include_unlabelled: bool) -> list[CaseFiles]:
     """Labelled training cases (and, when asked, the unlabelled imagesTs ones), paths resolved
     and checked to exist."""
     raw_dir = Path(raw_dir)
-    entries = [(entry, True) for entry in index["training"]]
-    if include_unlabelled:
-        entries += [({"image": e} if isinstance(e, (str, list)) else e, False)
-                    for e in index.get("test", [])]
     cases, seen = [], set()
-    for entry, labelled in entries:
-        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-        image_paths = tuple(_resolve(raw_dir, p) for p in images)
-        label_path = _resolve(raw_dir, entry["label"]) if labelled else None
-        case = entry.get("case") or _derive_case_id(image_paths, label_path)
+    for case, images, label in index_entries(index, include_unlabelled):
         if case in seen:
             raise LayoutError(f"{raw_dir / 'dataset.json'}: case id {case!r} occurs twice; give "
                               f"each entry a distinct file name or an explicit 'case' key")
         seen.add(case)
-        cases.append(CaseFiles(case=case, images=image_paths, label=label_path))
+        cases.append(CaseFiles(case=case, images=tuple(_resolve(raw_dir, p) for p in images),
+                               label=_resolve(raw_dir, label) if label else None))
     return cases
 
 
@@ -102,13 +127,22 @@ def _resolve(raw_dir: Path, relative: str) -> Path:
     return path
 
 
-def _derive_case_id(images: tuple[Path, ...], label: Path | None) -> str:
+def _derive_case_id(images: list[str], label: str | None) -> str:
+    names = [strip_nifti_suffix(Path(p).name) for p in images]
     if len(images) == 1:
-        return strip_nifti_suffix(images[0].name)
+        return names[0]
     if label is not None:
-        return strip_nifti_suffix(label.name)
-    prefix = os.path.commonprefix([strip_nifti_suffix(p.name) for p in images])
-    return prefix.rstrip("_-.") or strip_nifti_suffix(images[0].name)
+        return strip_nifti_suffix(Path(label).name)
+    return os.path.commonprefix(names).rstrip("_-.") or names[0]
+
+
+def read_json_or_none(path: Path):
+    """The JSON content of ``path``, or None when it is missing or unreadable (not written yet,
+    or cut short by a run that was killed): the caller then rebuilds what the file describes."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def make_index(*, name: str, description: str, reference: str, licence: str,

@@ -57,12 +57,6 @@ def labels_to_regions(label, regions: Mapping[str, Sequence[int]]):
         np.float32)
 
 
-def brats_regions(label):
-    """BraTS 0/1/2/4 label map → TC/WT/ET channels."""
-    from hybridmim.dataset_catalog import BRATS_REGIONS
-    return labels_to_regions(label, BRATS_REGIONS)
-
-
 class PretrainCropDataset(Dataset):
     """One item per volume: ``{"image": (K, C, *crop) float32, "valid": (K, 1, *crop) bool,
     "case": id, "dataset": processed_dir}`` with K = ``crops_per_volume`` random crops, windowed

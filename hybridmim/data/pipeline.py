@@ -3,30 +3,22 @@ split → data/processed/<ds>. The CLI's `data` commands (called by Snakemake an
 are thin wrappers around these two functions."""
 from __future__ import annotations
 
-import logging
+import dataclasses
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 def acquire_dataset(config: dict[str, Any], name: str, data_root: str = "data") -> Path:
     """Generate (demo), download, or locate + convert + check one dataset into data/raw/<name>."""
     from hybridmim.config import acquisition_options, dataset_spec
+    from hybridmim.data.sources.acquire import acquire
 
     spec = dataset_spec(config, name)
     options = acquisition_options(config, name)
-    raw_dir = Path(data_root) / "raw" / name
-    kind = (spec.source or {}).get("kind")
-    if kind == "generated":
-        from hybridmim.data.demo import generate_demo
-
-        generator = spec.source.get("generator", name)
-        log.info("generating demo dataset %s (%s) into %s", name, generator, raw_dir)
-        return generate_demo(generator, raw_dir, num_cases=options.get("num_cases", 10),
-                             num_test=options.get("num_test", 2), seed=options.get("seed", 0))
-    from hybridmim.data.sources.acquire import acquire
-
+    if (spec.source or {}).get("kind") == "generated":
+        # The demo's size and seed are acquisition options of its config block.
+        spec = dataclasses.replace(spec, source={**spec.source, **{
+            key: options[key] for key in ("num_cases", "num_test", "seed") if key in options}})
     manual = {name: options["manual_path"]} if "manual_path" in options else {}
     return Path(acquire(spec, raw_root=Path(data_root) / "raw",
                         downloads_dir=Path(data_root) / "downloads", manual_paths=manual))

@@ -62,11 +62,23 @@ def write_config_stages(name: str, block: Mapping[str, Any], project_root: Path)
     return path
 
 
-def commit_dataset(name: str, project_root: str | os.PathLike = ".",
-                   block: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`dvc commit` the dataset's stages and return the hashes dvc.lock now holds. A dataset that
-    dvc.yaml does not list is versioned through datasets/dvc.yaml, written from its config
-    ``block``."""
+def _commit(root: Path, stages: list[str], outputs: dict[str, Path]) -> dict[str, Any]:
+    """`dvc commit` ``stages``; the hash dvc.lock now holds for each of ``outputs``."""
+    _dvc(["commit", "--force", *stages], root)
+    hashes = {}
+    for kind, folder in outputs.items():
+        hashes[kind] = data_hash(folder, root)
+        if hashes[kind]["source"] != "dvc.lock":
+            raise RuntimeError(f"dvc commit did not record {folder.relative_to(root).as_posix()} "
+                               "in dvc.lock")
+    return hashes
+
+
+def version_dataset(name: str, out: str | os.PathLike, project_root: str = ".",
+                    block: Mapping[str, Any] | None = None) -> dict:
+    """`dvc commit` the dataset's stages and write the hashes dvc.lock now holds to ``out``. A
+    dataset that dvc.yaml does not list is versioned through datasets/dvc.yaml, written from its
+    config ``block``."""
     root = Path(project_root).resolve()
     stages = [f"{stage}@{name}" for stage in STAGES]
     listed = _dvc(["stage", "list", "--name-only"], root).split()
@@ -79,19 +91,9 @@ def commit_dataset(name: str, project_root: str | os.PathLike = ".",
     if missing:
         stage_file = write_config_stages(name, block, root).relative_to(root).as_posix()
         stages = [f"{stage_file}:{stage}" for stage in stages]
-    _dvc(["commit", "--force", *stages], root)
-    result: dict[str, Any] = {"dataset": name, "stages": stages}
-    for kind in ("raw", "processed"):
-        info = data_hash(root / "data" / kind / name, root)
-        if info["source"] != "dvc.lock":
-            raise RuntimeError(f"dvc commit did not record data/{kind}/{name} in dvc.lock")
-        result[kind] = info
-    return result
-
-
-def version_dataset(name: str, out: str | os.PathLike, project_root: str = ".",
-                    block: Mapping[str, Any] | None = None) -> dict:
-    result = commit_dataset(name, project_root, block)
+    result = {"dataset": name, "stages": stages,
+              **_commit(root, stages, {kind: root / "data" / kind / name
+                                       for kind in ("raw", "processed")})}
     write_json(out, result)
     return result
 
@@ -108,10 +110,7 @@ def version_pretrain_cache(name: str, out: str | os.PathLike, project_root: str 
         raise RuntimeError(f"dvc.yaml has no stage {stage!r}: add dataset {name!r} to the "
                            f"`datasets` list under vars: in dvc.yaml, or set "
                            f"data_versioning.dvc: false in the config")
-    _dvc(["commit", "--force", stage], root)
-    info = data_hash(root / "data" / "pretrain" / name, root)
-    if info["source"] != "dvc.lock":
-        raise RuntimeError(f"dvc commit did not record data/pretrain/{name} in dvc.lock")
-    result = {"dataset": name, "stages": [stage], "pretrain": info}
+    result = {"dataset": name, "stages": [stage],
+              **_commit(root, [stage], {"pretrain": root / "data" / "pretrain" / name})}
     write_json(out, result)
     return result

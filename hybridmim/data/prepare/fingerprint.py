@@ -26,11 +26,8 @@ def ras_spacing(image_path: Path) -> tuple[float, float, float]:
     """Voxel size (mm) along R, A, S of a NIfTI file, read from its header only."""
     image = nib.load(str(image_path))
     zooms = np.linalg.norm(image.affine[:3, :3], axis=0)
-    ornt = nib.orientations.io_orientation(image.affine)
-    spacing = [0.0, 0.0, 0.0]
-    for axis, (target, _) in enumerate(ornt):
-        spacing[int(target)] = float(zooms[axis])
-    return tuple(round(s, 6) for s in spacing)
+    ras_axis_of = nib.orientations.io_orientation(image.affine)[:, 0]  # voxel axis -> R/A/S
+    return tuple(round(float(s), 6) for s in zooms[np.argsort(ras_axis_of)])
 
 
 def resolve_spacing(spec: DatasetSpec, image_paths: Sequence[Path]) -> tuple[DatasetSpec, dict]:

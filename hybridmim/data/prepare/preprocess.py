@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hybridmim.data.layout import (CaseFiles, LayoutError, atomic_directory, list_cases,
-                                   read_index, write_json)
+                                   read_index, read_json_or_none, write_json)
 from hybridmim.data.prepare.fingerprint import ForegroundSampler, describe_recipe, resolve_spacing
 from hybridmim.dataset_catalog import DatasetSpec
 from hybridmim.hashing import spec_hash
@@ -129,9 +129,8 @@ def raw_fingerprint(raw_dir: Path, cases: list[CaseFiles]) -> str:
 
 
 def _up_to_date(out_dir: Path, wanted_hash: str, fingerprint: str) -> bool:
-    try:
-        index = json.loads((out_dir / "dataset.json").read_text())
-    except (OSError, ValueError):
+    index = read_json_or_none(out_dir / "dataset.json")
+    if index is None:
         return False
     if index.get("recipe_hash") != wanted_hash or index.get("raw_fingerprint") != fingerprint:
         log.info("%s: recipe or raw data changed, rebuilding", out_dir)

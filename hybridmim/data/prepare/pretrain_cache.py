@@ -18,7 +18,6 @@ from typing import Any
 from hybridmim.atomic import write_json
 from hybridmim.dataset_catalog import DatasetSpec
 
-DATA_RECIPES = ("finetune", "native")
 PRETRAIN_SUBDIR = "pretrain"
 
 

@@ -15,19 +15,20 @@ a Synapse download needs, so ``MANUAL_SOURCES`` below holds those facts per data
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from hybridmim.data.integrity import assert_dataset_ok
+from hybridmim.data.layout import read_json_or_none
 from hybridmim.data.sources.convert import convert_folder, convert_msd, get_converter
-from hybridmim.data.sources.download import (SYNAPSE_REPO_ENDPOINT, check_free_space, download,
-                                             synapse_download)
+from hybridmim.data.sources.download import SYNAPSE_REPO_ENDPOINT, download, synapse_download
 from hybridmim.data.sources.extract import safe_extract
 from hybridmim.hashing import md5_file
 
@@ -105,13 +106,6 @@ def _manual_error(name: str, info: ManualSource, downloads_dir: Path) -> ManualD
         f"you extracted it to, and run again.\n  Checksum: {info.checksum_note}")
 
 
-def _read_marker(raw_dir: Path) -> dict | None:
-    try:
-        return json.loads((raw_dir / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _file_identity(path: Path, previous: dict | None) -> dict:
     """name, size, mtime and md5 of a manual archive; the md5 is reused from ``previous`` when
     size and mtime are unchanged (hashing 40 GB on every no-op run would be absurd)."""
@@ -124,8 +118,6 @@ def _file_identity(path: Path, previous: dict | None) -> dict:
 
 
 def _folder_identity(folder: Path) -> dict:
-    import hashlib
-
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in path.relative_to(folder).parts):
@@ -133,16 +125,6 @@ def _folder_identity(folder: Path) -> dict:
         stat = path.stat()
         digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return {"folder": str(folder.resolve()), "listing_sha256": digest.hexdigest()}
-
-
-def _extract_with_space_check(archive: Path, target: Path) -> Path:
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            needed = sum(info.file_size for info in zf.infolist())
-    else:
-        needed = archive.stat().st_size  # an uncompressed tar (MSD) is as large as its content
-    check_free_space(target.parent, needed, f"extracting {archive.name}")
-    return safe_extract(archive, target)
 
 
 def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.PathLike,
@@ -164,33 +146,13 @@ def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.Path
     labels, channels = _get(spec, "labels"), _get(spec, "channels")
     raw_dir = Path(raw_root) / name
     downloads = Path(downloads_dir)
-    environ = os.environ if environ is None else environ
     manual = Path(manual_paths[name]) if manual_paths and name in manual_paths else None
     kind = source.get("kind")
-    previous = _read_marker(raw_dir)
+    previous = read_json_or_none(raw_dir / MARKER)
 
     # What the integrity check accepted the data against: a changed label map or channel list
     # must check the data again.
     checked_against = {"labels": sorted(int(k) for k in labels), "channels": list(channels)}
-
-    def finish(identity: dict) -> dict:
-        return {"format": MARKER_FORMAT, "dataset": name, "source_kind": kind,
-                "source": identity, "checked_against": checked_against}
-
-    user_dataset = kind == "folder"
-    declared_by = (f"the config block of dataset {name!r}" if user_dataset
-                   else f"the registry entry {name!r}")
-
-    def checked_writer(identity: dict, shown_as: Path | str | None = None):
-        # The check runs on a temporary copy that is deleted on failure: name what the user has.
-        shown_as = shown_as or f"{raw_dir} (as converted from {kind} source)"
-
-        def verify(folder: Path) -> None:
-            assert_dataset_ok(folder, labels, channels, shown_as=shown_as,
-                              declared_by=declared_by)
-            (folder / MARKER).write_text(json.dumps(finish(identity), indent=2) + "\n")
-        return verify
-
     if previous and previous.get("format") == MARKER_FORMAT and previous.get(
             "source_kind") == kind and previous.get("checked_against") in (None, checked_against):
         done = previous.get("source", {})
@@ -207,100 +169,148 @@ def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.Path
     if kind == "generated":
         from hybridmim.data.demo import generate_demo
 
+        log.info("generating demo dataset %s (%s) into %s", name, source.get("generator", name),
+                 raw_dir)
         out = generate_demo(source.get("generator", name), raw_dir,
                             num_cases=int(source.get("num_cases", 10)),
                             num_test=int(source.get("num_test", 2)),
                             seed=int(source.get("seed", 0)))
         assert_dataset_ok(out, labels, channels)
         return out
+    if kind not in _SOURCES:
+        raise ValueError(f"dataset {name!r}: unknown source kind {kind!r} (expected url, "
+                         "manual, folder or generated)")
+    located = _SOURCES[kind](_Request(
+        name, source, raw_dir, downloads, manual, previous.get("source") if previous else None,
+        progress, workers, dict(converter_options or {}),
+        os.environ if environ is None else environ))
 
-    if kind == "folder":
-        folder = Path(source["path"]) if manual is None else manual
-        _require_folder(folder, name)
-        identity = _folder_identity(folder)
-        convert_folder(folder, raw_dir, verify=checked_writer(identity, shown_as=folder))
-        return raw_dir
+    marker = {"format": MARKER_FORMAT, "dataset": name, "source_kind": kind,
+              "source": located.identity, "checked_against": checked_against}
+    # The check runs on a temporary copy that is deleted on failure: name what the user has.
+    shown_as = located.shown_as or f"{raw_dir} (as converted from {kind} source)"
+    declared_by = (f"the config block of dataset {name!r}" if kind == "folder"
+                   else f"the registry entry {name!r}")
 
-    if kind == "url" and manual is not None and manual.is_dir():
+    def verify(folder: Path) -> None:
+        assert_dataset_ok(folder, labels, channels, shown_as=shown_as, declared_by=declared_by)
+        (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+    located.convert(located.folder, raw_dir, verify=verify)
+    if located.extracted is not None and not keep_extracted:
+        shutil.rmtree(located.extracted, ignore_errors=True)
+    return raw_dir
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What a source kind's handler needs to find (download, extract) the data."""
+    name: str
+    source: dict
+    raw_dir: Path
+    downloads: Path
+    manual: Path | None
+    previous: dict | None  # the source identity the last acquisition recorded
+    progress: bool
+    workers: int
+    converter_options: dict
+    environ: Mapping[str, str]
+
+
+class _Located(NamedTuple):
+    """A source on this machine, ready to convert into the canonical layout."""
+    folder: Path  # what the converter reads
+    identity: dict  # recorded as the marker's "source": a later run compares against it
+    convert: Callable[..., Path]  # convert(folder, raw_dir, verify=...)
+    shown_as: Path | str | None = None  # how the integrity check names the data
+    extracted: Path | None = None  # an extraction to delete after the conversion
+
+
+def _from_folder(r: _Request) -> _Located:
+    """A user's folder that already has the canonical layout."""
+    folder = Path(r.source["path"]) if r.manual is None else r.manual
+    _require_folder(folder, r.name)
+    return _Located(folder, _folder_identity(folder), convert_folder, shown_as=folder)
+
+
+def _from_url(r: _Request) -> _Located:
+    """A published archive (MSD): downloaded, or a copy of it the user got by other means."""
+    convert = functools.partial(convert_msd, archive_root=r.source.get("archive_root"))
+    if r.manual is not None and r.manual.is_dir():
         # The user extracted the published archive already (e.g. downloaded elsewhere).
-        convert_msd(manual, raw_dir, archive_root=source.get("archive_root"),
-                    verify=checked_writer(_folder_identity(manual),
-                                          shown_as=f"{raw_dir} (as converted from {manual})"))
-        return raw_dir
+        return _Located(r.manual, _folder_identity(r.manual), convert,
+                        shown_as=f"{r.raw_dir} (as converted from {r.manual})")
+    url, md5 = r.source["url"], r.source.get("md5")
+    if r.manual is not None and r.manual.is_file():
+        # A copy the user fetched by other means must still be the published file.
+        archive = r.manual
+        if md5 and md5_file(archive) != md5:
+            raise ManualDownloadRequired(
+                f"{archive}: md5 differs from the published {md5} of {url}; the copy is "
+                "incomplete or a different release. Delete it (or drop the manual path) to let "
+                "the download fetch it.")
+    else:
+        archive = r.downloads / (r.source.get("archive") or url.rsplit("/", 1)[-1])
+        download(url, archive, md5=md5, size=r.source.get("size"), progress=r.progress)
+    extracted = safe_extract(archive, r.downloads / "extracted" / r.name)
+    return _Located(extracted, {"url": url, "md5": md5, "file": archive.name}, convert,
+                    extracted=extracted)
 
-    if kind == "url":
-        archive_name = source.get("archive") or source["url"].rsplit("/", 1)[-1]
-        if manual is not None and manual.is_file():
-            # A copy the user fetched by other means must still be the published file.
-            archive = manual
-            if source.get("md5") and md5_file(archive) != source["md5"]:
-                raise ManualDownloadRequired(
-                    f"{archive}: md5 differs from the published {source['md5']} of "
-                    f"{source['url']}; the copy is incomplete or a different release. Delete it "
-                    "(or drop the manual path) to let the download fetch it.")
-        else:
-            archive = downloads / archive_name
-            download(source["url"], archive, md5=source.get("md5"), size=source.get("size"),
-                     progress=progress)
-        extracted = _extract_with_space_check(archive, downloads / "extracted" / name)
-        identity = {"url": source["url"], "md5": source.get("md5"), "file": archive.name}
-        convert_msd(extracted, raw_dir, archive_root=source.get("archive_root"),
-                    verify=checked_writer(identity))
-        _cleanup(extracted, keep_extracted)
-        return raw_dir
 
-    if kind == "manual":
-        info = MANUAL_SOURCES.get(name)
-        converter_name = source.get("converter", name)
-        # A manual path that does not exist yet (config/paper.yaml names one for BTCV) must not
-        # hide the token: the download then lands at that path.
-        location = manual if manual is not None and manual.exists() else _find_manual(
-            downloads, name, source, info)
-        if location is None and info and info.synapse_file_id and environ.get(SYNAPSE_TOKEN_ENV):
-            location = (manual if manual is not None and manual.suffix == ".zip"
-                        else downloads / info.archive_names[0])
-            log.info("Downloading %s from Synapse (%s) with the token in %s", name,
-                     info.synapse_file_id, SYNAPSE_TOKEN_ENV)
-            synapse_download(info.synapse_file_id, location, environ[SYNAPSE_TOKEN_ENV],
-                             endpoint=environ.get("SYNAPSE_REPO_ENDPOINT", SYNAPSE_REPO_ENDPOINT),
-                             progress=progress)
-        if location is None or not location.exists():
-            if info is None:
-                raise ManualDownloadRequired(
-                    f"Dataset {name!r} must be downloaded by hand: {source.get('instructions')} "
-                    f"Put {source.get('archive')} in {downloads} or set its manual path.")
-            if manual is not None:
-                raise ManualDownloadRequired(
-                    f"The manual path {manual} for {name!r} does not exist.\n"
-                    + str(_manual_error(name, info, downloads)))
-            raise _manual_error(name, info, downloads)
-        extracted = None
-        if location.is_file():
-            identity = _file_identity(location, previous.get("source") if previous else None)
-            expected = source.get("md5")
-            if expected and identity["md5"] != expected:
-                raise ManualDownloadRequired(
-                    f"{location}: md5 {identity['md5']} differs from the expected {expected}; "
-                    "the file is incomplete or a different release. Download it again.")
-            if info and info.reported_md5 and identity["md5"] != info.reported_md5:
-                log.warning("%s: md5 %s differs from the md5 reported elsewhere (%s); continuing "
-                            "— the conversion and integrity checks decide", location,
-                            identity["md5"], info.reported_md5)
-            extracted = _extract_with_space_check(location, downloads / "extracted" / name)
-            convert_from = extracted
-        else:
-            identity = _folder_identity(location)
-            convert_from = location
-        converter = get_converter(converter_name)
-        kwargs = {"workers": workers} if converter_name == "brats2020" else {}
-        kwargs.update(converter_options or {})
-        converter(convert_from, raw_dir, verify=checked_writer(identity), **kwargs)
-        if extracted is not None:
-            _cleanup(extracted, keep_extracted)
-        return raw_dir
+def _from_manual(r: _Request) -> _Located:
+    """An archive or folder behind a registration (BTCV, BraTS): in the downloads folder, at the
+    manual path, or (BTCV) fetched from Synapse with the user's token."""
+    info = MANUAL_SOURCES.get(r.name)
+    converter_name = r.source.get("converter", r.name)
+    options = {"workers": r.workers} if converter_name == "brats2020" else {}
+    convert = functools.partial(get_converter(converter_name),
+                                **{**options, **r.converter_options})
+    location = _locate_manual(r, info)
+    if location.is_dir():
+        return _Located(location, _folder_identity(location), convert)
+    identity = _file_identity(location, r.previous)
+    expected = r.source.get("md5")
+    if expected and identity["md5"] != expected:
+        raise ManualDownloadRequired(
+            f"{location}: md5 {identity['md5']} differs from the expected {expected}; "
+            "the file is incomplete or a different release. Download it again.")
+    if info and info.reported_md5 and identity["md5"] != info.reported_md5:
+        log.warning("%s: md5 %s differs from the md5 reported elsewhere (%s); continuing "
+                    "— the conversion and integrity checks decide", location,
+                    identity["md5"], info.reported_md5)
+    extracted = safe_extract(location, r.downloads / "extracted" / r.name)
+    return _Located(extracted, identity, convert, extracted=extracted)
 
-    raise ValueError(f"dataset {name!r}: unknown source kind {kind!r} (expected url, manual, "
-                     "folder or generated)")
+
+_SOURCES: dict[str, Callable[[_Request], _Located]] = {
+    "folder": _from_folder, "url": _from_url, "manual": _from_manual}
+
+
+def _locate_manual(r: _Request, info: ManualSource | None) -> Path:
+    """The manual archive or folder; with a Synapse token (BTCV) it is downloaded first."""
+    # A manual path that does not exist yet (config/paper.yaml names one for BTCV) must not
+    # hide the token: the download then lands at that path.
+    manual = r.manual
+    location = manual if manual is not None and manual.exists() else _find_manual(
+        r.downloads, r.name, r.source, info)
+    if location is None and info and info.synapse_file_id and r.environ.get(SYNAPSE_TOKEN_ENV):
+        location = (manual if manual is not None and manual.suffix == ".zip"
+                    else r.downloads / info.archive_names[0])
+        log.info("Downloading %s from Synapse (%s) with the token in %s", r.name,
+                 info.synapse_file_id, SYNAPSE_TOKEN_ENV)
+        synapse_download(info.synapse_file_id, location, r.environ[SYNAPSE_TOKEN_ENV],
+                         endpoint=r.environ.get("SYNAPSE_REPO_ENDPOINT", SYNAPSE_REPO_ENDPOINT),
+                         progress=r.progress)
+    if location is not None and location.exists():
+        return location
+    if info is None:
+        raise ManualDownloadRequired(
+            f"Dataset {r.name!r} must be downloaded by hand: {r.source.get('instructions')} "
+            f"Put {r.source.get('archive')} in {r.downloads} or set its manual path.")
+    if manual is not None:
+        raise ManualDownloadRequired(f"The manual path {manual} for {r.name!r} does not exist.\n"
+                                     + str(_manual_error(r.name, info, r.downloads)))
+    raise _manual_error(r.name, info, r.downloads)
 
 
 def _require_folder(folder: Path, name: str) -> None:
@@ -317,14 +327,9 @@ def _require_folder(folder: Path, name: str) -> None:
 
 def _find_manual(downloads: Path, name: str, source: dict,
                  info: ManualSource | None) -> Path | None:
-    names = list(info.archive_names + info.folder_names) if info else []
-    if source.get("archive") and source["archive"] not in names:
-        names.insert(0, source["archive"])
-    for candidate in names:
-        path = downloads / candidate
-        if path.is_file() or path.is_dir():
-            return path
-    return None
+    names = [source["archive"]] if source.get("archive") else []
+    names += list(info.archive_names + info.folder_names) if info else []
+    return next((downloads / n for n in names if (downloads / n).exists()), None)
 
 
 def _unchanged_manual(done: dict, manual: Path | None, downloads: Path, name: str,
@@ -342,8 +347,3 @@ def _unchanged_manual(done: dict, manual: Path | None, downloads: Path, name: st
     stat = location.stat()
     return (location.name, stat.st_size, stat.st_mtime_ns) == (done.get("file"), done.get("size"),
                                                                done.get("mtime_ns"))
-
-
-def _cleanup(extracted: Path, keep: bool) -> None:
-    if not keep:
-        shutil.rmtree(extracted, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -45,33 +46,20 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class _StripAuthOnRedirect(urllib.request.HTTPRedirectHandler):
-    """Follow redirects, but never forward an Authorization header to another host.
-
-    urllib copies every header to the redirect target; a bearer token must not leak to, say, the
-    cloud bucket a pre-signed URL points at (which would also reject the second auth mechanism).
-    """
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(
-                req.full_url).netloc:
-            for key in list(new.headers):
-                if key.lower() == "authorization":
-                    del new.headers[key]
-        return new
-
-
-_OPENER = urllib.request.build_opener(_StripAuthOnRedirect())
-
-
 def open_url(url: str, headers: dict[str, str] | None = None, timeout: float = 30.0,
              data: bytes | None = None, method: str | None = None):
-    """Open a URL with our redirect policy; raises urllib errors unchanged."""
+    """Open a URL, following redirects; raises urllib errors unchanged.
+
+    urllib copies every header to a redirect target except the "unredirected" ones, so the
+    Authorization header is added as one: a bearer token must not leak to, say, the cloud bucket a
+    pre-signed URL points at (which would also reject the second auth mechanism)."""
     request = urllib.request.Request(url, data=data, method=method)
     for key, value in (headers or {}).items():
-        request.add_header(key, value)
-    return _OPENER.open(request, timeout=timeout)
+        if key.lower() == "authorization":
+            request.add_unredirected_header(key, value)
+        else:
+            request.add_header(key, value)
+    return urllib.request.urlopen(request, timeout=timeout)
 
 
 def _human(n: float) -> str:
@@ -99,14 +87,9 @@ def _verify(path: Path, url: str, md5: str | None, sha256: str | None, size: int
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
         problems.append(f"size {actual_size} bytes, expected {size}")
-    if not problems and md5:
-        got = md5_file(path)
-        if got.lower() != md5.lower():
-            problems.append(f"md5 {got}, expected {md5}")
-    if not problems and sha256:
-        got = sha256_file(path)
-        if got.lower() != sha256.lower():
-            problems.append(f"sha256 {got}, expected {sha256}")
+    for kind, expected, digest in (("md5", md5, md5_file), ("sha256", sha256, sha256_file)):
+        if expected and not problems and (got := digest(path)).lower() != expected.lower():
+            problems.append(f"{kind} {got}, expected {expected}")
     if problems:
         path.unlink(missing_ok=True)
         raise DownloadError(
@@ -242,8 +225,6 @@ SYNAPSE_REPO_ENDPOINT = "https://repo-prod.prod.sagebase.org/repo/v1"
 
 
 def _synapse_json(url: str, token: str, timeout: float):
-    import json
-
     try:
         with open_url(url, {"Authorization": f"Bearer {token}", "Accept": "application/json"},
                       timeout=timeout) as response:

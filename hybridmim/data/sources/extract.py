@@ -2,9 +2,9 @@
 
 Archives come from the internet or from a user's download folder, so every member is checked
 before a byte of it is written: no absolute paths, no ``..`` escaping the target, no symlinks or
-hard links (a link could later redirect a write outside the target), no devices or FIFOs. Tar
-members pass the standard library's ``data`` extraction filter plus two stricter refusals; zip has
-no such filter, so its members are checked here. Everything is written into a temporary sibling
+hard links (a link could later redirect a write outside the target), no devices or FIFOs. Every
+member gets our path and link checks; tar members also pass the standard library's ``data``
+extraction filter (zip has no such filter). Everything is written into a temporary sibling
 folder that is renamed onto the target only after the whole archive was read without error and a
 ``.complete`` marker was written inside it. A truncated or corrupt archive leaves nothing behind.
 """
@@ -21,6 +21,9 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
+
+from hybridmim.data.layout import read_json_or_none
+from hybridmim.data.sources.download import check_free_space
 
 log = logging.getLogger("hybridmim.data.sources.extract")
 
@@ -49,21 +52,12 @@ def _safe_relative(name: str, archive: Path) -> PurePosixPath:
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
-def _copy_stream(src, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "wb") as out:
-        shutil.copyfileobj(src, out, _COPY_BUFFER)
-
-
 def _tar_member_filter(archive: Path, counter: list[int]):
     """The standard library's ``data`` filter (no escape from the target, no device/FIFO, sane
-    modes), with two refusals stricter than it: absolute names (it would strip the ``/``) and
-    links of any kind (the datasets have none; a link can redirect a later write)."""
+    modes), with the refusals of zip members: absolute names (it would strip the ``/``), any
+    ``..``, and links of any kind (the datasets have none; a link can redirect a later write)."""
     def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-        if PurePosixPath(member.name.replace("\\", "/")).is_absolute() or member.name[1:2] == ":":
-            raise UnsafeArchiveError(f"{archive}: member {member.name!r} has an absolute path; "
-                                     "refusing to extract this archive (it may be malicious or "
-                                     "corrupt).")
+        _safe_relative(member.name, archive)
         if member.issym() or member.islnk():
             link_kind = "symbolic" if member.issym() else "hard"
             raise UnsafeArchiveError(
@@ -72,10 +66,6 @@ def _tar_member_filter(archive: Path, counter: list[int]):
                 "outside the target folder.")
         try:
             checked = tarfile.data_filter(member, dest)
-        except tarfile.OutsideDestinationError:
-            raise UnsafeArchiveError(f"{archive}: member {member.name!r} contains '..' and would "
-                                     "escape the target folder; refusing to extract this "
-                                     "archive.") from None
         except tarfile.SpecialFileError:
             raise UnsafeArchiveError(f"{archive}: member {member.name!r} is a device, FIFO or "
                                      "other special file; refusing to extract it.") from None
@@ -114,42 +104,39 @@ def _extract_zip(archive: Path, into: Path) -> int:
             if info.is_dir():
                 (into / rel).mkdir(parents=True, exist_ok=True)
                 continue
-            with zf.open(info) as source:  # reading to the end checks the member's CRC
-                _copy_stream(source, into / rel)
+            (into / rel).parent.mkdir(parents=True, exist_ok=True)
+            # reading to the end checks the member's CRC
+            with zf.open(info) as source, open(into / rel, "wb") as out:
+                shutil.copyfileobj(source, out, _COPY_BUFFER)
             count += 1
     return count
-
-
-def is_complete(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / COMPLETE_MARKER).is_file()
 
 
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Extract ``archive`` into ``target`` safely and atomically; return ``target``.
 
-    Idempotent: a target holding the ``.complete`` marker of the same archive (same name and size)
-    is returned as is. Anything else already at ``target`` is an unfinished earlier attempt and is
-    replaced.
+    Fails before writing when the target's file system lacks the space. Idempotent: a target
+    holding the ``.complete`` marker of the same archive (same name and size) is returned as is.
+    Anything else already at ``target`` is an unfinished earlier attempt and is replaced.
     """
     archive, target = Path(archive), Path(target)
     if not archive.is_file():
         raise ArchiveError(f"Archive {archive} does not exist.")
     record = {"archive": archive.name, "size": archive.stat().st_size}
-    marker = target / COMPLETE_MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == record:
-                log.info("%s already extracted into %s", archive.name, target)
-                return target
-        except json.JSONDecodeError:
-            pass
+    if read_json_or_none(target / COMPLETE_MARKER) == record:
+        log.info("%s already extracted into %s", archive.name, target)
+        return target
     if zipfile.is_zipfile(archive):
         extractor = _extract_zip
+        with zipfile.ZipFile(archive) as zf:
+            needed = sum(info.file_size for info in zf.infolist())
     elif tarfile.is_tarfile(archive):
         extractor = _extract_tar
+        needed = archive.stat().st_size  # an uncompressed tar (MSD) is as large as its content
     else:
         raise ArchiveError(f"{archive} is neither a tar nor a zip archive (or it is truncated "
                            "before its first member). Delete it and download it again.")
+    check_free_space(target.parent, needed, f"extracting {archive.name}")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of an attempt that was killed (SIGKILL, power loss) before its cleanup ran.
     for stale in target.parent.glob(f".{target.name}.extracting-*"):

@@ -25,7 +25,8 @@ import nibabel as nib
 import numpy as np
 
 from hybridmim.data.layout import make_index, save_nifti, write_json
-from hybridmim.data.sources.convert.common import ConversionError, Verify, find_dirs, publish
+from hybridmim.data.sources.convert.common import (ConversionError, Verify, find_dirs, find_nifti,
+                                                   publish)
 from hybridmim.dataset_catalog import BRATS_LABELS
 
 log = logging.getLogger("hybridmim.data.sources.convert.brats")
@@ -39,25 +40,18 @@ _CASE = re.compile(r"^BraTS20_(Training|Validation)_(\d{3})$")
 _AFFINE_ATOL_MM = 1e-3
 
 
-def _find(folder: Path, stem: str) -> Path | None:
-    for ext in (".nii.gz", ".nii"):
-        if (folder / f"{stem}{ext}").is_file():
-            return folder / f"{stem}{ext}"
-    return None
-
-
 def _case_files(folder: Path, labelled: bool) -> tuple[list[Path], Path | None, list[str]]:
     case = folder.name
     problems = []
     channels = []
     for channel in CHANNEL_ORDER:
-        path = _find(folder, f"{case}_{channel}")
+        path = find_nifti(folder, f"{case}_{channel}")
         if path is None:
             problems.append(f"{case}: missing {case}_{channel}.nii[.gz]")
         channels.append(path)
     seg = None
     if labelled:
-        seg = _find(folder, f"{case}_seg")
+        seg = find_nifti(folder, f"{case}_seg")
         if seg is None:
             seg = next((folder / alias for alias in SEGMENTATION_ALIASES.get(case, ())
                         if (folder / alias).is_file()), None)
@@ -66,9 +60,11 @@ def _case_files(folder: Path, labelled: bool) -> tuple[list[Path], Path | None, 
     return channels, seg, problems
 
 
-def _read(path: Path) -> nib.Nifti1Image:
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels and affine of a NIfTI file; a damaged or truncated one is named in the error."""
     try:
-        return nib.load(str(path))  # header only; the voxels are read (and checked) later
+        image = nib.load(str(path))
+        return np.asanyarray(image.dataobj), image.affine
     except Exception as err:  # nibabel raises many types for a broken file
         raise ConversionError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err}); "
                               "the file is damaged — re-extract or re-download it.") from None
@@ -77,34 +73,24 @@ def _read(path: Path) -> nib.Nifti1Image:
 def _stack_case(args) -> None:
     """Write one case (runs in a worker process when ``workers`` > 1)."""
     case, channel_paths, seg_path, image_out, label_out = args
-    images = [_read(p) for p in channel_paths]
-    reference = images[0]
-    for path, image in zip(channel_paths[1:], images[1:]):
-        if image.shape != reference.shape:
-            raise ConversionError(f"{case}: {path.name} has shape {image.shape} but "
-                                  f"{channel_paths[0].name} has {reference.shape}")
-        if not np.allclose(image.affine, reference.affine, atol=_AFFINE_ATOL_MM):
+    arrays, affines = zip(*(_read(p) for p in channel_paths))
+    for path, array, affine in zip(channel_paths[1:], arrays[1:], affines[1:]):
+        if array.shape != arrays[0].shape:
+            raise ConversionError(f"{case}: {path.name} has shape {array.shape} but "
+                                  f"{channel_paths[0].name} has {arrays[0].shape}")
+        if not np.allclose(affine, affines[0], atol=_AFFINE_ATOL_MM):
             raise ConversionError(f"{case}: {path.name} and {channel_paths[0].name} have "
                                   "different affines (not co-registered)")
-    try:
-        arrays = [np.asanyarray(image.dataobj) for image in images]
-    except Exception as err:
-        raise ConversionError(f"{case}: an image file is truncated or damaged ({err}); "
-                              "re-extract or re-download the archive.") from None
     dtype = np.result_type(*arrays)
     stacked = np.stack([a.astype(dtype, copy=False) for a in arrays], axis=-1)
-    save_nifti(stacked, reference.affine, image_out)
+    save_nifti(stacked, affines[0], image_out)
     if seg_path is not None:
-        seg = _read(seg_path)
-        try:
-            values = np.asanyarray(seg.dataobj)
-        except Exception as err:
-            raise ConversionError(f"{seg_path}: truncated or damaged ({err}).") from None
+        values, seg_affine = _read(seg_path)
         rounded = np.rint(values)
         if not np.array_equal(rounded, values) or rounded.min() < 0 or rounded.max() > 255:
             raise ConversionError(f"{seg_path}: segmentation values must be integers in 0..255; "
                                   f"found {np.unique(values)[:10]}")
-        save_nifti(rounded.astype(np.uint8), seg.affine, label_out)
+        save_nifti(rounded.astype(np.uint8), seg_affine, label_out)
 
 
 def find_brats_cases(source: Path) -> list[Path]:
@@ -147,8 +133,6 @@ def convert_brats(source: Path, out_dir: Path, verify: Verify | None = None,
                               + ". Re-extract or re-download the archive.")
 
     def build(temp: Path) -> None:
-        for sub in ("imagesTr", "labelsTr", "imagesTs"):
-            (temp / sub).mkdir()
         tasks, entries, test = [], [], []
         for case, channels, seg in jobs:
             sub = "imagesTr" if seg is not None else "imagesTs"

@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 from hybridmim.data.layout import make_index, strip_nifti_suffix, write_json
-from hybridmim.data.sources.convert.common import (ConversionError, Verify, find_dirs, link_or_copy,
+from hybridmim.data.sources.convert.common import (ConversionError, Verify, find_dirs, find_nifti,
+                                                   link_or_copy,
                                                    nifti_files, publish)
 from hybridmim.dataset_catalog import BTCV_LABELS, BTCV_SPLITS
 
@@ -53,9 +54,7 @@ def convert_btcv(source: Path, out_dir: Path, verify: Verify | None = None,
             problems.append(f"unexpected file {image.name} in {image.parent}")
             continue
         number = match.group(1)
-        label_dir = root / "Training" / "label"
-        label = next((label_dir / f"label{number}{ext}" for ext in (".nii.gz", ".nii")
-                      if (label_dir / f"label{number}{ext}").is_file()), None)
+        label = find_nifti(root / "Training" / "label", f"label{number}")
         if label is None:
             problems.append(f"{image.name} has no label{number}.nii.gz in Training/label/")
             continue
@@ -76,8 +75,6 @@ def convert_btcv(source: Path, out_dir: Path, verify: Verify | None = None,
                               + ". Re-download RawData.zip and run again.")
 
     def build(temp: Path) -> None:
-        for sub in ("imagesTr", "labelsTr", "imagesTs"):
-            (temp / sub).mkdir()
         training = []
         for case, image, label in pairs:
             suffix = ".nii.gz" if image.name.endswith(".gz") else ".nii"

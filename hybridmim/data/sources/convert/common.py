@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-from hybridmim.data.layout import atomic_directory
+from hybridmim.data.layout import LAYOUT_DIRS, NIFTI_SUFFIXES, atomic_directory
 
 log = logging.getLogger("hybridmim.data.sources.convert")
 
@@ -57,13 +57,21 @@ def find_dirs(root: Path, accept: Callable[[Path], bool], max_depth: int = 5) ->
 
 
 def publish(out_dir: Path, build: Callable[[Path], None], verify: Verify | None) -> Path:
-    """Run ``build(temp)``, then ``verify(temp)``; only then rename ``temp`` onto ``out_dir``."""
+    """Run ``build(temp)`` on a temporary folder holding the empty layout folders, then
+    ``verify(temp)``; only then rename ``temp`` onto ``out_dir``."""
     with atomic_directory(Path(out_dir)) as temp:
+        for sub in LAYOUT_DIRS:
+            (temp / sub).mkdir()
         build(temp)
         if verify is not None:
             verify(temp)
     return Path(out_dir)
 
+
+def find_nifti(folder: Path, stem: str) -> Path | None:
+    """``folder/stem.nii.gz`` or ``folder/stem.nii``, whichever exists."""
+    return next((folder / f"{stem}{ext}" for ext in NIFTI_SUFFIXES
+                 if (folder / f"{stem}{ext}").is_file()), None)
 
 
 def nifti_files(folder: Path) -> Iterable[Path]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hybridmim.data.layout import LayoutError, read_index, write_json
-from hybridmim.data.sources.convert.common import (ConversionError, Verify, find_dirs, is_junk,
+from hybridmim.data.layout import (LayoutError, listed_files, read_index, unlisted_files,
+                                   write_json)
+from hybridmim.data.sources.convert.common import (ConversionError, Verify, find_dirs,
                                                    link_or_copy, log, publish)
 
 
@@ -55,17 +56,12 @@ def convert_msd(source: Path, out_dir: Path, archive_root: str | None = None,
         raise ConversionError(
             f"{root}: {len(missing)} file(s) listed in dataset.json are missing from the archive, "
             f"e.g. {missing[:5]}. The download is incomplete or corrupt: delete it and run again.")
-    unlisted = [p.relative_to(root).as_posix() for sub in ("imagesTr", "labelsTr", "imagesTs")
-                if (root / sub).is_dir() for p in sorted((root / sub).iterdir())
-                if not is_junk(p.name) and _relative_entry(p.relative_to(root).as_posix())
-                not in {_relative_entry(x) for x in listed}]
+    unlisted = unlisted_files(root, listed)
     if unlisted:
         log.warning("%s: %d file(s) not listed in dataset.json are left out, e.g. %s", root,
                     len(unlisted), unlisted[:3])
 
     def build(temp: Path) -> None:
-        for sub in ("imagesTr", "labelsTr", "imagesTs"):
-            (temp / sub).mkdir()
         for rel in listed:
             link_or_copy(root / rel, temp / rel.removeprefix("./"))
         out = dict(index)
@@ -82,18 +78,6 @@ def convert_msd(source: Path, out_dir: Path, archive_root: str | None = None,
 
 # ---------------------------------------------------------------------------------------------
 # A user's own folder, already canonical
-def listed_files(folder: Path, index: dict) -> list[str]:
-    """Every file path dataset.json refers to (images may be lists of channel files)."""
-    paths: list[str] = []
-    for entry in index.get("training", []):
-        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-        paths += images + [entry["label"]]
-    for entry in index.get("test", []):
-        image = entry["image"] if isinstance(entry, dict) else entry
-        paths += image if isinstance(image, list) else [image]
-    return paths
-
-
 def convert_folder(folder: Path, out_dir: Path, verify: Verify | None = None) -> Path:
     """A folder that already has the canonical layout → ``out_dir`` (hard links). When ``folder``
     is ``out_dir`` itself it is only checked. Without ``verify`` a listed file that is missing is
@@ -105,7 +89,7 @@ def convert_folder(folder: Path, out_dir: Path, verify: Verify | None = None) ->
         raise ConversionError(f"{err}. A dataset of your own must be a folder with imagesTr/, "
                               "labelsTr/ (and optionally imagesTs/) and dataset.json in the "
                               "Medical Segmentation Decathlon layout.") from None
-    files = listed_files(folder, index)
+    files = listed_files(index)
     absolute = [p for p in files if Path(p).is_absolute() or ".." in Path(p).parts]
     if absolute:
         raise ConversionError(f"{folder / 'dataset.json'}: paths must be relative to the folder "
@@ -120,8 +104,6 @@ def convert_folder(folder: Path, out_dir: Path, verify: Verify | None = None) ->
         return out_dir
 
     def build(temp: Path) -> None:
-        for sub in ("imagesTr", "labelsTr", "imagesTs"):
-            (temp / sub).mkdir()
         for rel in files:
             # A missing file is not linked; the integrity check then reports it with its case,
             # together with every other problem.
