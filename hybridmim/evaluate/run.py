@@ -36,22 +36,11 @@ from hybridmim.hashing import sha256_file, spec_hash as compute_spec_hash
 from hybridmim.models.backbones import backbone_of_class
 from hybridmim.performance import prepare_network
 from hybridmim.progress import StepProgress
+from hybridmim.spec_schemas import check_spec
 
 log = logging.getLogger(__name__)
 
-REQUIRED_KEYS = ("run_name", "out", "tracking", "dataset", "model", "split", "sw_overlap")
 OVERLAY_CASES = 3
-GRIDS = ("original", "resampled")
-
-
-def _check_spec(spec: dict[str, Any]) -> None:
-    missing = [key for key in REQUIRED_KEYS if key not in spec]
-    for key in ("processed_dir", "raw_dir", "labels"):
-        if key not in (spec.get("dataset") or {}):
-            missing.append(f"dataset.{key}")
-    if missing:
-        raise KeyError(f"evaluate spec is missing {missing} (docs/contracts.md, Evaluate spec); "
-                       "rebuild the spec with hybridmim.config")
 
 
 def _check_model_matches(meta: dict[str, Any], dataset: dict[str, Any], model: str) -> None:
@@ -70,7 +59,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     from hybridmim.data.splits import load_splits
     from hybridmim.tracking.runs import tracked_run
 
-    _check_spec(spec)
+    check_spec(spec, "evaluate")
     started = time.monotonic()
     runtime.configure_threads(spec.get("threads"))
     runtime.seed_everything(int(spec.get("seed", 0)))
@@ -104,9 +93,6 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     case_ids_wanted = list(splits[split])
     raw_cases = raw_case_files(dataset, case_ids_wanted)
     grid = spec.get("grid", "original")
-    if grid not in GRIDS:
-        raise ValueError(f"evaluate spec: grid must be one of {GRIDS}, got {grid!r} "
-                         "(config key evaluation.grid)")
     recipe = model_recipe(meta, dataset, model_path)
     labels = meta.get("labels") or dataset["labels"]
     channels = meta.get("channels") or len(dataset.get("channels") or ["image"])

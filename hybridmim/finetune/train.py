@@ -33,40 +33,15 @@ from hybridmim.jobguard import guarded_job
 from hybridmim.preemption import Preempted, TerminationGuard
 from hybridmim.progress import StepProgress
 from hybridmim.schedule import warmup_cosine_scheduler
+from hybridmim.spec_schemas import check_spec
 
 log = logging.getLogger(__name__)
 
-REQUIRED_KEYS = ("run_name", "seed", "out", "tracking", "backbone.name", "backbone.in_channels",
-                 "dataset.name", "dataset.processed_dir", "dataset.window",
-                 "dataset.labels", "init.name", "label_fraction", "optim.lr",
-                 "optim.weight_decay", "optim.steps", "batch_size", "val_every", "sw_overlap",
-                 "checkpoint_every", "log_every")
-
-
-def spec_value(spec: dict[str, Any], dotted: str) -> Any:
-    node: Any = spec
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"finetune spec is missing '{dotted}' (docs/contracts.md, Finetune "
-                           "spec); rebuild the spec with hybridmim.config")
-        node = node[part]
-    return node
-
-
 def check_finetune_spec(spec: dict[str, Any]) -> None:
-    """Fail before any work with a message naming the bad key."""
-    for key in REQUIRED_KEYS:
-        spec_value(spec, key)
+    """Fail before any work with a message naming the bad key (the keys, types and ranges are in
+    workflow/schemas/finetune_spec.schema.yaml; here the checks between keys)."""
+    check_spec(spec, "finetune")
     crop_of(spec)
-    fraction = float(spec["label_fraction"])
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
-    for key in ("optim.steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
-        if int(spec_value(spec, key)) < 1:
-            raise ValueError(f"{key} must be a positive integer, got {spec_value(spec, key)}")
-    if spec["init"].get("first_layer", "keep") not in ("keep", "reinit"):
-        raise ValueError(f"init.first_layer must be 'keep' or 'reinit', got "
-                         f"{spec['init']['first_layer']!r}")
     if spec["init"]["name"] != "scratch" and not spec["init"].get("checkpoint"):
         raise ValueError(f"init.name is {spec['init']['name']!r} but init.checkpoint is empty; "
                          "point it at a pretrained model.pt or use init.name 'scratch'")
