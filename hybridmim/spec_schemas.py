@@ -12,38 +12,41 @@ from functools import cache
 from typing import Any, Iterable
 
 import yaml
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
-from hybridmim.resources import CONFIG_SCHEMA, RESOURCES
-
-STAGES = ("pretrain", "finetune", "evaluate")
+from hybridmim.resources import RESOURCES
 
 
 class SpecError(ValueError):
     """A job spec does not match its schema; the message names the key path."""
 
 
-def schema_path(name: str):
-    """A schema shipped in hybridmim/resources (a link to workflow/schemas/ in a checkout)."""
-    return RESOURCES / f"{name}.schema.yaml"
-
-
-def _load(path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
-
-
 @cache  # the registry asks again on every reference it resolves
 def _retrieve(uri: str) -> Resource:
-    # The spec schemas refer to each other by file name (e.g. backbone.schema.yaml#/$defs/rate);
+    # The schemas refer to each other by file name (e.g. backbone.schema.yaml#/$defs/rate);
     # without a base URI that name is what the registry is asked for.
-    return Resource.from_contents(_load(RESOURCES / uri))
+    contents = yaml.safe_load((RESOURCES / uri).read_text())
+    # Every file is draft 2020-12; without its "$schema" a referenced file is checked by our
+    # validator class (tuples as arrays), not by the stock one jsonschema picks for the dialect.
+    contents.pop("$schema", None)
+    return Resource.from_contents(contents, default_specification=DRAFT202012)
+
+
+# Python callers (the registry's overrides, a backbone dict) may pass tuples where YAML gives lists.
+_Validator = validators.extend(Draft202012Validator, type_checker=(
+    Draft202012Validator.TYPE_CHECKER.redefine("array", lambda _, v: isinstance(v, (list, tuple)))))
 
 
 @cache
-def validator(name: str) -> Draft202012Validator:
-    return Draft202012Validator(_load(schema_path(name)), registry=Registry(retrieve=_retrieve))
+def validator(schema: str) -> Draft202012Validator:
+    """The validator of a schema shipped in hybridmim/resources (links to workflow/schemas/ in a
+    checkout): a file's stem, e.g. "pretrain_spec", or a part of one, "config#/definitions/x"."""
+    stem, _, pointer = schema.partition("#")
+    return _Validator({"$ref": f"{stem}.schema.yaml#{pointer}"},
+                      registry=Registry(retrieve=_retrieve))
 
 
 def _dotted(path: Iterable[Any]) -> str:
@@ -75,12 +78,8 @@ def check_spec(spec: Any, stage: str, error: type[Exception] = SpecError) -> Non
     problem = schema_problem(spec, f"{stage}_spec")
     if problem:
         raise error(f"{stage} spec: {problem}. Build the spec with `hybridmim spec {stage} ...` "
-                    f"from a validated config (its keys: workflow/schemas/{stage}_spec.schema.yaml)")
-
-
-@cache
-def _config_definitions() -> dict[str, Any]:
-    return _load(CONFIG_SCHEMA)["definitions"]
+                    f"from a validated config (its keys: "
+                    f"workflow/schemas/{stage}_spec.schema.yaml)")
 
 
 def _defaults(node: dict[str, Any]) -> dict[str, Any]:
@@ -92,4 +91,5 @@ def config_defaults(definition: str) -> dict[str, Any]:
     """The values the config schema fills into the absent keys of a block (its
     ``definitions.<definition>``, nested blocks included), for code that resolves such a block
     outside a validated config: the config schema stays the one place defaults are written."""
-    return copy.deepcopy(_defaults(_config_definitions()[definition]))
+    definitions = _retrieve("config.schema.yaml").contents["definitions"]
+    return copy.deepcopy(_defaults(definitions[definition]))

@@ -72,7 +72,9 @@ def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
     elif name == "unetr" and resolved["hidden_size"] % resolved["num_heads"]:
         raise ValueError(f"backbone 'unetr': hidden_size {resolved['hidden_size']} must be "
                          f"divisible by num_heads {resolved['num_heads']}")
-    for key in _ENCODER_DROPOUT_KEYS[name]:  # every rate: the model file records floats
+    # The model file's kwargs go through JSON: lists, not tuples, and every rate a float.
+    resolved.update({key: list(v) for key, v in resolved.items() if isinstance(v, tuple)})
+    for key in _ENCODER_DROPOUT_KEYS[name]:
         resolved[key] = float(resolved[key])
     return resolved
 
