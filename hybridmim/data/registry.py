@@ -24,10 +24,10 @@ from typing import Any, Mapping
 from hybridmim.data.intensity import (CT_FINETUNE_WINDOW, CT_FOREGROUND_WINDOW,
                                       CT_PRETRAIN_WINDOW, MRI_FINETUNE_WINDOW,
                                       MRI_PRETRAIN_WINDOW, validate_window)
+from hybridmim.spec_schemas import schema_problem
 
 MODALITIES = ("CT", "MRI")
 MEDIAN_SPACING = "median"
-NORMALIZATIONS = ("none", "zscore_nonzero_channelwise")
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -294,17 +294,19 @@ def _check_keys(name: str, block: Mapping[str, Any]) -> None:
 
 
 def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> DatasetSpec:
+    """``spec`` changed by a config block. Types and forms of its keys are in the config schema's
+    definitions.dataset, checked here too for blocks that come through the Python API."""
     _check_keys(name, block)
+    problem = schema_problem(dict(block), "config#/definitions/dataset", f"datasets.{name}")
+    if problem:
+        raise DatasetConfigError(problem)
     changes: dict[str, Any] = {}
     recipe_changes: dict[str, Any] = {}
     where = f"dataset {name!r}"
     if "modality" in block:
         changes["modality"] = _modality(name, block["modality"])
     if "channels" in block:
-        channels = block["channels"]
-        if not isinstance(channels, (list, tuple)) or not channels:
-            raise DatasetConfigError(f"{where}: 'channels' must be a non-empty list of names")
-        changes["channels"] = tuple(str(c) for c in channels)
+        changes["channels"] = tuple(block["channels"])
     if "labels" in block:
         changes["labels"] = _labels(name, block["labels"])
     if "regions" in block:
@@ -313,24 +315,12 @@ def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> Data
     if "folder" in block:
         changes["source"] = {"kind": "folder", "path": str(block["folder"])}
     if "source" in block:
-        source = dict(block["source"])
-        if source.get("kind") not in ("generated", "url", "manual", "folder"):
-            raise DatasetConfigError(f"{where}: source.kind must be generated, url, manual or "
-                                     f"folder, got {source.get('kind')!r}")
-        changes["source"] = source
+        changes["source"] = dict(block["source"])
     if "spacing" in block:
         spacing = block["spacing"]
-        if spacing is not None and spacing != MEDIAN_SPACING and (
-                not isinstance(spacing, (list, tuple)) or len(spacing) != 3
-                or any(float(s) <= 0 for s in spacing)):
-            raise DatasetConfigError(f"{where}: 'spacing' must be three positive numbers in mm "
-                                     f"(x, y, z), {MEDIAN_SPACING!r} (the dataset's median) or "
-                                     f"null to keep the native spacing")
         recipe_changes["spacing"] = (spacing if spacing == MEDIAN_SPACING else
                                      tuple(float(s) for s in spacing) if spacing else None)
     if "normalize" in block:
-        if block["normalize"] not in NORMALIZATIONS:
-            raise DatasetConfigError(f"{where}: 'normalize' must be one of {NORMALIZATIONS}")
         recipe_changes["normalize"] = block["normalize"]
     if "foreground_threshold" in block:
         recipe_changes["foreground_threshold"] = float(block["foreground_threshold"])
@@ -343,9 +333,6 @@ def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> Data
     if "windows" in block:
         windows = dict(spec.windows)
         for stage, window in dict(block["windows"]).items():
-            if stage not in ("finetune", "pretrain"):
-                raise DatasetConfigError(f"{where}: windows has unknown stage {stage!r}; use "
-                                         f"'finetune' and/or 'pretrain'")
             try:
                 windows[stage] = validate_window(window, f"{where} windows.{stage}")
             except ValueError as error:
@@ -364,9 +351,6 @@ def _modality(name: str, value: Any) -> str:
 
 
 def _labels(name: str, value: Any) -> dict[int, str]:
-    if not isinstance(value, Mapping) or not value:
-        raise DatasetConfigError(f"dataset {name!r}: 'labels' must map label values to names, "
-                                 f"e.g. {{0: background, 1: spleen}}")
     labels: dict[int, str] = {}
     for key, label_name in value.items():
         try:
@@ -388,11 +372,11 @@ def _regions(name: str, value: Any, labels: Mapping[int, str]):
         return None
     regions = {}
     for region, members in dict(value).items():
-        members = tuple(int(m) for m in members)
+        members = tuple(members)
         bad = [m for m in members if m not in labels or m == 0]
-        if not members or bad:
+        if bad:
             raise DatasetConfigError(f"dataset {name!r}: region {region!r} must list foreground "
-                                     f"label values of {sorted(labels)}; bad: {bad or members}")
+                                     f"label values of {sorted(labels)}; bad: {bad}")
         regions[str(region)] = members
     return regions
 
@@ -410,24 +394,14 @@ def _split(name: str, value: Any, spec: DatasetSpec) -> SplitRecipe:
     seed = int(block.pop("seed", spec.split.seed))
     val_is_test = bool(block.pop("val_is_test", False))
     if kind == "fraction":
-        try:
-            fractions = tuple(float(block.pop(k)) for k in SPLIT_NAMES)
-        except KeyError as missing:
-            raise DatasetConfigError(f"{where}: fraction split needs train, val and test "
-                                     f"fractions; missing {missing}") from None
-        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
+        fractions = tuple(float(block.pop(k)) for k in SPLIT_NAMES)
+        if abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
             raise DatasetConfigError(f"{where}: fractions {fractions} must be >= 0, sum to 1 and "
                                      f"give train a positive share")
         recipe = SplitRecipe(kind="fraction", name=str(block.pop("name", "config")),
                              fractions=fractions, seed=seed, val_is_test=val_is_test)
     elif kind == "fixed":
         lists = {k: tuple(str(c) for c in block.pop(k, ())) for k in SPLIT_NAMES}
-        if not lists["train"]:
-            raise DatasetConfigError(f"{where}: a fixed split needs a non-empty 'train' list")
         recipe = SplitRecipe(kind="fixed", name=str(block.pop("name", "config")), fixed=lists,
                              seed=seed, val_is_test=val_is_test)
-    else:
-        raise DatasetConfigError(f"{where}: kind must be 'fraction' or 'fixed', got {kind!r}")
-    if block:
-        raise DatasetConfigError(f"{where}: unknown key(s) {sorted(block)}")
     return recipe
