@@ -12,10 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# The keys a variant may override (those of a method block, except its kind) and geometry.
-METHOD_KEYS = ("box", "masking", "mask_ratio", "region_grouping", "loss_weights", "temperature",
-               "proj_dim", "gather_negatives", "pr_normalisation", "consistency",
-               "swin_bottleneck_slice")
+# The keys a variant may override are the config schema's (definitions.method_override).
 LOSS_TERMS = ("pr", "num", "loc", "con", "cl")
 GEOMETRY_KEYS = ("crop", "region", "patch")
 
@@ -70,38 +67,9 @@ def variant_name(base: str, overrides: dict[str, Any]) -> str:
     return "-".join([base, *change_parts(overrides)])
 
 
-def _check_keys(overrides: Any, where: str) -> None:
-    if not isinstance(overrides, dict) or not overrides:
-        raise VariantError(f"{where} must be a non-empty mapping of method keys to override "
-                           f"(e.g. {{mask_ratio: 0.6}}), got {overrides!r}")
-    for key, value in overrides.items():
-        if key == "loss_weights":
-            if not isinstance(value, dict) or not value:
-                raise VariantError(f"{where}.loss_weights must map loss terms {list(LOSS_TERMS)} "
-                                   f"to weights, got {value!r}")
-            unknown = sorted(set(value) - set(LOSS_TERMS))
-            if unknown:
-                raise VariantError(f"{where}.loss_weights.{unknown[0]} is not a loss term; "
-                                   f"use one of {list(LOSS_TERMS)}")
-        elif key == "geometry":
-            if not isinstance(value, dict) or not value:
-                raise VariantError(f"{where}.geometry must map some of {list(GEOMETRY_KEYS)} to "
-                                   f"sizes in voxels, got {value!r}")
-            unknown = sorted(set(value) - set(GEOMETRY_KEYS))
-            if unknown:
-                raise VariantError(f"{where}.geometry.{unknown[0]} is not a geometry key; "
-                                   f"use one of {list(GEOMETRY_KEYS)}")
-        elif key not in METHOD_KEYS:
-            raise VariantError(f"{where}.{key} cannot be overridden by a variant; a variant "
-                               f"changes one of {list(METHOD_KEYS) + ['geometry']}")
-
-
 def check_geometry(geometry: dict[str, Any], where: str) -> None:
-    """The masking geometry's own constraints, named by the config key that set them."""
-    for key in GEOMETRY_KEYS:
-        value = geometry.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise VariantError(f"{where}.{key} must be a positive integer, got {value!r}")
+    """The masking geometry's constraints between its keys, named by the config key that set
+    them (the config schema has checked each key: a positive integer)."""
     if geometry["crop"] % geometry["region"]:
         raise VariantError(f"{where}: crop ({geometry['crop']}) must be a multiple of region "
                            f"({geometry['region']}); change {where}.crop or {where}.region")
@@ -129,7 +97,8 @@ def resolve_variants(pretraining: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     ``method`` is the base's block with the overrides applied (geometry excluded), ``geometry``
     the experiment geometry with the variant's geometry overrides applied. Every error names the
-    key under ``pretraining.variants``.
+    key under ``pretraining.variants``. The config schema (definitions.method_override) has
+    checked each override's keys and values.
     """
     methods = pretraining.get("methods") or {}
     default_geometry = pretraining.get("geometry") or {}
@@ -142,12 +111,8 @@ def resolve_variants(pretraining: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if (methods[base].get("kind") or "hybridmim") != "hybridmim":
             raise VariantError(f"{where_base}: only HybridMIM methods have ablations; {base!r} "
                                f"is of kind {methods[base].get('kind')!r}")
-        if not isinstance(entries, list) or not entries:
-            raise VariantError(f"{where_base} must be a list of overrides, e.g. "
-                               f"[{{loss_weights: {{cl: 0}}}}, {{mask_ratio: 0.6}}]")
         for i, overrides in enumerate(entries):
             where = f"{where_base}[{i}]"
-            _check_keys(overrides, where)
             name = variant_name(base, overrides)
             if name in methods:
                 raise VariantError(f"{where} is named {name!r}, which is also a method under "
