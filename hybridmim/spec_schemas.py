@@ -59,7 +59,7 @@ def _dotted(path: Iterable[Any]) -> str:
 
 def schema_problem(instance: Any, schema: str, prefix: str = "") -> str | None:
     """What is wrong with ``instance`` under the named schema, key path (after ``prefix``) first,
-    with the key's description where the schema has one; None if it is valid."""
+    then the key's description where the schema has one; None if it is valid."""
     failure = best_match(validator(schema).iter_errors(instance))
     if failure is None:
         return None
@@ -68,9 +68,10 @@ def schema_problem(instance: Any, schema: str, prefix: str = "") -> str | None:
         missing = [f"{where}.{key}" if where else key for key in failure.validator_value
                    if key not in failure.instance]
         return f"missing {missing}"
+    if not where:
+        return failure.message
     about = failure.schema.get("description", "").strip().rstrip(".")
-    message = f"{failure.message} ({about})" if about else failure.message
-    return f"{where}: {message}" if where else message
+    return f"{where}: {failure.message} ({about})" if about else f"{where}: {failure.message}"
 
 
 def check_spec(spec: Any, stage: str, error: type[Exception] = SpecError) -> None:

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from hybridmim.spec_schemas import schema_problem
+
 WINDOW_KEYS: dict[str, tuple[str, ...]] = {
     "ct": ("a_min", "a_max", "b_min", "b_max", "clip"),
     "mri_pretrain": ("z_min", "z_max", "b_min", "b_max"),
@@ -43,25 +45,15 @@ MRI_PRETRAIN_WINDOW = {"kind": "mri_pretrain", "z_min": -3.0, "z_max": 3.0, "b_m
 
 
 def validate_window(window: Any, where: str = "window") -> dict:
-    """Return a checked copy of ``window``; raise ValueError naming ``where`` and the bad key."""
-    if not isinstance(window, dict) or "kind" not in window:
-        raise ValueError(f"{where}: expected a dict with a 'kind' key "
-                         f"({', '.join(WINDOW_KEYS)}), got {window!r}")
+    """Return a checked copy of ``window`` (its bounds as floats); raise ValueError naming
+    ``where`` and the bad key. The keys of each kind are in workflow/schemas/job_common.schema.yaml
+    ($defs/window), which the job spec schemas use too."""
+    problem = schema_problem(window, "job_common#/$defs/window")
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     kind = window["kind"]
-    if kind not in WINDOW_KEYS:
-        raise ValueError(f"{where}: unknown window kind {kind!r}; use one of {sorted(WINDOW_KEYS)}")
-    expected = set(WINDOW_KEYS[kind]) | {"kind"}
-    missing = expected - set(window)
-    unknown = set(window) - expected
-    if missing or unknown:
-        raise ValueError(f"{where}: window of kind {kind!r} needs exactly the keys "
-                         f"{sorted(expected)}; missing {sorted(missing)}, unknown {sorted(unknown)}")
-    checked = dict(window)
-    for key in WINDOW_KEYS[kind]:
-        if key == "clip":
-            checked[key] = bool(window[key])
-        else:
-            checked[key] = float(window[key])
+    checked = {key: value if key in ("kind", "clip") else float(value)
+               for key, value in window.items()}
     low, high = {"ct": ("a_min", "a_max"), "mri_pretrain": ("z_min", "z_max")}.get(kind, (None, None))
     if low and checked[low] >= checked[high]:
         raise ValueError(f"{where}: {low} ({checked[low]}) must be below {high} ({checked[high]})")
