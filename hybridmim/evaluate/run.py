@@ -1,4 +1,4 @@
-"""Test-set evaluation of a fine-tuned model.pt (docs/contracts.md, "Evaluate spec").
+"""Test-set evaluation of a fine-tuned model.pt (spec: workflow/schemas/evaluate_spec.schema.yaml).
 
 Every case of the split is segmented from its RAW files the way `hybridmim predict` does it
 (hybridmim/predict/pipeline.py: the model's preprocessing, sliding windows with the model's crop,

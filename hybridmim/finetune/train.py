@@ -1,4 +1,4 @@
-"""Segmentation fine-tuning: one job spec (docs/contracts.md, "Finetune spec") → ``model.pt``.
+"""Segmentation fine-tuning: one job spec (workflow/schemas/finetune_spec.schema.yaml) → model.pt.
 
 Step-based training of a stock MONAI network with Dice + cross-entropy, validated every
 ``val_every`` steps with sliding-window inference on the split's ``val`` cases. The published
@@ -41,19 +41,9 @@ def check_finetune_spec(spec: dict[str, Any]) -> None:
     """Fail before any work with a message naming the bad key (the keys, types and ranges are in
     workflow/schemas/finetune_spec.schema.yaml; here the checks between keys)."""
     check_spec(spec, "finetune")
-    crop_of(spec)
     if spec["init"]["name"] != "scratch" and not spec["init"].get("checkpoint"):
         raise ValueError(f"init.name is {spec['init']['name']!r} but init.checkpoint is empty; "
                          "point it at a pretrained model.pt or use init.name 'scratch'")
-
-
-def crop_of(spec: dict[str, Any]) -> int:
-    """The training crop (cube edge): ``crop``, or ``geometry.crop`` as pretraining specs put it."""
-    crop = spec.get("crop", (spec.get("geometry") or {}).get("crop"))
-    if not isinstance(crop, int) or isinstance(crop, bool) or crop <= 0:
-        raise KeyError(f"finetune spec needs a positive int 'crop' (or 'geometry.crop'), got "
-                       f"{crop!r}")
-    return crop
 
 
 def dataset_spacing(processed_dir: str | Path) -> list[float] | None:
@@ -103,7 +93,7 @@ class FinetuneJob:
         self.regions = ds.get("regions") or None
         self.names = class_names(ds["labels"], self.regions)
         self.out_channels = len(self.regions) if self.regions else len(ds["labels"])
-        self.crop = crop_of(spec)
+        self.crop = spec["crop"]
         self.optim = spec["optim"]
         self.steps = int(self.optim["steps"])
         runtime.configure_threads(spec.get("threads"))

@@ -1,6 +1,6 @@
 """Backbones: stock MONAI segmentation networks built from a spec's `backbone` dict.
 
-A backbone dict (docs/contracts.md) names the architecture and its widths; this module turns it
+A backbone dict (backbone.schema.yaml) names the architecture and its widths; this module turns it
 into an instance of the stock MONAI class plus the JSON-serialisable kwargs that rebuild it
 (`hybridmim.checkpoints.build_network`), so a published model.pt loads without this package's
 pretraining code. Keys a backbone does not know are refused rather than ignored, so a typo in the
