@@ -68,10 +68,10 @@ def schema_problem(instance: Any, schema: str, prefix: str = "") -> str | None:
         missing = [f"{where}.{key}" if where else key for key in failure.validator_value
                    if key not in failure.instance]
         return f"missing {missing}"
-    if not where:
-        return failure.message
+    # A key's description says what it should be; a whole block's would only be long.
     about = failure.schema.get("description", "").strip().rstrip(".")
-    return f"{where}: {failure.message} ({about})" if about else f"{where}: {failure.message}"
+    message = f"{failure.message} ({about})" if about and failure.absolute_path else failure.message
+    return f"{where}: {message}" if where else message
 
 
 def check_spec(spec: Any, stage: str, error: type[Exception] = SpecError) -> None:

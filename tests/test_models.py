@@ -175,7 +175,7 @@ def test_segmentation_network_kwargs_rebuild_the_same_network(name):
 
 
 @pytest.mark.parametrize("backbone, geometry, method, message", [
-    ({"name": "resnet"}, {}, {}, "backbone.name 'resnet'"),
+    ({"name": "resnet"}, {}, {}, "backbone.name: 'resnet' is not one of ['unet', 'swinunetr'"),
     ({"name": "unet", "filters": [8, 16]}, {}, {}, "backbone.filters: [8, 16] is too short"),
     ({"name": "unet", "widths": [8]}, {}, {}, "('widths' was unexpected)"),
     ({"name": "swinunetr", "feature_size": 16}, {}, {}, "multiple of 12"),

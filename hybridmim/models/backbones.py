@@ -42,26 +42,16 @@ def backbone_names() -> list[str]:
     return sorted(_DEFAULTS)
 
 
-def _backbone_name(backbone: dict[str, Any]) -> str:
-    if not isinstance(backbone, dict) or "name" not in backbone:
-        raise ValueError(f"backbone must be a dict with a 'name' key (one of {backbone_names()}), "
-                         f"got {backbone!r}")
-    name = backbone["name"]
-    if name not in _DEFAULTS:
-        raise ValueError(f"backbone.name {name!r} is not supported; use one of {backbone_names()}")
-    return name
-
-
 def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults and check every key and width; returns a new dict (name, in_channels, ...).
 
     The keys of each architecture, their types and ranges are in
     workflow/schemas/backbone.schema.yaml; the widths that must divide each other are checked here.
     """
-    name = _backbone_name(backbone)
     problem = schema_problem(backbone, "backbone", prefix="backbone")
     if problem:
-        raise ValueError(f"backbone {name!r}: {problem}")
+        raise ValueError(problem)
+    name = backbone["name"]
     resolved = {"in_channels": 1, **copy.deepcopy(_DEFAULTS[name]), **backbone}
     if name == "swinunetr":
         for stage, heads in enumerate(resolved["num_heads"]):
@@ -81,7 +71,7 @@ def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
 
 def encoder_stride(backbone: dict[str, Any]) -> int:
     """Total downsampling of the encoder: 8 (unet), 32 (swinunetr), 16 (unetr)."""
-    return _ENCODER_STRIDE[_backbone_name(backbone)]
+    return _ENCODER_STRIDE[resolve_backbone(backbone)["name"]]
 
 
 def check_crop(backbone: dict[str, Any], crop: int) -> None:
