@@ -3,7 +3,7 @@
 Run through ``benchmarks/gpu_check.sh`` (a wall-clock limit around it). Everything measured uses
 the project's real code: ``hybridmim.pretrain.step.PretrainStep`` (via benchmarks/pretrain_step.py)
 for pretraining, the stock MONAI segmentation networks with DiceCE + AdamW for fine-tuning, and
-``hybridmim.finetune.inference.predict_volume`` (MONAI sliding window) for inference.
+``hybridmim.predict.inference.predict_volume`` (MONAI sliding window) for inference.
 
 Sections (``--size paper``: 96³ crops, batch 4, the paper's backbone widths, bf16):
 
@@ -170,9 +170,9 @@ def finetune_and_inference(args, size, device, precision, clock, peak) -> list[d
     from monai.losses import DiceCELoss
 
     from hybridmim import runtime
-    from hybridmim.finetune.inference import predict_volume
     from hybridmim.models.backbones import build_segmentation_network
     from hybridmim.performance import prepare_network
+    from hybridmim.predict.inference import predict_volume
 
     rows = []
     crop, batch = size["crop"], size["batch"]

@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from hybridmim.data.intensity import CT_FINETUNE_WINDOW, CT_PRETRAIN_WINDOW
     from hybridmim.data.loading import PretrainCropDataset, SegmentationDataset
+    from hybridmim.dataset_catalog import CT_FINETUNE_WINDOW, CT_PRETRAIN_WINDOW
 
     torch.set_num_threads(args.threads)
     needed = args.step_crops / args.step_seconds

@@ -69,9 +69,9 @@ def _build_stepper(config: dict, method_name: str, variant: str | None = None):
     from hybridmim.models.hybridmim_model import build_pretrain_model
     from hybridmim.pretrain.losses import HybridMIMLoss
     from hybridmim.pretrain.masking import MaskGeometry
-    from hybridmim.schedule import warmup_cosine_scheduler
     from hybridmim.pretrain.spec import resolve_method
     from hybridmim.pretrain.step import PretrainStep
+    from hybridmim.schedule import warmup_cosine_scheduler
 
     torch.manual_seed(0)
     device = torch.device(config["device"])

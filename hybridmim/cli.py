@@ -8,6 +8,7 @@ libraries are imported inside the commands so that `hybridmim --help` stays fast
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -16,6 +17,32 @@ from pathlib import Path
 from typing import Any, Callable
 
 log = logging.getLogger("hybridmim")
+
+# Sub-commands that call one library function; "module:function", imported only when it runs.
+DATA_STEPS = [  # (step, functions run in turn on the dataset's config, help)
+    ("acquire", ["hybridmim.data.pipeline:acquire_dataset"],
+     "download/locate/generate, convert and check → data/raw/<ds>"),
+    ("preprocess", ["hybridmim.data.pipeline:preprocess_and_split"],
+     "preprocess and split → data/processed/<ds>"),
+    ("prepare", ["hybridmim.data.pipeline:acquire_dataset",
+                 "hybridmim.data.pipeline:preprocess_and_split"], "acquire + preprocess"),
+    ("preprocess-pretrain", ["hybridmim.data.prepare.pretrain_cache:build_native_cache"],
+     "native-spacing pretraining cache (RAS, no resampling, whole volumes) → data/pretrain/<ds>; "
+     "needs data/raw/<ds> and the split of data/processed/<ds>"),
+]
+JOBS = [  # (command, function that runs a job spec, help)
+    ("pretrain", "hybridmim.pretrain.train:run_pretraining",
+     "HybridMIM / SimMIM pretraining of one backbone on a corpus"),
+    ("finetune", "hybridmim.finetune.train:run_finetuning",
+     "segmentation fine-tuning from scratch or a pretrained model"),
+    ("evaluate", "hybridmim.evaluate.run:run_evaluation",
+     "test-split evaluation (Dice, HD95) with sliding windows"),
+]
+
+
+def _function(target: str) -> Callable[..., Any]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _read_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -36,12 +63,6 @@ def _read_spec(args: argparse.Namespace) -> dict[str, Any]:
                      "(`hybridmim spec ...` prints one from a config)")
 
 
-def _add_spec_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--spec", help="job spec as a JSON string (what Snakemake passes)")
-    group.add_argument("--spec-file", help="job spec as a JSON file")
-
-
 def _dataset_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """A config dict holding at least this dataset's block, and the dataset name."""
     if args.dataset_json:
@@ -59,65 +80,22 @@ def _dataset_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 # ------------------------------------------------------------------------------------------------
 # Commands
-def cmd_data_acquire(args: argparse.Namespace) -> None:
-    from hybridmim.data.pipeline import acquire_dataset
-
+def cmd_data_step(args: argparse.Namespace) -> None:
     config, name = _dataset_config(args)
-    print(acquire_dataset(config, name, data_root=args.data_root))
-
-
-def cmd_data_preprocess(args: argparse.Namespace) -> None:
-    from hybridmim.data.pipeline import preprocess_and_split
-
-    config, name = _dataset_config(args)
-    print(preprocess_and_split(config, name, data_root=args.data_root))
-
-
-def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from hybridmim.data.pipeline import acquire_dataset, preprocess_and_split
-
-    config, name = _dataset_config(args)
-    acquire_dataset(config, name, data_root=args.data_root)
-    print(preprocess_and_split(config, name, data_root=args.data_root))
+    for target in args.steps:
+        result = _function(target)(config, name, data_root=args.data_root)
+    print(result)  # the folder the last step wrote
 
 
 def cmd_data_version(args: argparse.Namespace) -> None:
-    from hybridmim.data.versioning import version_dataset
+    from hybridmim.data.versioning import version_dataset, version_pretrain_cache
 
-    block = json.loads(args.dataset_json) if args.dataset_json else None
-    result = version_dataset(args.dataset, args.out, args.project_root, block)
+    if args.pretrain:
+        result = version_pretrain_cache(args.dataset, args.out, args.project_root)
+    else:
+        block = json.loads(args.dataset_json) if args.dataset_json else None
+        result = version_dataset(args.dataset, args.out, args.project_root, block)
     print(json.dumps(result, indent=2))
-
-
-def cmd_data_preprocess_pretrain(args: argparse.Namespace) -> None:
-    from hybridmim.data.pretrain_cache import build_native_cache
-
-    config, name = _dataset_config(args)
-    print(build_native_cache(config, name, data_root=args.data_root))
-
-
-def cmd_data_version_pretrain(args: argparse.Namespace) -> None:
-    from hybridmim.data.versioning import version_pretrain_cache
-
-    result = version_pretrain_cache(args.dataset, args.out, args.project_root)
-    print(json.dumps(result, indent=2))
-
-
-def _add_pretrain_cache_commands(data_sub: Any) -> None:
-    text = ("native-spacing pretraining cache (RAS, no resampling, whole volumes) → "
-            "data/pretrain/<ds>; needs data/raw/<ds> and the split of data/processed/<ds>")
-    p = data_sub.add_parser("preprocess-pretrain", help=text, description=text)
-    p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
-    p.add_argument("--config", help="experiment config YAML (e.g. config/paper.yaml)")
-    p.add_argument("--dataset-json", help="the dataset's config block as JSON")
-    p.add_argument("--data-root", default="data", help="root of raw/, processed/ and pretrain/")
-    p.set_defaults(func=cmd_data_preprocess_pretrain)
-    p = data_sub.add_parser("version-pretrain",
-                            help="record data/pretrain/<ds>'s hash in dvc.lock (dvc commit)")
-    p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
-    p.add_argument("--out", required=True, help="JSON file that receives the recorded hash")
-    p.add_argument("--project-root", default=".", help="the DVC project (repository) root")
-    p.set_defaults(func=cmd_data_version_pretrain)
 
 
 def cmd_tracking_init(args: argparse.Namespace) -> None:
@@ -132,22 +110,8 @@ def cmd_tracking_init(args: argparse.Namespace) -> None:
     print(uri)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from hybridmim.pretrain.train import run_pretraining
-
-    print(json.dumps(run_pretraining(_read_spec(args)), indent=2, default=str))
-
-
-def cmd_finetune(args: argparse.Namespace) -> None:
-    from hybridmim.finetune.train import run_finetuning
-
-    print(json.dumps(run_finetuning(_read_spec(args)), indent=2, default=str))
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from hybridmim.evaluate.run import run_evaluation
-
-    print(json.dumps(run_evaluation(_read_spec(args)), indent=2, default=str))
+def cmd_job(args: argparse.Namespace) -> None:
+    print(json.dumps(_function(args.runner)(_read_spec(args)), indent=2, default=str))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -214,26 +178,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(path)
 
 
-def add_predict_parser(sub: Any) -> None:
-    text = "segment NIfTI images with a trained model (label maps on the inputs' own grids)"
-    p = sub.add_parser("predict", help=text, description=text,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="a fine-tuned model.pt, an MLflow run id, or an MLflow model URI "
-                        "(models:/<name>/<version>, runs:/<run id>/model)")
-    p.add_argument("--input", required=True,
-                   help="a NIfTI file or a folder of them; multi-channel models take one 4D "
-                        "file per case or <case>_<channel>.nii.gz files")
-    p.add_argument("--out", required=True, help="folder receiving <case>.nii.gz label maps")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store for run ids / model URIs (None: $MLFLOW_TRACKING_URI, "
-                        "else sqlite:///results/mlflow/mlflow.db)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="inference precision (auto: bf16 on a GPU that has it, else fp32)")
-    p.set_defaults(func=cmd_predict)
-
-
 def cmd_export(args: argparse.Namespace) -> None:
     from hybridmim.export.bundle import export_bundle
 
@@ -241,7 +185,65 @@ def cmd_export(args: argparse.Namespace) -> None:
                         overlap=args.overlap))
 
 
-def add_export_parser(sub: Any) -> None:
+# ------------------------------------------------------------------------------------------------
+# Options shared by several commands
+def _add_tracking_uri(p: argparse.ArgumentParser, what: str = "MLflow store") -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help=f"{what} (None: $MLFLOW_TRACKING_URI, else the results DB "
+                        "sqlite:///results/mlflow/mlflow.db)")
+
+
+def _add_dataset_name(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
+
+
+def _add_spec_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--spec", help="job spec as a JSON string (what Snakemake passes)")
+    group.add_argument("--spec-file", help="job spec as a JSON file")
+
+
+def _add_data_commands(sub: Any) -> None:
+    data = sub.add_parser("data", help="acquire, preprocess and split datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="STEP")
+    for name, steps, text in DATA_STEPS:
+        p = data_sub.add_parser(name, help=text, description=text)
+        _add_dataset_name(p)
+        p.add_argument("--config", help="experiment config YAML (e.g. config/config.yaml)")
+        p.add_argument("--dataset-json", help="the dataset's config block as JSON")
+        p.add_argument("--data-root", default="data",
+                       help="root of raw/, processed/ and pretrain/")
+        p.set_defaults(func=cmd_data_step, steps=steps)
+    for name, pretrain, text in [
+        ("version", False, "record the dataset's hashes in dvc.lock (dvc commit)"),
+        ("version-pretrain", True, "record data/pretrain/<ds>'s hash in dvc.lock (dvc commit)"),
+    ]:
+        p = data_sub.add_parser(name, help=text, description=text)
+        _add_dataset_name(p)
+        p.add_argument("--out", required=True, help="JSON file that receives the recorded hashes")
+        p.add_argument("--project-root", default=".", help="the DVC project (repository) root")
+        if not pretrain:
+            p.add_argument("--dataset-json", help="the dataset's config block as JSON: versions "
+                           "a dataset that dvc.yaml does not list through datasets/dvc.yaml")
+        p.set_defaults(func=cmd_data_version, pretrain=pretrain)
+
+
+def _add_predict_and_export(sub: Any) -> None:
+    text = "segment NIfTI images with a trained model (label maps on the inputs' own grids)"
+    p = sub.add_parser("predict", help=text, description=text)
+    p.add_argument("--model", required=True,
+                   help="a fine-tuned model.pt, an MLflow run id, or an MLflow model URI "
+                        "(models:/<name>/<version>, runs:/<run id>/model)")
+    p.add_argument("--input", required=True,
+                   help="a NIfTI file or a folder of them; multi-channel models take one 4D "
+                        "file per case or <case>_<channel>.nii.gz files")
+    p.add_argument("--out", required=True, help="folder receiving <case>.nii.gz label maps")
+    _add_tracking_uri(p, "MLflow store for run ids / model URIs")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="inference precision (auto: bf16 on a GPU that has it, else fp32)")
+    p.set_defaults(func=cmd_predict)
+
     text = ("write a trained (fine-tuned or pretrained) model as a MONAI bundle that runs with "
             "stock MONAI: python -m monai.bundle run --config_file configs/inference.json")
     p = sub.add_parser("export", help="a trained model as a MONAI bundle", description=text)
@@ -249,19 +251,11 @@ def add_export_parser(sub: Any) -> None:
                    help="a model.pt, an MLflow run id, or an MLflow model URI "
                         "(models:/<name>/<version>)")
     p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store for run ids / model URIs and for the model card's test "
-                        "metrics (None: $MLFLOW_TRACKING_URI, else the results DB)")
+    _add_tracking_uri(p, "MLflow store for run ids / model URIs and for the model card's test "
+                         "metrics")
     p.add_argument("--overlap", type=float, default=0.5,
                    help="sliding-window overlap written into configs/inference.json")
     p.set_defaults(func=cmd_export)
-
-
-def add_version_option(parser: argparse.ArgumentParser) -> None:
-    from hybridmim import __version__
-
-    parser.add_argument("--version", action="version", version=f"hybridmim {__version__}",
-                        help="print the version and exit")
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> None:
@@ -275,6 +269,8 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from hybridmim import __version__
+
     parser = argparse.ArgumentParser(
         prog="hybridmim",
         description="HybridMIM reproduction: data, pretraining, fine-tuning, evaluation, report "
@@ -282,30 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: HYBRIDMIM_DEBUG=1)")
+    parser.add_argument("--version", action="version", version=f"hybridmim {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    data = sub.add_parser("data", help="acquire, preprocess and split datasets")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="STEP")
-    for name, func, text in [
-        ("acquire", cmd_data_acquire, "download/locate/generate, convert and check → data/raw/<ds>"),
-        ("preprocess", cmd_data_preprocess, "preprocess and split → data/processed/<ds>"),
-        ("prepare", cmd_data_prepare, "acquire + preprocess"),
-    ]:
-        p = data_sub.add_parser(name, help=text, description=text)
-        p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
-        p.add_argument("--config", help="experiment config YAML (e.g. config/config.yaml)")
-        p.add_argument("--dataset-json", help="the dataset's config block as JSON")
-        p.add_argument("--data-root", default="data", help="root of raw/ and processed/")
-        p.set_defaults(func=func)
-
-    p = data_sub.add_parser("version", help="record the dataset's hashes in dvc.lock (dvc commit)")
-    p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
-    p.add_argument("--out", required=True, help="JSON file that receives the recorded hashes")
-    p.add_argument("--project-root", default=".", help="the DVC project (repository) root")
-    p.add_argument("--dataset-json", help="the dataset's config block as JSON: versions a dataset "
-                   "that dvc.yaml does not list through datasets/dvc.yaml")
-    p.set_defaults(func=cmd_data_version)
-    _add_pretrain_cache_commands(data_sub)
+    _add_data_commands(sub)
 
     track = sub.add_parser("tracking", help="MLflow store management")
     track_sub = track.add_subparsers(dest="tracking_command", required=True, metavar="STEP")
@@ -316,27 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--marker", help="write a JSON marker file when done (for Snakemake)")
     p.set_defaults(func=cmd_tracking_init)
 
-    for name, func, text in [
-        ("pretrain", cmd_pretrain, "HybridMIM / SimMIM pretraining of one backbone on a corpus"),
-        ("finetune", cmd_finetune, "segmentation fine-tuning from scratch or a pretrained model"),
-        ("evaluate", cmd_evaluate, "test-split evaluation (Dice, HD95) with sliding windows"),
-    ]:
+    for name, runner, text in JOBS:
         p = sub.add_parser(name, help=text, description=text)
         _add_spec_args(p)
-        p.set_defaults(func=func)
+        p.set_defaults(func=cmd_job, runner=runner)
 
     p = sub.add_parser("report", help="tables and figures from MLflow")
     p.add_argument("--metrics", nargs="+", required=True, help="evaluate metrics.json files")
     p.add_argument("--pretrain-metrics", nargs="*", help="pretrain metrics.json files")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store (None: $MLFLOW_TRACKING_URI, else the results DB)")
+    _add_tracking_uri(p)
     p.add_argument("--out", default="results", help="folder receiving tables/ and figures/")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("audit", help="re-verify every reported number's provenance")
     p.add_argument("--results", default="results", help="the results folder to audit")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store (None: $MLFLOW_TRACKING_URI, else the results DB)")
+    _add_tracking_uri(p)
     p.add_argument("--project-root", default=".", help="the project (repository) root")
     _add_audit_options(p)
     p.set_defaults(func=cmd_audit)
@@ -349,9 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", default="1", help="label fraction (finetune/evaluate)")
     p.add_argument("--seed", default="0", help="seed (finetune/evaluate)")
     p.set_defaults(func=cmd_spec)
-    add_predict_parser(sub)
-    add_export_parser(sub)
-    add_version_option(parser)
+    _add_predict_and_export(sub)
     show_defaults(parser)
     return parser
 

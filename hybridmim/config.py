@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from hybridmim.data.registry import ACQUISITION_KEYS, DatasetSpec, dataset_from_config
+from hybridmim.dataset_catalog import ACQUISITION_KEYS, DatasetSpec, dataset_from_config
 from hybridmim.hashing import spec_hash
 from hybridmim.resources import CONFIG_SCHEMA
 from hybridmim.variants import VariantError, resolve_variants
@@ -187,7 +187,7 @@ def processed_dir(name: str) -> str:
 
 def pretrain_data_dir(config: dict, name: str) -> str:
     """The cache a pretraining corpus reads: the fine-tuning cache, or the native-spacing one
-    (`pretraining.data_recipe: native`, hybridmim.data.pretrain_cache)."""
+    (`pretraining.data_recipe: native`, hybridmim.data.prepare.pretrain_cache)."""
     if config["pretraining"]["data_recipe"] == "native":
         return f"{DATA_DIR}/pretrain/{name}"
     return processed_dir(name)

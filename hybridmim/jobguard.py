@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "job.lock"
@@ -54,6 +56,11 @@ def _holder(lock_path: Path) -> dict[str, Any]:
         return {}
 
 
+def _who(holder: dict[str, Any]) -> str:
+    return (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+            f"(since {holder.get('started', '?')})")
+
+
 @contextlib.contextmanager
 def job_lock(state_dir: str | os.PathLike, wait_s: float | None = None) -> Iterator[Path]:
     """Hold the job's lock for the duration of the block (see the module docstring)."""
@@ -73,20 +80,16 @@ def job_lock(state_dir: str | os.PathLike, wait_s: float | None = None) -> Itera
             lock.acquire(timeout=0)
         except Timeout:
             holder = _holder(lock_path)
-            who = (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-                   f"(since {holder.get('started', '?')})")
-            log.warning("%s: held by %s; waiting up to %.0f s for it to stop", state_dir, who,
-                        wait_s)
+            log.warning("%s: held by %s; waiting up to %.0f s for it to stop", state_dir,
+                        _who(holder), wait_s)
             try:
                 lock.acquire(timeout=wait_s)
             except Timeout:
                 holder = _holder(lock_path) or holder
-                who = (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-                       f"(since {holder.get('started', '?')})")
                 raise JobLockedError(
-                    f"{state_dir}: this job is already running as {who}; two processes must "
-                    f"not train the same job. Wait for it to finish, or stop it (on that host: "
-                    f"kill {holder.get('pid', '<pid>')}) and run again.") from None
+                    f"{state_dir}: this job is already running as {_who(holder)}; two processes "
+                    f"must not train the same job. Wait for it to finish, or stop it (on that "
+                    f"host: kill {holder.get('pid', '<pid>')}) and run again.") from None
     except OSError as error:
         # Some cluster file systems refuse locks (Lustre without -o flock): run unlocked rather
         # than not at all, and say so.
@@ -106,63 +109,37 @@ def _utc_now() -> str:
 
 # ------------------------------------------------------------------------------------------------
 # The parent watch
-def _proc_stat(pid: int) -> tuple[str, int, str] | None:
-    """(state, parent pid, start time) of a process from /proc, or None when it does not exist."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), fields[19]
-
-
-def _is_snakemake(pid: int) -> bool:
+def _is_snakemake(process: psutil.Process) -> bool:
     """`snakemake ...`, `python /venv/bin/snakemake ...` or `python -m snakemake ...` (not a
     shell whose command line merely mentions the word)."""
     try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
-    except OSError:
+        args = process.cmdline()[:3]
+    except psutil.Error:
         return False
-    return any(Path(arg.decode(errors="replace")).name == "snakemake" for arg in args)
+    return any(Path(arg).name == "snakemake" for arg in args)
 
 
-def workflow_process() -> tuple[int, str | None]:
+def workflow_process() -> psutil.Process:
     """The process whose end means the job must end: the nearest ancestor running snakemake,
-    else the parent. Returns (pid, start time or None where /proc is unavailable)."""
-    parent = os.getppid()
-    pid = parent
-    for _ in range(32):
-        stat = _proc_stat(pid)
-        if stat is None:
-            break
-        if _is_snakemake(pid):
-            return pid, stat[2]
-        if stat[1] <= 1:
-            break
-        pid = stat[1]
-    stat = _proc_stat(parent)
-    return parent, stat[2] if stat else None
+    else the parent."""
+    me = psutil.Process()
+    return next((p for p in me.parents() if _is_snakemake(p)), None) or me.parent()
 
 
-def _alive(pid: int, started: str | None) -> bool:
-    if started is None:  # no /proc: fall back to signal 0 (cannot tell a zombie or reused PID)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X") and stat[2] == started
+def _alive(process: psutil.Process) -> bool:
+    # is_running() also compares the start time, so a reused PID does not count as alive.
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class ParentWatch:
     """A daemon thread that stops this process (SIGTERM to itself) once the workflow is gone."""
 
     def __init__(self, poll_s: float = POLL_S):
-        self.pid, self.started = workflow_process()
-        self.what = "snakemake" if _is_snakemake(self.pid) else "parent process"
+        self.process = workflow_process()
+        self.what = "snakemake" if _is_snakemake(self.process) else "parent process"
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="parent-watch", daemon=True)
@@ -176,9 +153,9 @@ class ParentWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
-            if not _alive(self.pid, self.started):
+            if not _alive(self.process):
                 log.warning("the workflow that started this job (%s, PID %d) is gone: saving "
-                            "state and stopping", self.what, self.pid)
+                            "state and stopping", self.what, self.process.pid)
                 os.kill(os.getpid(), signal.SIGTERM)
                 if not self._stop.wait(STOP_GRACE_S):
                     log.error("the job did not stop within %.0f s of its workflow's end; "

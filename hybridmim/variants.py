@@ -12,7 +12,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# The keys a variant may override are the config schema's (definitions.method_override).
+# The keys a variant may override are the config schema's (definitions.method_override); each
+# but loss_weights and geometry (named per term / key) with the part it adds to the variant's name,
+# in name order.
+NAME_PARTS = {"box": "box_{}", "masking": "{}_masking", "mask_ratio": "mask{}",
+              "region_grouping": "{}_grouping", "temperature": "temp{}", "proj_dim": "proj{}",
+              "gather_negatives": None,  # a flag: gathered_negatives / local_negatives
+              "pr_normalisation": "pr_{}_mean", "consistency": "con_{}",
+              "swin_bottleneck_slice": "swin_slice_{}"}
 LOSS_TERMS = ("pr", "num", "loc", "con", "cl")
 GEOMETRY_KEYS = ("crop", "region", "patch")
 
@@ -37,26 +44,11 @@ def change_parts(overrides: dict[str, Any]) -> list[str]:
         if term in weights:
             parts.append(f"no_{term}" if float(weights[term]) == 0.0
                          else f"{term}{_number(weights[term])}")
-    if "box" in overrides:
-        parts.append(f"box_{overrides['box']}")
-    if "masking" in overrides:
-        parts.append(f"{overrides['masking']}_masking")
-    if "mask_ratio" in overrides:
-        parts.append(f"mask{_number(overrides['mask_ratio'])}")
-    if "region_grouping" in overrides:
-        parts.append(f"{overrides['region_grouping']}_grouping")
-    if "temperature" in overrides:
-        parts.append(f"temp{_number(overrides['temperature'])}")
-    if "proj_dim" in overrides:
-        parts.append(f"proj{overrides['proj_dim']}")
-    if "gather_negatives" in overrides:
-        parts.append("gathered_negatives" if overrides["gather_negatives"] else "local_negatives")
-    if "pr_normalisation" in overrides:
-        parts.append(f"pr_{overrides['pr_normalisation']}_mean")
-    if "consistency" in overrides:
-        parts.append(f"con_{overrides['consistency']}")
-    if "swin_bottleneck_slice" in overrides:
-        parts.append(f"swin_slice_{overrides['swin_bottleneck_slice']}")
+    for key, part in NAME_PARTS.items():
+        if key == "gather_negatives" and key in overrides:
+            parts.append("gathered_negatives" if overrides[key] else "local_negatives")
+        elif key in overrides:
+            parts.append(part.format(_number(overrides[key])))
     for key in GEOMETRY_KEYS:
         if key in (overrides.get("geometry") or {}):
             parts.append(f"{key}{overrides['geometry'][key]}")

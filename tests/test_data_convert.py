@@ -11,12 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hybridmim.data.acquire import ManualDownloadRequired, acquire
-from hybridmim.data.convert import ConversionError
-from hybridmim.data.convert_brats import CHANNEL_ORDER
 from hybridmim.data.integrity import DatasetIntegrityError, check_dataset
 from hybridmim.data.layout import make_index, write_json
-from hybridmim.data.registry import get_dataset
+from hybridmim.data.sources.acquire import ManualDownloadRequired, acquire
+from hybridmim.data.sources.convert import ConversionError
+from hybridmim.data.sources.convert.brats import CHANNEL_ORDER
+from hybridmim.dataset_catalog import get_dataset
 
 AFFINE = np.array([[-1.0, 0, 0, 90], [0, -1.0, 0, 120], [0, 0, 1.0, -70], [0, 0, 0, 1]])
 SHAPE = (9, 8, 6)

@@ -24,10 +24,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hybridmim.data.acquire import acquire
-from hybridmim.data.download import DownloadError, download, synapse_download
-from hybridmim.data.extract import ArchiveError, UnsafeArchiveError, is_complete, safe_extract
-from hybridmim.data.registry import get_dataset
+from hybridmim.data.sources.acquire import acquire
+from hybridmim.data.sources.download import DownloadError, download, synapse_download
+from hybridmim.data.sources.extract import (ArchiveError, UnsafeArchiveError, is_complete,
+                                            safe_extract)
+from hybridmim.dataset_catalog import get_dataset
 
 
 class LoopbackServer:

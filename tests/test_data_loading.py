@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from hybridmim.data.demo import generate_demo
-from hybridmim.data.intensity import (CT_PRETRAIN_WINDOW, MRI_PRETRAIN_WINDOW, apply_window,
-                                      validate_window)
+from hybridmim.data.intensity import apply_window
 from hybridmim.data.loading import (PretrainCropDataset, SegmentationDataset, brats_regions,
                                     labels_to_regions)
-from hybridmim.data.preprocess import preprocess_dataset
-from hybridmim.data.registry import dataset_from_config, get_dataset
-from hybridmim.data.splits import (SplitError, label_fraction_subset, load_splits, make_splits,
-                                   pretraining_cases)
+from hybridmim.data.prepare.preprocess import preprocess_dataset
+from hybridmim.data.prepare.splits import (SplitError, label_fraction_subset, load_splits,
+                                           make_splits, pretraining_cases)
+from hybridmim.dataset_catalog import (CT_PRETRAIN_WINDOW, MRI_PRETRAIN_WINDOW, dataset_from_config,
+                                       get_dataset, validate_window)
 
 
 @pytest.fixture(scope="module")

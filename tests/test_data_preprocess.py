@@ -11,11 +11,10 @@ import pytest
 
 from hybridmim.data.demo import generate_demo
 from hybridmim.data.layout import make_index, save_nifti, write_json
-from hybridmim.data.preprocess import (PreprocessError, preprocess_dataset,
-                                       preprocessing_recipe, recipe_hash)
-from hybridmim.data.registry import (REGISTRY, DatasetConfigError, dataset_from_config,
-                                     get_dataset)
-from hybridmim.data.splits import SplitError, load_splits, make_splits
+from hybridmim.data.prepare.preprocess import (PreprocessError, preprocess_dataset,
+                                               preprocessing_recipe, recipe_hash)
+from hybridmim.data.prepare.splits import SplitError, load_splits, make_splits
+from hybridmim.dataset_catalog import REGISTRY, DatasetConfigError, dataset_from_config, get_dataset
 
 from conftest import REAL_CT  # noqa: E402
 
@@ -295,7 +294,7 @@ def test_labels_cut_by_the_foreground_crop_are_reported(tmp_path, caplog):
     labels = np.asarray(label.dataobj).copy()
     labels[:3, :3, :3] = 1  # a corner of air, outside the body
     save_nifti(labels, label.affine, label_path)
-    with caplog.at_level("WARNING", logger="hybridmim.data.preprocess"):
+    with caplog.at_level("WARNING", logger="hybridmim.data.prepare.preprocess"):
         preprocess_dataset(raw, tmp_path / "p", get_dataset("demo_spleen"))
     assert "spleen_001.nii.gz: the foreground crop" in caplog.text
 

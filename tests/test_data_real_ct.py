@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hybridmim.data.acquire import acquire
 from hybridmim.data.integrity import check_dataset
 from hybridmim.data.layout import make_index, write_json
-from hybridmim.data.registry import get_dataset
+from hybridmim.data.sources.acquire import acquire
+from hybridmim.dataset_catalog import get_dataset
 
 from conftest import REAL_CT as REAL_CT_DIR  # noqa: E402
 CT, SEG = REAL_CT_DIR / "example_ct_sm.nii.gz", REAL_CT_DIR / "example_seg.nii.gz"
@@ -64,7 +64,7 @@ def _task_folder(root: Path, name: str, image: np.ndarray, label: np.ndarray, af
 
 
 def _acquire_and_preprocess(tmp_path: Path, registry_name: str, folder: Path):
-    from hybridmim.data.preprocess import preprocess_dataset
+    from hybridmim.data.prepare.preprocess import preprocess_dataset
 
     spec = dataclasses.replace(get_dataset(registry_name),
                                source={"kind": "folder", "path": str(folder)})

@@ -273,8 +273,8 @@ def test_native_pretraining_cache_keeps_spacing_and_whole_volume(tmp_path):
     from conftest import ROOT
     from hybridmim import config as hcfg
     from hybridmim.data.pipeline import acquire_dataset, preprocess_and_split
-    from hybridmim.data.pretrain_cache import build_native_cache
-    from hybridmim.data.splits import pretraining_cases
+    from hybridmim.data.prepare.pretrain_cache import build_native_cache
+    from hybridmim.data.prepare.splits import pretraining_cases
 
     config = {"datasets": {"demo_spleen": {"num_cases": 4, "num_test": 1, "seed": 0}}}
     raw = acquire_dataset(config, "demo_spleen", data_root=tmp_path)

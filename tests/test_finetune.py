@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from hybridmim.checkpoints import load_model_file, load_state, publish_model
-from hybridmim.data.intensity import CT_FINETUNE_WINDOW
 from hybridmim.data.layout import make_index, save_nifti, write_json
-from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
+from hybridmim.dataset_catalog import CT_FINETUNE_WINDOW
 from hybridmim.finetune.train import FinetuneJob, initialise_network, run_finetuning
 from hybridmim.models.backbones import build_segmentation_network
+from hybridmim.predict.inference import predict_volume, probabilities_to_masks
 from conftest import set_nested
 
 CROP = 32

@@ -44,7 +44,7 @@ def test_each_attempt_keeps_its_own_log(tmp_path):
     import logging
 
     for text in ("first attempt", "second attempt"):
-        with attempt_log(tmp_path) as path:
+        with attempt_log(tmp_path):
             logging.getLogger("hybridmim.test").info(text)
         time.sleep(1.1)  # attempt logs are named by the second they start
     logs = sorted((tmp_path / "attempts").glob("*.log"))

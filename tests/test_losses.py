@@ -5,14 +5,10 @@ import pytest
 import torch
 from monai.losses import ContrastiveLoss
 
-from hybridmim.pretrain.losses import (
-    HybridMIMLoss,
-    consistency_loss,
-    nt_xent_loss,
-    partial_region_loss,
-)
-from hybridmim.pretrain.masking import MaskGeometry, expand_to_voxels, region_labels, \
-    sample_patch_mask
+from hybridmim.pretrain.losses import (HybridMIMLoss, consistency_loss, nt_xent_loss,
+                                       partial_region_loss)
+from hybridmim.pretrain.masking import (MaskGeometry, expand_to_voxels, region_labels,
+                                        sample_patch_mask)
 
 GEOM = MaskGeometry(crop=32, region=16, patch=8)  # 4³ patch grid, 8 regions of 8 patches
 BOX = (slice(16, 32),) * 3                        # the partial box: from region index 1 to the end

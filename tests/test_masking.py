@@ -4,16 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybridmim.pretrain.masking import (
-    MaskGeometry,
-    apply_mask,
-    expand_to_voxels,
-    group_patches,
-    masked_patch_count,
-    region_labels,
-    sample_patch_mask,
-    ungroup_patches,
-)
+from hybridmim.pretrain.masking import (MaskGeometry, apply_mask, expand_to_voxels, group_patches,
+                                        masked_patch_count, region_labels, sample_patch_mask,
+                                        ungroup_patches)
 
 PAPER = MaskGeometry(crop=96, region=32, patch=16)
 DEMO = MaskGeometry(crop=64, region=32, patch=16)  # 8 regions of 8 patches, 4×4×4 patch grid

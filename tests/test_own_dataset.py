@@ -109,8 +109,8 @@ def test_readme_own_dataset_block_runs_the_whole_workflow(tmp_path):
 
 
 def test_ct_foreground_window_comes_from_the_fingerprint():
-    from hybridmim.data.intensity import apply_window, resolve_window, validate_window
-    from hybridmim.data.registry import dataset_from_config
+    from hybridmim.data.intensity import apply_window, resolve_window
+    from hybridmim.dataset_catalog import dataset_from_config, validate_window
 
     spec = dataset_from_config("head_ct", {"modality": "CT", "labels": {0: "bg", 1: "bleed"},
                                            "folder": "/x"})

@@ -139,3 +139,14 @@ def test_imports_declared_and_environments_follow_the_lock():
     license_text = (ROOT / "LICENSE").read_text()
     assert project["license"] == "Apache-2.0" and "Apache License" in license_text
     assert "Version 2.0" in license_text and project["license-files"] == ["LICENSE"]
+
+
+def test_every_table_driven_command_runs_an_existing_function():
+    # cli.DATA_STEPS and cli.JOBS name their functions as "module:function" strings (imported
+    # only when the command runs): a moved or renamed function must fail here, not in a workflow.
+    from hybridmim.cli import DATA_STEPS, JOBS, _function
+
+    targets = [t for _, steps, _ in DATA_STEPS for t in steps] + [t for _, t, _ in JOBS]
+    assert len(targets) == 8
+    for target in targets:
+        assert callable(_function(target)), target

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from hybridmim.cli import main as cli_main
-from hybridmim.data.intensity import CT_PRETRAIN_WINDOW
 from hybridmim.data.layout import make_index, save_nifti, write_json
-from hybridmim.data.registry import get_dataset
+from hybridmim.dataset_catalog import CT_PRETRAIN_WINDOW, get_dataset
 from conftest import REAL_CT
 from test_finetune import CROP, TINY_UNET, finetune_spec, tracking_block
 
@@ -49,7 +48,7 @@ def _real_ct_task(raw):
 @pytest.fixture(scope="module")
 def real_model(tmp_path_factory):
     """A tiny UNet fine-tuned for a few steps on the real CT (train = val = test: one case)."""
-    from hybridmim.data.preprocess import preprocess_dataset
+    from hybridmim.data.prepare.preprocess import preprocess_dataset
     from hybridmim.finetune.train import run_finetuning
 
     root = tmp_path_factory.mktemp("real")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from hybridmim.checkpoints import load_model_file
-from hybridmim.data.intensity import CT_PRETRAIN_WINDOW
+from hybridmim.dataset_catalog import CT_PRETRAIN_WINDOW
 from hybridmim.pretrain.feed import global_crop_rows
 from hybridmim.pretrain.losses import partial_region_loss
 from hybridmim.pretrain.masking import MaskGeometry, expand_to_voxels, sample_patch_mask

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hybridmim.checkpoints import build_network, load_model_file, state_dir_for
-from hybridmim.data.intensity import CT_PRETRAIN_WINDOW
+from hybridmim.dataset_catalog import CT_PRETRAIN_WINDOW
 from hybridmim.preemption import PREEMPTED_EXIT_CODE, Preempted
 from hybridmim.pretrain.spec import PretrainSpecError, validate_pretrain_spec
 from hybridmim.pretrain.train import PREEMPT_ENV, run_pretraining

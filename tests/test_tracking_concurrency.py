@@ -18,13 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hybridmim.tracking.store import (
-    STAGES,
-    init_store,
-    resolve_tracking_uri,
-    sqlite_path,
-    wait_for_server,
-)
+from hybridmim.tracking.store import (STAGES, init_store, resolve_tracking_uri, sqlite_path,
+                                      wait_for_server)
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITERS = 16

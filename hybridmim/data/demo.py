@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from hybridmim.data.layout import atomic_directory, make_index, save_nifti, write_json
-from hybridmim.data.registry import (BRATS_LABELS, BTCV_LABELS, LIVER_LABELS, SPLEEN_LABELS)
+from hybridmim.dataset_catalog import (BRATS_LABELS, BTCV_LABELS, LIVER_LABELS, SPLEEN_LABELS)
 
 DEMO_KINDS = ("brats", "btcv", "liver", "spleen")
 GENERATOR_VERSION = 2  # bump when the phantoms change, so existing demo folders are rebuilt

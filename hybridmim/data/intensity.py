@@ -21,43 +21,10 @@ A window is a plain JSON dict so it can travel inside a job spec:
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import numpy as np
 
-from hybridmim.spec_schemas import schema_problem
-
-WINDOW_KEYS: dict[str, tuple[str, ...]] = {
-    "ct": ("a_min", "a_max", "b_min", "b_max", "clip"),
-    "mri_pretrain": ("z_min", "z_max", "b_min", "b_max"),
-    "identity": (),
-    "ct_foreground": ("b_min", "b_max", "clip"),
-}
-CT_FOREGROUND_WINDOW = {"kind": "ct_foreground", "b_min": 0.0, "b_max": 1.0, "clip": True}
-
-CT_FINETUNE_WINDOW = {"kind": "ct", "a_min": -175.0, "a_max": 250.0, "b_min": 0.0, "b_max": 1.0,
-                      "clip": True}
-CT_PRETRAIN_WINDOW = {"kind": "ct", "a_min": -1000.0, "a_max": 1000.0, "b_min": 0.001,
-                      "b_max": 1.0, "clip": True}
-MRI_FINETUNE_WINDOW = {"kind": "identity"}
-MRI_PRETRAIN_WINDOW = {"kind": "mri_pretrain", "z_min": -3.0, "z_max": 3.0, "b_min": 0.001,
-                       "b_max": 1.0}
-
-
-def validate_window(window: Any, where: str = "window") -> dict:
-    """Return a checked copy of ``window`` (its bounds as floats); raise ValueError naming
-    ``where`` and the bad key. The keys of each kind are in workflow/schemas/job_common.schema.yaml
-    ($defs/window), which the job spec schemas use too."""
-    problem = schema_problem(window, "job_common#/$defs/window")
-    if problem:
-        raise ValueError(f"{where}: {problem}")
-    kind = window["kind"]
-    checked = {key: value if key in ("kind", "clip") else float(value)
-               for key, value in window.items()}
-    low, high = {"ct": ("a_min", "a_max"), "mri_pretrain": ("z_min", "z_max")}.get(kind, (None, None))
-    if low and checked[low] >= checked[high]:
-        raise ValueError(f"{where}: {low} ({checked[low]}) must be below {high} ({checked[high]})")
-    return checked
+from hybridmim.dataset_catalog import WINDOW_KEYS
 
 
 def resolve_window(window: dict, processed_index: dict, where: str = "window") -> dict:

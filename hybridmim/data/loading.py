@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hybridmim.data.intensity import apply_window, resolve_window, validate_window
-from hybridmim.data.preprocess import read_processed_index
-from hybridmim.data.splits import load_splits
+from hybridmim.data.intensity import apply_window, resolve_window
+from hybridmim.data.prepare.preprocess import read_processed_index
+from hybridmim.data.prepare.splits import load_splits
+from hybridmim.dataset_catalog import validate_window
 
 
 def _cube(size) -> tuple[int, int, int]:
@@ -58,7 +59,7 @@ def labels_to_regions(label, regions: Mapping[str, Sequence[int]]):
 
 def brats_regions(label):
     """BraTS 0/1/2/4 label map → TC/WT/ET channels."""
-    from hybridmim.data.registry import BRATS_REGIONS
+    from hybridmim.dataset_catalog import BRATS_REGIONS
     return labels_to_regions(label, BRATS_REGIONS)
 
 

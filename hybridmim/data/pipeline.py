@@ -25,7 +25,7 @@ def acquire_dataset(config: dict[str, Any], name: str, data_root: str = "data") 
         log.info("generating demo dataset %s (%s) into %s", name, generator, raw_dir)
         return generate_demo(generator, raw_dir, num_cases=options.get("num_cases", 10),
                              num_test=options.get("num_test", 2), seed=options.get("seed", 0))
-    from hybridmim.data.acquire import acquire
+    from hybridmim.data.sources.acquire import acquire
 
     manual = {name: options["manual_path"]} if "manual_path" in options else {}
     return Path(acquire(spec, raw_root=Path(data_root) / "raw",
@@ -35,8 +35,8 @@ def acquire_dataset(config: dict[str, Any], name: str, data_root: str = "data") 
 def preprocess_and_split(config: dict[str, Any], name: str, data_root: str = "data") -> Path:
     """Preprocess data/raw/<name> per the dataset's recipe and write its splits once."""
     from hybridmim.config import dataset_spec
-    from hybridmim.data.preprocess import preprocess_dataset
-    from hybridmim.data.splits import make_splits
+    from hybridmim.data.prepare.preprocess import preprocess_dataset
+    from hybridmim.data.prepare.splits import make_splits
 
     spec = dataset_spec(config, name)
     raw_dir = Path(data_root) / "raw" / name

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from monai.metrics import DiceMetric, compute_hausdorff_distance
-from monai.networks.utils import one_hot as monai_one_hot
+from monai.networks.utils import one_hot
 
 
 def class_names(labels: dict[str, str], regions: dict[str, Sequence[int]] | None) -> list[str]:
@@ -42,11 +42,6 @@ def class_names(labels: dict[str, str], regions: dict[str, Sequence[int]] | None
     return [labels[key] for key in sorted(labels, key=int) if int(key) != 0]
 
 
-def one_hot(index_map: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(X, Y, Z) channel indices → (num_classes, X, Y, Z) bool (MONAI's one_hot)."""
-    return monai_one_hot(index_map.unsqueeze(0), num_classes, dtype=torch.bool, dim=0)
-
-
 def ground_truth_masks(label: torch.Tensor, num_classes: int, regions: bool) -> torch.Tensor:
     """A case's label as SegmentationDataset gives it → binary (K, X, Y, Z): region channels as
     they are, or a class-index map (values 0..K-1, with or without its channel axis) one-hot over
@@ -55,7 +50,7 @@ def ground_truth_masks(label: torch.Tensor, num_classes: int, regions: bool) -> 
         return label.bool()
     index = label.reshape(label.shape[-3:]).long()
     check_class_indices(index, num_classes)
-    return one_hot(index, num_classes)
+    return one_hot(index.unsqueeze(0), num_classes, dtype=torch.bool, dim=0)
 
 
 def check_class_indices(index: torch.Tensor, num_classes: int) -> None:

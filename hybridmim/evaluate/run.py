@@ -14,7 +14,6 @@ MLflow metrics ``test_dice_<class>``, ``test_hd95_<class>``, ``test_dice_mean``,
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
@@ -29,12 +28,12 @@ from hybridmim.checkpoints import build_network, load_model_file
 from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, json_number,
                                         metric_key)
 from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
-from hybridmim.finetune.inference import probabilities_to_masks
-from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
-                                        recorded_preprocess, save_label_map)
 from hybridmim.hashing import sha256_file, spec_hash as compute_spec_hash
 from hybridmim.models.backbones import backbone_of_class
 from hybridmim.performance import prepare_network
+from hybridmim.predict.inference import probabilities_to_masks
+from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
+                                        recorded_preprocess, save_label_map)
 from hybridmim.progress import StepProgress
 from hybridmim.spec_schemas import check_spec
 
@@ -56,7 +55,7 @@ def _check_model_matches(meta: dict[str, Any], dataset: dict[str, Any], model: s
 
 def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     """Evaluate spec["model"] on spec["split"]; return the metrics.json content."""
-    from hybridmim.data.splits import load_splits
+    from hybridmim.data.prepare.splits import load_splits
     from hybridmim.tracking.runs import tracked_run
 
     check_spec(spec, "evaluate")
@@ -111,7 +110,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
         run.set_tags({"upstream.run_id": upstream_run_id, "split": split,
                       "cases": len(case_ids_wanted), "grid": grid,
                       **precision_choice.tags()})
-        per_case, case_ids, overlay_rows, files = [], [], [], []
+        per_case, overlay_rows, files = [], [], []
         progress = StepProgress(len(case_ids_wanted), f"evaluate {spec['run_name']}", every_s=30)
         for index, case_id in enumerate(case_ids_wanted):
             case = raw_cases[case_id]
@@ -129,7 +128,6 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
                 pred, truth, spacing = (pred_resampled, truth_resampled,
                                         result.resampled_spacing)
             per_case.append(case_metrics(pred, truth, spacing, names))
-            case_ids.append(case_id)
             files.append({"prediction": _relative(prediction_path, project_root),
                           "prediction_sha256": sha256_file(prediction_path),
                           "label": _relative(case.label, project_root)})
@@ -139,17 +137,16 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
             progress.update(index + 1)
         progress.close()
         for stale in set(predictions_dir.glob("*.nii.gz")) - {
-                predictions_dir / f"{c}.nii.gz" for c in case_ids}:
+                predictions_dir / f"{c}.nii.gz" for c in case_ids_wanted}:
             stale.unlink()  # a case no longer in the split must not look evaluated
 
         summary = aggregate(per_case, names)
-        metrics = {"test_dice_mean": summary["dice_mean"], "test_hd95_mean": summary["hd95_mean"]}
-        for name, key in zip(names, keys):
-            metrics[f"test_dice_{key}"] = summary["dice"][name]
-            metrics[f"test_hd95_{key}"] = summary["hd95"][name]
+        metrics = {"test_dice_mean": summary["dice_mean"], "test_hd95_mean": summary["hd95_mean"],
+                   **{f"test_{metric}_{key}": summary[metric][name]
+                      for name, key in zip(names, keys) for metric in ("dice", "hd95")}}
         run.log_metrics(metrics, step=0)
 
-        write_per_case_csv(csv_path, case_ids, per_case, names)
+        write_per_case_csv(csv_path, case_ids_wanted, per_case, names)
         save_overlay_figure(overlay_rows, names, figure_path,
                             radiological=spec["dataset"].get("modality") == "CT")
         result = {
@@ -164,7 +161,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
             "per_case": [{"case": cid, **f, **{n: {"dice": json_number(c[n]["dice"]),
                                                    "hd95": json_number(c[n]["hd95"])}
                                                for n in names}}
-                         for cid, c, f in zip(case_ids, per_case, files)],
+                         for cid, c, f in zip(case_ids_wanted, per_case, files)],
             "conventions": "Dice/HD95 NaN (null) where the ground truth is empty; HD95 null "
                            "where the prediction is empty; class values average the defined "
                            "cases, means average the classes (hybridmim/evaluate/metrics.py)",
@@ -227,14 +224,11 @@ def _relative(path: str | Path, root: Path) -> str:
 def write_per_case_csv(path: Path, case_ids: list[str], per_case: list[dict],
                        names: list[str]) -> None:
     """One row per case: dice_<class>, hd95_<class> (empty cell = undefined)."""
-    columns = ["case"] + [f"{m}_{metric_key(n)}" for n in names for m in ("dice", "hd95")]
-    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for case_id, case in zip(case_ids, per_case):
-            row = [case_id]
-            for name in names:
-                for metric in ("dice", "hd95"):
-                    value = json_number(case[name][metric])
-                    row.append("" if value is None else repr(value))
-            writer.writerow(row)
+    import pandas as pd
+
+    rows = [{"case": case_id, **{f"{metric}_{metric_key(name)}": case[name][metric]
+                                 for name in names for metric in ("dice", "hd95")}}
+            for case_id, case in zip(case_ids, per_case)]
+    with atomic_path(path, suffix=".csv") as tmp:
+        # CRLF line ends, as Python's csv module writes them (and earlier files have them).
+        pd.DataFrame(rows).to_csv(tmp, index=False, lineterminator="\r\n")

@@ -14,12 +14,13 @@ one place that does not change the result (the CT window comes last, after the c
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from hybridmim.models.transfer import canonical_class
 
 log = logging.getLogger(__name__)
 
@@ -27,31 +28,16 @@ META_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/
                "0.8.1/meta_schema_20220324.json")
 
 
-def _short_class(path: str) -> str:
-    """monai.networks.nets.DynUNet → DynUNet when MONAI's config finds it by name."""
-    module, _, name = path.rpartition(".")
-    return name if module.startswith("monai.networks.nets") else path
-
-
 def preprocessing(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    recipe = meta["preprocess"]
+    from hybridmim.predict.pipeline import preprocessing_steps
+
     window = meta["window"]
     steps: list[dict[str, Any]] = [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True,
          "ensure_channel_first": True, "reader": "NibabelReader"},
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
-        {"_target_": "Orientationd", "keys": "image", "axcodes": recipe["orientation"],
-         "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
+        *preprocessing_steps(meta["preprocess"]),
     ]
-    if recipe.get("spacing") is not None:
-        steps.append({"_target_": "Spacingd", "keys": "image",
-                      "pixdim": [float(s) for s in recipe["spacing"]], "mode": "bilinear"})
-    threshold = float(recipe["foreground_threshold"])
-    steps.append({"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
-                  "select_fn": f"$lambda x: x > {threshold!r}", "allow_smaller": True})
-    if recipe["normalize"] == "zscore_nonzero_channelwise":
-        steps.append({"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True,
-                      "channel_wise": True})
     if window["kind"] == "ct":
         steps.append({"_target_": "ScaleIntensityRanged", "keys": "image",
                       "a_min": window["a_min"], "a_max": window["a_max"],
@@ -98,7 +84,9 @@ def inference_config(network: dict[str, Any], meta: dict[str, Any], segmentation
         "dataset_dir": "$os.path.join(@bundle_root, 'images')",
         "datalist": "$sorted(glob.glob(os.path.join(@dataset_dir, '*.nii*')))",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": _short_class(network["class"]), **network["kwargs"]},
+        # MONAI's config finds its own networks by class name (DynUNet).
+        "network_def": {"_target_": canonical_class(network["class"]).removeprefix(
+            "monai.networks.nets."), **network["kwargs"]},
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing(meta)},
         "dataset": {"_target_": "Dataset", "data": "$[{'image': f} for f in @datalist]",
@@ -169,10 +157,9 @@ def metadata(network: dict[str, Any], meta: dict[str, Any], source: str, segment
         classes = ["reconstruction"]
         task = (f"Self-supervised {meta.get('method')} pretrained backbone for "
                 f"{meta.get('modality')}; inference reconstructs the input")
-    training = {"mlflow_run_id": meta.get("mlflow_run_id"), "data_hash": meta.get("data_hash"),
-                "spec_hash": meta.get("spec_hash"), "steps": meta.get("steps"),
-                "git_commit": meta.get("git_commit"), "init": meta.get("init"),
-                "weights": meta.get("weights")}
+    class_def = {str(i): c for i, c in enumerate(classes)}
+    training = {key: meta.get(key) for key in ("mlflow_run_id", "data_hash", "spec_hash",
+                                               "steps", "git_commit", "init", "weights")}
     metrics: dict[str, Any] = {}
     if meta.get("best_val_dice") is not None:
         metrics["validation"] = {"run_id": meta.get("mlflow_run_id"),
@@ -198,8 +185,8 @@ def metadata(network: dict[str, Any], meta: dict[str, Any], source: str, segment
         "data_source": meta.get("data_source") or "see hybridmim.training",
         "data_type": "nibabel",
         "image_classes": f"{channels} channel(s): {', '.join(names)}",
-        "label_classes": {str(i): c for i, c in enumerate(classes)},
-        "pred_classes": {str(i): c for i, c in enumerate(classes)},
+        "label_classes": class_def,
+        "pred_classes": class_def,
         "eval_metrics": evaluation.get("metrics", {}) if evaluation else {},
         "intended_use": "Research reproduction only; not for clinical use.",
         "network_data_format": {
@@ -213,10 +200,9 @@ def metadata(network: dict[str, Any], meta: dict[str, Any], source: str, segment
                 "type": "image", "format": "segmentation" if segmentation else "image",
                 "num_channels": outputs, "spatial_shape": [crop] * 3, "dtype": "float32",
                 "is_patch_data": True,
-                "channel_def": {str(i): c for i, c in enumerate(classes)}}}},
-        "hybridmim": {"stage": meta.get("stage"), "labels": meta.get("labels"),
-                      "regions": meta.get("regions"), "window": meta.get("window"),
-                      "preprocess": meta.get("preprocess"), "spacing": meta.get("spacing"),
+                "channel_def": class_def}}},
+        "hybridmim": {**{key: meta.get(key) for key in ("stage", "labels", "regions", "window",
+                                                        "preprocess", "spacing")},
                       "training": training, "metrics": metrics, "exported_from": source},
     }
 
@@ -236,18 +222,17 @@ def export_bundle(model: str, out: str | Path, tracking_uri: str | None = None,
         raise ValueError(f"--model {model}: records no crop or intensity window; export a "
                          "model.pt written by a hybridmim pretrain or finetune job")
     meta = {**meta, "preprocess": check_preprocess(meta.get("preprocess"), model)}
+    card = metadata(network, meta, loaded.source, segmentation, tracking_uri)
     out = Path(out)
     with atomic_directory(out) as temp:
-        (temp / "configs").mkdir()
-        (temp / "models").mkdir()
-        (temp / "docs").mkdir()
+        for folder in ("configs", "models", "docs"):
+            (temp / folder).mkdir()
         write_json(temp / "configs" / "inference.json",
                    inference_config(network, meta, segmentation, overlap))
-        write_json(temp / "configs" / "metadata.json",
-                   metadata(network, meta, loaded.source, segmentation, tracking_uri))
+        write_json(temp / "configs" / "metadata.json", card)
         torch.save(loaded.network.state_dict(), temp / "models" / "model.pt")
         (temp / "docs" / "README.md").write_text(
-            f"# {json.loads((temp / 'configs' / 'metadata.json').read_text())['task']}\n\n"
+            f"# {card['task']}\n\n"
             "Run with stock MONAI (no hybridmim needed):\n\n"
             "    python -m monai.bundle run --config_file configs/inference.json \\\n"
             "        --dataset_dir <folder of .nii.gz images> --output_dir <folder>\n\n"

@@ -26,10 +26,10 @@ from hybridmim import checkpoints, runtime
 from hybridmim.atomic import write_json
 from hybridmim.evaluate.metrics import (check_class_indices, class_names, foreground_masks,
                                         ground_truth_masks, metric_key, nanmean)
-from hybridmim.finetune.inference import predict_volume, probabilities_to_masks
 from hybridmim.hashing import spec_hash as compute_spec_hash
-from hybridmim.performance import prepare_network
 from hybridmim.jobguard import guarded_job
+from hybridmim.performance import prepare_network
+from hybridmim.predict.inference import predict_volume, probabilities_to_masks
 from hybridmim.preemption import Preempted, TerminationGuard
 from hybridmim.progress import StepProgress
 from hybridmim.schedule import warmup_cosine_scheduler
@@ -105,7 +105,7 @@ class FinetuneJob:
     # ---- data ---------------------------------------------------------------------------------
     def datasets(self):
         from hybridmim.data.loading import SegmentationDataset
-        from hybridmim.data.splits import label_fraction_subset, load_splits
+        from hybridmim.data.prepare.splits import label_fraction_subset, load_splits
 
         splits = load_splits(self.processed_dir)
         if not splits.get("train"):

@@ -47,6 +47,11 @@ class EncoderFeatures:
     token_stride: int
     maps: dict[str, tuple[torch.Tensor, int]]
 
+    def boxed(self, key: str, start: int) -> torch.Tensor:
+        """The map ``key`` (``"tokens"``: the encoder output) sliced to the box at ``start``."""
+        t, stride = (self.tokens, self.token_stride) if key == "tokens" else self.maps[key]
+        return box_slice(t, start, stride)
+
 
 def box_slice(t: torch.Tensor, start: int, stride: int) -> torch.Tensor:
     """The part of a (B, C, X, Y, Z) map at `stride` covering voxels [start, end) on each axis."""
@@ -78,11 +83,10 @@ def encode_dynunet(net: DynUNet, x: torch.Tensor) -> EncoderFeatures:
 
 
 def decode_dynunet(net: DynUNet, feats: EncoderFeatures, start: int) -> torch.Tensor:
-    h = box_slice(feats.tokens, start, feats.token_stride)
+    h = feats.boxed("tokens", start)
     # net.upsamples[0] is the deepest up block; it pairs with the deepest skip.
     for level, up in zip(range(len(net.upsamples) - 1, -1, -1), net.upsamples):
-        skip, stride = feats.maps[f"skip{level}"]
-        h = up(h, box_slice(skip, start, stride))
+        h = up(h, feats.boxed(f"skip{level}", start))
     return net.output_block(h)
 
 
@@ -99,22 +103,18 @@ def encode_swinunetr(net: SwinUNETR, x: torch.Tensor) -> EncoderFeatures:
 
 def decode_swinunetr(net: SwinUNETR, feats: EncoderFeatures, start: int,
                      slice_bottleneck: str = "before_encoder10") -> torch.Tensor:
-    def sliced(key: str) -> torch.Tensor:
-        t, stride = feats.maps[key]
-        return box_slice(t, start, stride)
-
-    enc0 = net.encoder1(sliced("input"))
-    enc1 = net.encoder2(sliced("stage0"))
-    enc2 = net.encoder3(sliced("stage1"))
-    enc3 = net.encoder4(sliced("stage2"))
+    enc0 = net.encoder1(feats.boxed("input", start))
+    enc1 = net.encoder2(feats.boxed("stage0", start))
+    enc2 = net.encoder3(feats.boxed("stage1", start))
+    enc3 = net.encoder4(feats.boxed("stage2", start))
     if slice_bottleneck == "before_encoder10":
-        dec4 = net.encoder10(box_slice(feats.tokens, start, feats.token_stride))
+        dec4 = net.encoder10(feats.boxed("tokens", start))
     elif slice_bottleneck == "after_encoder10":
         dec4 = box_slice(net.encoder10(feats.tokens), start, feats.token_stride)
     else:
         raise ValueError(f"method.swin_bottleneck_slice must be before_encoder10 or "
                          f"after_encoder10, got {slice_bottleneck!r}")
-    dec3 = net.decoder5(dec4, sliced("stage3"))
+    dec3 = net.decoder5(dec4, feats.boxed("stage3", start))
     dec2 = net.decoder4(dec3, enc3)
     dec1 = net.decoder3(dec2, enc2)
     dec0 = net.decoder2(dec1, enc1)
@@ -137,15 +137,11 @@ def encode_unetr(net: UNETR, x: torch.Tensor) -> EncoderFeatures:
 
 
 def decode_unetr(net: UNETR, feats: EncoderFeatures, start: int) -> torch.Tensor:
-    def sliced(key: str) -> torch.Tensor:
-        t, stride = feats.maps[key]
-        return box_slice(t, start, stride)
-
-    enc1 = net.encoder1(sliced("input"))
-    enc2 = net.encoder2(sliced("block3"))
-    enc3 = net.encoder3(sliced("block6"))
-    enc4 = net.encoder4(sliced("block9"))
-    dec3 = net.decoder5(box_slice(feats.tokens, start, feats.token_stride), enc4)
+    enc1 = net.encoder1(feats.boxed("input", start))
+    enc2 = net.encoder2(feats.boxed("block3", start))
+    enc3 = net.encoder3(feats.boxed("block6", start))
+    enc4 = net.encoder4(feats.boxed("block9", start))
+    dec3 = net.decoder5(feats.boxed("tokens", start), enc4)
     dec2 = net.decoder4(dec3, enc3)
     dec1 = net.decoder3(dec2, enc2)
     return net.out(net.decoder2(dec1, enc1))

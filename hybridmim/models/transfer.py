@@ -38,7 +38,7 @@ _OUTPUT_HEAD_PREFIXES = {
 }
 
 
-def _canonical_class(path: str) -> str:
+def canonical_class(path: str) -> str:
     """`monai.networks.nets.dynunet.DynUNet` and `monai.networks.nets.DynUNet` are one class."""
     module, _, name = path.rpartition(".")
     return f"monai.networks.nets.{name}" if module.startswith("monai.networks.nets") else path
@@ -53,8 +53,8 @@ def load_into(network: nn.Module, model_file: str | os.PathLike | dict[str, Any]
     blob = model_file if isinstance(model_file, dict) else load_model_file(model_file)
     if "state_dict" not in blob or "network" not in blob:
         raise ValueError(f"{source}: not a published model (needs 'network' and 'state_dict')")
-    target_class = _canonical_class(network_class_path(network))
-    source_class = _canonical_class(blob["network"]["class"])
+    target_class = canonical_class(network_class_path(network))
+    source_class = canonical_class(blob["network"]["class"])
     if target_class != source_class:
         raise ValueError(f"{source} holds a {source_class} but the network to initialise is a "
                          f"{target_class}; fine-tune the backbone the model was pretrained with")

@@ -19,8 +19,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from hybridmim.data.intensity import apply_window, validate_window
-from hybridmim.finetune.inference import predict_volume
+from hybridmim.data.intensity import apply_window
+from hybridmim.dataset_catalog import validate_window
+from hybridmim.predict.inference import predict_volume
 
 
 class InputError(ValueError):
@@ -53,23 +54,35 @@ def recorded_preprocess(processed_dir: str | Path) -> dict[str, Any] | None:
         key in recipe for key in PREPROCESS_KEYS) else None
 
 
-def preprocessing_transforms(recipe: Mapping[str, Any], with_label: bool = False):
+def preprocessing_steps(recipe: Mapping[str, Any], keys: str | list[str] = "image"
+                        ) -> list[dict[str, Any]]:
     """MONAI's invertible transforms for the recipe (same order and arguments as
-    hybridmim.data.preprocess), on the dict keys ``image`` (and ``label``)."""
-    from monai.transforms import (Compose, CropForegroundd, NormalizeIntensityd, Orientationd,
-                                  Spacingd)
-    keys = ["image", "label"] if with_label else ["image"]
-    threshold = float(recipe["foreground_threshold"])
-    steps = [Orientationd(keys=keys, axcodes=recipe["orientation"],
-                          labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    hybridmim.data.prepare.preprocess) as MONAI config entries on the dict ``keys`` ("image" and maybe
+    "label"): `hybridmim export` writes them into the bundle, ``preprocessing_transforms``
+    instantiates them, so the bundle and `hybridmim predict` cannot drift apart."""
+    steps: list[dict[str, Any]] = [
+        {"_target_": "Orientationd", "keys": keys, "axcodes": recipe["orientation"],
+         "labels": [["L", "R"], ["P", "A"], ["I", "S"]]}]
     if recipe.get("spacing") is not None:
-        steps.append(Spacingd(keys=keys, pixdim=[float(s) for s in recipe["spacing"]],
-                              mode=["bilinear", "nearest"][: len(keys)]))
-    steps.append(CropForegroundd(keys=keys, source_key="image",
-                                 select_fn=lambda x: x > threshold, allow_smaller=True))
+        steps.append({"_target_": "Spacingd", "keys": keys,
+                      "pixdim": [float(s) for s in recipe["spacing"]],
+                      "mode": "bilinear" if keys == "image" else ["bilinear", "nearest"]})
+    threshold = float(recipe["foreground_threshold"])
+    steps.append({"_target_": "CropForegroundd", "keys": keys, "source_key": "image",
+                  "select_fn": f"$lambda x: x > {threshold!r}", "allow_smaller": True})
     if recipe["normalize"] == "zscore_nonzero_channelwise":
-        steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
-    return Compose(steps)
+        steps.append({"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True,
+                      "channel_wise": True})
+    return steps
+
+
+def preprocessing_transforms(recipe: Mapping[str, Any], with_label: bool = False):
+    """The Compose of ``preprocessing_steps`` on ``image`` (and ``label``)."""
+    from monai.bundle import ConfigParser
+
+    steps = preprocessing_steps(recipe, ["image", "label"] if with_label else "image")
+    parser = ConfigParser({"preprocessing": {"_target_": "Compose", "transforms": steps}})
+    return parser.get_parsed_content("preprocessing")
 
 
 def load_image(paths: Sequence[str | Path], channels: int):

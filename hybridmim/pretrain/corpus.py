@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hybridmim.data.loading import PretrainCropDataset
-from hybridmim.data.splits import load_splits, pretraining_cases
+from hybridmim.data.prepare.splits import load_splits, pretraining_cases
 
 
 def _entries(spec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from hybridmim import checkpoints, runtime
 from hybridmim.atomic import write_json
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.jobguard import guarded_job
+from hybridmim.predict.pipeline import recorded_preprocess
 from hybridmim.preemption import Preempted, TerminationGuard
 from hybridmim.pretrain.cost import CostMeter
 from hybridmim.pretrain.feed import StepFeed, global_crop_rows
@@ -49,7 +50,6 @@ from hybridmim.pretrain.losses import HybridMIMLoss
 from hybridmim.pretrain.masking import MaskGeometry
 from hybridmim.pretrain.spec import resolve_method, validate_pretrain_spec
 from hybridmim.pretrain.step import PretrainStep, TermWindow
-from hybridmim.predict.pipeline import recorded_preprocess
 from hybridmim.progress import StepProgress
 from hybridmim.schedule import warmup_cosine_scheduler
 from hybridmim.tracking import tracked_run

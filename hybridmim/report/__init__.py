@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from hybridmim.resources import PAPER_RESULTS
 from hybridmim.report.collect import ReportInputError, collect_pretrain_runs, collect_runs
+from hybridmim.resources import PAPER_RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ def write_experiments(tracking_uri: str, runs, pretrain_runs, tables_dir: Path,
                       figures_dir: Path) -> dict[str, Path]:
     """The ablation, cost, label-efficiency and paired-statistics tables and their figures,
     the fine-tuning curves, per-class bars and one overlay gallery per dataset."""
-    from hybridmim.report import experiments as ex
-    from hybridmim.report import plots
+    from hybridmim.report import experiments as ex, plots
 
     # Artifacts (per-case scores, overlays) are downloaded one by one: no progress bar each.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

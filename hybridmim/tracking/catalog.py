@@ -148,9 +148,11 @@ def log_network_model(run: Any, model_path: str | os.PathLike,
 
     blob = load_model_file(model_path)
     network = build_network(blob).eval()
-    meta = json.loads(json.dumps(blob.get("meta") or {}, default=str))
+    # JSON-safe copies: MLflow writes the metadata into the MLmodel file.
+    metadata = json.loads(json.dumps({"hybridmim": blob.get("meta") or {},
+                                      "network": blob["network"]}, default=str))
     kwargs = blob["network"]["kwargs"]
-    channels = int(kwargs.get("in_channels", meta.get("channels") or 1))
+    channels = int(kwargs.get("in_channels", metadata["hybridmim"].get("channels") or 1))
     outputs = int(kwargs.get("out_channels", 1))
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1), "image")]),
@@ -163,9 +165,7 @@ def log_network_model(run: Any, model_path: str | os.PathLike,
                                                 experiment_id=experiment_id)
         info = Model.log(artifact_path=None, name="model", flavor=mlflow.pytorch,
                          run_id=run.run_id, model_id=logged.model_id,
-                         pytorch_model=network, signature=signature,
-                         metadata={"hybridmim": meta, "network": json.loads(
-                             json.dumps(blob["network"], default=str))},
+                         pytorch_model=network, signature=signature, metadata=metadata,
                          registered_model_name=registered_model_name,
                          serialization_format="pickle",  # pt2 needs an example to trace
                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",

@@ -27,14 +27,13 @@ corrupts the DB).
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sqlite3
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlsplit
@@ -125,23 +124,19 @@ def artifact_location(artifact_root: str | os.PathLike[str], experiment: str) ->
 @contextmanager
 def _file_lock(lock_path: Path, timeout_s: float) -> Iterator[None]:
     """Exclusive ``flock`` on ``lock_path``; gives up after ``timeout_s`` with a clear error."""
+    from filelock import FileLock, Timeout
+
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise StoreError(
-                        f"could not lock {lock_path} within {timeout_s:.0f} s: another process "
-                        "is initialising the MLflow store (or hangs holding the lock)") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    lock = FileLock(lock_path, fallback_to_soft=False, preserve_lock_file=True)
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise StoreError(f"could not lock {lock_path} within {timeout_s:.0f} s: another process "
+                         "is initialising the MLflow store (or hangs holding the lock)") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------------------- store
@@ -157,18 +152,17 @@ def init_store(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFAC
     the experiments are created (after waiting up to ``timeout_s`` for the server).
     """
     uri = resolve_tracking_uri(uri)
-    names = tuple(experiments)
     db = sqlite_path(uri)
-    if is_server_uri(uri):
-        wait_for_server(uri, timeout_s)
-        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
-    if db is None:  # postgresql://, mysql://, in-memory SQLite: the DB server serialises for us
-        _create_tables(uri, artifact_root)
-        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
-
-    with _file_lock(db.with_name(db.name + ".lock"), timeout_s):
-        _prepare_sqlite_locked(uri, artifact_root)
-        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in names}
+    # postgresql://, mysql://, in-memory SQLite and servers serialise creation themselves.
+    with _file_lock(db.with_name(db.name + ".lock"), timeout_s) if db else nullcontext():
+        if is_server_uri(uri):
+            wait_for_server(uri, timeout_s)
+        elif db is None:
+            _create_tables(uri, artifact_root)
+        else:
+            _prepare_sqlite_locked(uri, artifact_root)
+        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri)
+                for n in experiments}
 
 
 def prepare_sqlite(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,

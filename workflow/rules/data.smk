@@ -2,7 +2,7 @@
 # dataset, then record both folders' hashes in dvc.lock. Same CLI as the DVC stages in dvc.yaml.
 # These jobs are deterministic (`retries: 0`): bad input fails the same way twice, so the profile's
 # retry (meant for preempted training jobs) would only print the error twice. Downloads retry
-# transient network errors themselves (hybridmim.data.download).
+# transient network errors themselves (hybridmim.data.sources.download).
 
 
 localrules:
@@ -90,7 +90,7 @@ rule version_data:
 
 rule preprocess_pretraining_data:
     # pretraining.data_recipe: native — the authors' recipe (RAS, native spacing, whole volumes),
-    # with the fine-tuning cache's split copied in (hybridmim.data.pretrain_cache).
+    # with the fine-tuning cache's split copied in (hybridmim.data.prepare.pretrain_cache).
     input:
         "data/raw/{dataset}/dataset.json",
         "data/processed/{dataset}/splits.json",

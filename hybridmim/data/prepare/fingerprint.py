@@ -14,7 +14,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from hybridmim.data.registry import MEDIAN_SPACING, DatasetSpec
+from hybridmim.dataset_catalog import MEDIAN_SPACING, DatasetSpec
 
 log = logging.getLogger(__name__)
 

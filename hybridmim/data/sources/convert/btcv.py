@@ -4,7 +4,7 @@ Source: ``RawData.zip`` from Synapse (syn3379050 in challenge project syn3193805
 ``RawData/Training/{img,label}/img00XX.nii.gz`` / ``label00XX.nii.gz`` (30 labelled CT volumes)
 and ``RawData/Testing/img/img00XX.nii.gz`` (20 unlabelled). Case ids keep the archive's image
 names (``img0001`` ...), which is what MONAI's 24/6 list and TransUNet's 18/12 list refer to
-(``hybridmim.data.registry.BTCV_SPLITS``). Both files of a case are stored under the image's name
+(``hybridmim.dataset_catalog.BTCV_SPLITS``). Both files of a case are stored under the image's name
 (``imagesTr/img0001.nii.gz`` and ``labelsTr/img0001.nii.gz``), as in every MSD task. Volumes are
 linked unchanged; labels are 0 (background) … 13 (``registry.BTCV_LABELS``).
 """
@@ -14,12 +14,12 @@ import logging
 import re
 from pathlib import Path
 
-from hybridmim.data.convert import (ConversionError, Verify, find_dirs, link_or_copy, nifti_files,
-                                    publish)
 from hybridmim.data.layout import make_index, strip_nifti_suffix, write_json
-from hybridmim.data.registry import BTCV_LABELS, BTCV_SPLITS
+from hybridmim.data.sources.convert.common import (ConversionError, Verify, find_dirs, link_or_copy,
+                                                   nifti_files, publish)
+from hybridmim.dataset_catalog import BTCV_LABELS, BTCV_SPLITS
 
-log = logging.getLogger("hybridmim.data.convert_btcv")
+log = logging.getLogger("hybridmim.data.sources.convert.btcv")
 
 _IMAGE = re.compile(r"^img(\d{4})\.nii(\.gz)?$")
 BTCV_LABELLED_CASES: tuple[str, ...] = tuple(sorted(

@@ -24,11 +24,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from hybridmim.data.convert import ConversionError, Verify, find_dirs, publish
 from hybridmim.data.layout import make_index, save_nifti, write_json
-from hybridmim.data.registry import BRATS_LABELS
+from hybridmim.data.sources.convert.common import ConversionError, Verify, find_dirs, publish
+from hybridmim.dataset_catalog import BRATS_LABELS
 
-log = logging.getLogger("hybridmim.data.convert_brats")
+log = logging.getLogger("hybridmim.data.sources.convert.brats")
 
 CHANNEL_ORDER = ("t1", "t1ce", "t2", "flair")
 SEGMENTATION_ALIASES = {"BraTS20_Training_355": ("W39_1998.09.19_Segm.nii",

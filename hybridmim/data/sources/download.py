@@ -24,7 +24,7 @@ from pathlib import Path
 from hybridmim.hashing import md5_file, sha256_file
 from hybridmim.progress import StepProgress
 
-log = logging.getLogger("hybridmim.data.download")
+log = logging.getLogger("hybridmim.data.sources.download")
 
 CHUNK_BYTES = 1 << 20
 # Headroom kept free beyond the download itself: a full disk corrupts more than the download.

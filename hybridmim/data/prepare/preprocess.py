@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hybridmim.data.fingerprint import ForegroundSampler, describe_recipe, resolve_spacing
 from hybridmim.data.layout import (CaseFiles, LayoutError, atomic_directory, list_cases,
                                    read_index, write_json)
-from hybridmim.data.registry import DatasetSpec
+from hybridmim.data.prepare.fingerprint import ForegroundSampler, describe_recipe, resolve_spacing
+from hybridmim.dataset_catalog import DatasetSpec
 from hybridmim.hashing import spec_hash
 from hybridmim.progress import StepProgress
 
@@ -106,7 +106,7 @@ def read_processed_index(processed_dir) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no preprocessed dataset here; run the preprocess step "
-                                f"(hybridmim.data.preprocess.preprocess_dataset) first") from None
+                                f"(`hybridmim data preprocess`) first") from None
 
 
 def raw_fingerprint(raw_dir: Path, cases: list[CaseFiles]) -> str:

@@ -22,7 +22,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-log = logging.getLogger("hybridmim.data.extract")
+log = logging.getLogger("hybridmim.data.sources.extract")
 
 COMPLETE_MARKER = ".complete"
 _COPY_BUFFER = 1 << 20

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridmim.atomic import write_json
-from hybridmim.data.registry import DatasetSpec
+from hybridmim.dataset_catalog import DatasetSpec
 
 DATA_RECIPES = ("finetune", "native")
 PRETRAIN_SUBDIR = "pretrain"
@@ -42,7 +42,7 @@ def build_native_cache(config: dict[str, Any], name: str,
     import json
 
     from hybridmim.config import dataset_spec
-    from hybridmim.data.preprocess import preprocess_dataset
+    from hybridmim.data.prepare.preprocess import preprocess_dataset
 
     raw_dir = Path(data_root) / "raw" / name
     splits_file = Path(data_root) / "processed" / name / "splits.json"

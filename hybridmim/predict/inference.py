@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 from monai.inferers import sliding_window_inference
+from monai.networks.utils import one_hot
 
-from hybridmim.evaluate.metrics import one_hot
 from hybridmim.runtime import autocast
 
 
@@ -44,4 +44,5 @@ def probabilities_to_masks(probabilities: torch.Tensor, regions: bool) -> torch.
     ``p > 0.5`` per channel for overlapping regions (BraTS TC/WT/ET)."""
     if regions:
         return probabilities > 0.5
-    return one_hot(probabilities.argmax(dim=0), probabilities.shape[0])
+    return one_hot(probabilities.argmax(dim=0, keepdim=True), probabilities.shape[0],
+                   dtype=torch.bool, dim=0)

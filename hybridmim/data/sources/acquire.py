@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from hybridmim.data.convert import convert_folder, convert_msd, get_converter
-from hybridmim.data.download import (SYNAPSE_REPO_ENDPOINT, check_free_space, download,
-                                     synapse_download)
-from hybridmim.data.extract import safe_extract
 from hybridmim.data.integrity import assert_dataset_ok
+from hybridmim.data.sources.convert import convert_folder, convert_msd, get_converter
+from hybridmim.data.sources.download import (SYNAPSE_REPO_ENDPOINT, check_free_space, download,
+                                             synapse_download)
+from hybridmim.data.sources.extract import safe_extract
 from hybridmim.hashing import md5_file
 
-log = logging.getLogger("hybridmim.data.acquire")
+log = logging.getLogger("hybridmim.data.sources.acquire")
 
 MARKER = ".acquired.json"
 MARKER_FORMAT = 1

@@ -1,78 +1,13 @@
-"""Source → canonical layout (``imagesTr/ labelsTr/ imagesTs/ dataset.json``, see layout.py).
-
-One converter per source: ``convert_msd`` (a Decathlon task folder), ``convert_folder`` (a user's
-folder that already has the layout) here; ``convert_btcv`` and ``convert_brats`` in their own
-modules. ``CONVERTERS`` maps the registry's converter names to them.
-
-Every converter builds the dataset in a temporary sibling of ``out_dir`` and renames it into
-place only after the optional ``verify`` callback (acquire passes the integrity check) accepted the
-temporary folder — a failed or interrupted conversion never leaves a dataset under its final name.
-Unchanged NIfTI files are hard-linked from the extracted source instead of copied (MSD Liver is
-~28 GB), with a copy as fallback across file systems.
-"""
+"""Decathlon task folders (``convert_msd``) and a user's folder that already has the canonical
+layout (``convert_folder``) → the canonical layout, hard-linking unchanged NIfTI files."""
 from __future__ import annotations
 
-import errno
 import json
-import logging
-import os
-import shutil
 from pathlib import Path
-from typing import Callable, Iterable
 
-from hybridmim.data.layout import LayoutError, atomic_directory, read_index, write_json
-
-log = logging.getLogger("hybridmim.data.convert")
-
-Verify = Callable[[Path], None]
-
-
-class ConversionError(ValueError):
-    """The source does not look like the dataset it should be; the message names what is wrong."""
-
-
-def is_junk(path: Path | str) -> bool:
-    """macOS resource forks (``._name``), ``.DS_Store``, ``__MACOSX/`` and other hidden files."""
-    parts = Path(path).parts
-    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError as err:
-        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
-        shutil.copy2(src, dst)
-
-
-def find_dirs(root: Path, accept: Callable[[Path], bool], max_depth: int = 5) -> list[Path]:
-    """Folders under ``root`` (``root`` included) accepted by ``accept``, shallowest first; hidden
-    and ``__MACOSX`` folders are skipped."""
-    found, level = [], [Path(root)]
-    for _ in range(max_depth + 1):
-        next_level = []
-        for folder in level:
-            if accept(folder):
-                found.append(folder)
-                continue
-            try:
-                children = sorted(p for p in folder.iterdir() if p.is_dir() and not is_junk(p.name))
-            except OSError:
-                continue
-            next_level.extend(children)
-        level = next_level
-    return found
-
-
-def publish(out_dir: Path, build: Callable[[Path], None], verify: Verify | None) -> Path:
-    """Run ``build(temp)``, then ``verify(temp)``; only then rename ``temp`` onto ``out_dir``."""
-    with atomic_directory(Path(out_dir)) as temp:
-        build(temp)
-        if verify is not None:
-            verify(temp)
-    return Path(out_dir)
+from hybridmim.data.layout import LayoutError, read_index, write_json
+from hybridmim.data.sources.convert.common import (ConversionError, Verify, find_dirs, is_junk,
+                                                   link_or_copy, log, publish)
 
 
 def _relative_entry(path: str) -> str:
@@ -195,23 +130,3 @@ def convert_folder(folder: Path, out_dir: Path, verify: Verify | None = None) ->
         write_json(temp / "dataset.json", index)
 
     return publish(out_dir, build, verify)
-
-
-def _converters() -> dict[str, Callable[..., Path]]:
-    from hybridmim.data.convert_brats import convert_brats
-    from hybridmim.data.convert_btcv import convert_btcv
-
-    return {"msd": convert_msd, "btcv": convert_btcv, "brats2020": convert_brats,
-            "folder": convert_folder}
-
-
-def get_converter(name: str) -> Callable[..., Path]:
-    converters = _converters()
-    if name not in converters:
-        raise ConversionError(f"unknown converter {name!r}; known: {sorted(converters)}")
-    return converters[name]
-
-
-def nifti_files(folder: Path) -> Iterable[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not is_junk(p.name) and p.name.endswith((".nii", ".nii.gz")))
