@@ -5,12 +5,11 @@ one code path.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import random
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,14 +84,10 @@ def precision_choice(precision: str, device: torch.device, backbone: str | None 
     return choice
 
 
-@contextlib.contextmanager
-def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    if precision == "fp32":
-        yield
-        return
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.autocast(device_type=device.type, dtype=dtype):
-        yield
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The forward pass's mixed-precision context (switched off for fp32)."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision != "fp32")
 
 
 def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

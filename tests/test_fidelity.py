@@ -149,7 +149,7 @@ def test_pretraining_does_not_clip_by_default_and_the_flag_clips():
 
 
 def test_grad_clip_flag_bounds_the_update():
-    from hybridmim.pretrain.step import clip_gradients
+    from hybridmim.training_loop import clip_gradients
 
     model = nn.Linear(4, 1)
     model(torch.full((1, 4), 100.0)).sum().backward()

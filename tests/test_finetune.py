@@ -249,6 +249,8 @@ def test_resume_after_sigterm_continues_at_saved_step(tmp_path, toy, store, capl
     finally:
         logging.getLogger("hybridmim.finetune.train").removeHandler(trigger)
     assert stopped.value.code == 143
+    # The stop went through the loop machinery pretraining shares (hybridmim/training_loop.py).
+    assert "stopped after step 2 of 6" in caplog.text
     state = load_state(tmp_path / "finetune" / "state", _spec_hash(spec))
     assert state["step"] == 2 and not os.path.exists(spec["out"])
     client = MlflowClient(spec["tracking"]["uri"])

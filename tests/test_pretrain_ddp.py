@@ -23,8 +23,9 @@ from hybridmim.dataset_catalog import CT_PRETRAIN_WINDOW
 from hybridmim.pretrain.feed import global_crop_rows
 from hybridmim.pretrain.losses import partial_region_loss
 from hybridmim.pretrain.masking import MaskGeometry, expand_to_voxels, sample_patch_mask
-from hybridmim.pretrain.train import PREEMPT_ENV, run_pretraining
+from hybridmim.pretrain.train import run_pretraining
 from hybridmim.runtime import DistInfo
+from hybridmim.training_loop import PREEMPT_ENV
 
 CROP = 32
 

@@ -14,9 +14,9 @@ import torch
 
 from hybridmim.checkpoints import build_network, load_model_file, state_dir_for
 from hybridmim.dataset_catalog import CT_PRETRAIN_WINDOW
-from hybridmim.preemption import PREEMPTED_EXIT_CODE, Preempted
 from hybridmim.pretrain.spec import PretrainSpecError, validate_pretrain_spec
-from hybridmim.pretrain.train import PREEMPT_ENV, run_pretraining
+from hybridmim.pretrain.train import run_pretraining
+from hybridmim.training_loop import PREEMPT_ENV, PREEMPTED_EXIT_CODE, Preempted
 from conftest import set_nested
 
 

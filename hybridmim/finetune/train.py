@@ -23,17 +23,14 @@ import torch
 from monai.losses import DiceCELoss
 
 from hybridmim import checkpoints, runtime
-from hybridmim.atomic import write_json
 from hybridmim.evaluate.metrics import (check_class_indices, class_names, foreground_masks,
                                         ground_truth_masks, metric_key, nanmean)
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.jobguard import guarded_job
 from hybridmim.performance import prepare_network
 from hybridmim.predict.inference import predict_volume, probabilities_to_masks
-from hybridmim.preemption import Preempted, TerminationGuard
-from hybridmim.progress import StepProgress
-from hybridmim.schedule import warmup_cosine_scheduler
 from hybridmim.spec_schemas import check_spec
+from hybridmim.training_loop import TrainingLoop, optimisation, optimiser_step
 
 log = logging.getLogger(__name__)
 
@@ -186,68 +183,52 @@ def _dice_only(pred, truth, names) -> dict[str, float]:
 
 @guarded_job(lambda spec: checkpoints.state_dir_for(spec["out"]))
 def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train, validate, checkpoint and publish one fine-tuning job; return its metrics.json."""
+    """Train, validate, checkpoint and publish one fine-tuning job; return its metrics.json.
+
+    Resume, checkpoint cadence, preemption, progress and the MLflow run come from
+    hybridmim/training_loop.py, shared with pretraining; this is the segmentation step,
+    validation and the best model."""
     from hybridmim.models.backbones import build_segmentation_network
-    from hybridmim.tracking.runs import tracked_run
 
     job = FinetuneJob(spec)
     runtime.seed_everything(int(spec["seed"]))
     network, class_path, kwargs = build_segmentation_network(spec["backbone"], job.out_channels,
                                                              job.crop)
     train_ids, val_ids, train_ds, val_ds = job.datasets()
-    state = checkpoints.load_state(job.state_dir, job.spec_hash)
+    # What the resume state holds beside TrainingLoop's own entries (and the RNG states).
+    extras = {"epoch": 0, "seconds": 0.0, "history": [], "init_counts": None,
+              "best": {"val_dice_mean": -1.0, "step": -1}}
+    loop = TrainingLoop(spec, job.spec_hash, job.steps,
+                        lambda: {**extras, "rng": runtime.rng_state()}, job.device)
     init_report = None
-    if state is None:
+    if loop.saved is None:  # a resumed job gets its weights from the state
         init_report = initialise_network(network, spec["init"])
+        extras["init_counts"] = init_report["counts"]
     network.to(job.device)
     forward = prepare_network(network, job.device, job.precision, spec)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=float(job.optim["lr"]),
-                                  weight_decay=float(job.optim["weight_decay"]))
-    scheduler = warmup_cosine_scheduler(optimizer, int(job.optim.get("warmup_steps", 0)), job.steps)
-    scaler = runtime.make_grad_scaler(job.device, job.precision)
-    step, epoch, seconds, history = 0, 0, 0.0, []
-    best = {"val_dice_mean": -1.0, "step": -1}
-    run_id = None
-    init_counts = (init_report or {}).get("counts")
+    optimizer, scheduler, scaler = optimisation(network.parameters(), job.optim, job.steps,
+                                                job.device, job.precision)
+    state = loop.resume(model=network, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     if state is not None:
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
         runtime.set_rng_state(state["rng"])
-        step, epoch, seconds = state["step"], state["epoch"], state["seconds"]
-        history, best, run_id = state["history"], state["best"], state["mlflow_run_id"]
-        init_counts = state["init_counts"]
+        extras.update({key: state[key] for key in extras})
     loss_fn = (DiceCELoss(sigmoid=True) if job.regions
                else DiceCELoss(to_onehot_y=True, softmax=True))
 
-    with TerminationGuard() as guard, tracked_run(
-            "finetune", spec, data_dirs=[job.processed_dir],
-            upstream_model=spec["init"].get("checkpoint"),
-            device=runtime.device_name(job.device), resume_run_id=run_id) as run:
+    with loop.tracked("finetune", data_dirs=[job.processed_dir],
+                      upstream_model=spec["init"].get("checkpoint")) as run:
         if init_report is not None:
             run.set_tags({"init.source": init_report["source"], **job.precision_choice.tags(),
                           "train_cases": len(train_ids), "val_cases": len(val_ids),
                           **{f"init.{k}": v for k, v in init_report["counts"].items()}})
             run.log_dict({"train_ids": train_ids, "val_ids": val_ids, "init": init_report},
                          "finetune_setup.json")
-
-        def save_latest() -> None:
-            checkpoints.save_state(job.state_dir, {
-                "model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "epoch": epoch, "seconds": seconds, "rng": runtime.rng_state(),
-                "history": history, "best": best, "init_counts": init_counts,
-                "mlflow_run_id": run.run_id}, job.spec_hash)
-
         network.train()
-        stream = job.batches(train_ds, epoch, loader_seed=int(spec["seed"]) * 1_000_003 + step)
-        progress = StepProgress(job.steps, f"finetune {spec.get('run_name', '')}", start=step)
-        log_every, val_every = int(spec["log_every"]), int(spec["val_every"])
-        checkpoint_every = int(spec["checkpoint_every"])
+        stream = job.batches(train_ds, extras["epoch"],
+                             loader_seed=int(spec["seed"]) * 1_000_003 + loop.step)
         t_last = time.monotonic()
-        while step < job.steps:
-            epoch, batch = next(stream)
+        while loop.step < job.steps:
+            extras["epoch"], batch = next(stream)
             # Items hold several crops of one volume: (B, N, C, ...) → a batch of B*N crops.
             image = batch["image"].flatten(0, 1).to(job.device, non_blocking=True)
             target = job.target(batch["label"].flatten(0, 1).to(job.device, non_blocking=True))
@@ -256,47 +237,42 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
             # The loss (softmax/sigmoid, Dice ratios) runs in fp32 for stability.
             loss = loss_fn(logits.float(), target)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower "
+                raise FloatingPointError(f"loss became {loss.item()} at step {loop.step}; lower "
                                          "optim.lr or use precision fp32/bf16")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if job.optim.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(network.parameters(), float(job.optim["grad_clip"]))
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+            optimiser_step(loss, network, optimizer, scheduler, scaler,
+                           float(job.optim.get("grad_clip") or 0.0))
+            loop.step += 1
             now = time.monotonic()
-            seconds, t_last = seconds + (now - t_last), now
-            if step % log_every == 0 or step == job.steps:
-                run.log_metrics({"train_loss": loss.item(), "lr": lr}, step)
-            if step % val_every == 0 or step == job.steps:
-                scores = job.validate(forward, val_ds)
-                run.log_metrics(scores, step)
-                history.append({"step": step, **scores})
-                # A NaN mean (no validation case holds any structure) still yields a best.pt.
-                score = scores["val_dice_mean"]
-                if (score if not math.isnan(score) else -0.5) > best["val_dice_mean"]:
-                    best = {"val_dice_mean": score if not math.isnan(score) else -0.5,
-                            "step": step}
-                    checkpoints.save_state(job.state_dir, {"model": network.state_dict(),
-                                                           "step": step, "scores": scores},
-                                           job.spec_hash, name="best")
-                log.info("step %d validation: %s (best %.4f at step %d)", step,
-                         json.dumps({k: round(v, 4) for k, v in scores.items()}),
-                         best["val_dice_mean"], best["step"])
+            extras["seconds"], t_last = extras["seconds"] + (now - t_last), now
+            if loop.due(spec["log_every"]):
+                run.log_metrics({"train_loss": loss.item(), "lr": lr}, loop.step)
+            if loop.due(spec["val_every"]):
+                _validate_and_keep_best(job, loop, run, forward, val_ds, extras)
                 t_last = time.monotonic()  # validation time is not training time
-            progress.update(step, loss=loss.item())
-            if step % checkpoint_every == 0 or step == job.steps:
-                save_latest()
-            if guard.requested and step < job.steps:
-                save_latest()
-                run.flush()
-                raise Preempted()
-        progress.close()
-        return publish(job, run, class_path, kwargs, seconds, init_counts)
+            loop.end_of_step(loss=loss.item())
+        return publish(job, loop, run, class_path, kwargs, extras["seconds"],
+                       extras["init_counts"])
+
+
+def _validate_and_keep_best(job: FinetuneJob, loop: TrainingLoop, run, network, val_ds,
+                            extras: dict[str, Any]) -> None:
+    """Validate, log, and keep the weights of the best validation Dice in ``state/best.pt``."""
+    scores = job.validate(network, val_ds)
+    run.log_metrics(scores, loop.step)
+    extras["history"].append({"step": loop.step, **scores})
+    # A NaN mean (no validation case holds any structure) still yields a best.pt.
+    score = scores["val_dice_mean"]
+    if (score if not math.isnan(score) else -0.5) > extras["best"]["val_dice_mean"]:
+        extras["best"] = {"val_dice_mean": score if not math.isnan(score) else -0.5,
+                          "step": loop.step}
+        # The network's own weights (``network`` may be a compiled wrapper of it).
+        checkpoints.save_state(job.state_dir, {"model": loop.objects["model"].state_dict(),
+                                               "step": loop.step, "scores": scores},
+                               job.spec_hash, name="best")
+    log.info("step %d validation: %s (best %.4f at step %d)", loop.step,
+             json.dumps({k: round(v, 4) for k, v in scores.items()}),
+             extras["best"]["val_dice_mean"], extras["best"]["step"])
 
 
 def _recorded_data_hash(run, processed_dir: str) -> str:
@@ -309,14 +285,14 @@ def _recorded_data_hash(run, processed_dir: str) -> str:
         return data_hash(processed_dir)["hash"]
 
 
-def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seconds: float,
-            init_counts: dict[str, int] | None) -> dict[str, Any]:
+def publish(job: FinetuneJob, loop: TrainingLoop, run, class_path: str, kwargs: dict[str, Any],
+            seconds: float, init_counts: dict[str, int] | None) -> dict[str, Any]:
     """Write model.pt and metrics.json beside it.
 
     The published weights are the best validation checkpoint (state/best.pt), except when the
     split's validation cases ARE its test cases (``val_is_test``): then the final weights are
     published, so that no choice is ever made on the cases the evaluation reports."""
-    from hybridmim.tracking.provenance import git_state
+    from hybridmim.tracking import catalog
 
     spec = job.spec
     best_state = checkpoints.load_state(job.state_dir, job.spec_hash, name="best")
@@ -334,7 +310,7 @@ def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seco
         weights, published = "final (validation cases are the test cases)", final_state["model"]
     from hybridmim.predict.pipeline import recorded_preprocess
 
-    meta = {"stage": "finetune", "method": spec["init"].get("name"), "crop": job.crop,
+    meta = {"method": spec["init"].get("name"), "crop": job.crop,
             "spacing": dataset_spacing(job.processed_dir), "modality": ds.get("modality"),
             "channels": int(spec["backbone"]["in_channels"]), "labels": ds["labels"],
             "regions": job.regions, "window": ds["window"],
@@ -342,20 +318,15 @@ def publish(job: FinetuneJob, run, class_path: str, kwargs: dict[str, Any], seco
             "preprocess": recorded_preprocess(job.processed_dir) or ds.get("preprocess"),
             "channel_names": ds.get("channels"),
             "init": {**copy.deepcopy(spec["init"]), "transferred": init_counts or {}},
-            "data_hash": _recorded_data_hash(run, job.processed_dir), **git_state(),
-            "mlflow_run_id": run.run_id, "spec_hash": job.spec_hash, "steps": job.steps,
+            "data_hash": _recorded_data_hash(run, job.processed_dir),
             "weights": weights, "best_step": best_step, "best_val_dice": best_dice}
-    checkpoints.publish_model(job.out, class_path, kwargs, published, meta)
-    from hybridmim.tracking import catalog  # MLflow model + registry entry
-    catalog.log_network_model(run, job.out, catalog.registered_name(spec))
     metrics = {"best_val_dice_mean": best_dice, "best_step": float(best_step),
                "steps": float(job.steps), "train_seconds": seconds}
     run.log_metrics({"best_val_dice_mean": best_dice}, job.steps)
-    result = {"run_id": run.run_id, "stage": "finetune", "metrics": metrics,
-              "best_scores": best_state.get("scores", {}), "spec_hash": job.spec_hash}
-    metrics_path = job.out.parent / "metrics.json"
-    write_json(metrics_path, result)
-    run.log_artifact(metrics_path)
+    # Registered in the MLflow model registry under dataset-backbone-init.
+    result = loop.publish(run, class_path, kwargs, published, meta, metrics,
+                          registered_name=catalog.registered_name(spec),
+                          best_scores=best_state.get("scores", {}))
     log.info("published %s (best validation Dice %.4f at step %d of %d)", job.out, best_dice,
              best_step, job.steps)
     return result

@@ -11,14 +11,7 @@ from hybridmim.pretrain.feed import flatten_volumes
 from hybridmim.pretrain.losses import HybridMIMLoss
 from hybridmim.pretrain.masking import (MaskGeometry, apply_mask, expand_to_voxels, region_labels,
                                         sample_patch_mask)
-
-
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor | None:
-    """Clip the global gradient norm to ``max_norm`` (``optim.grad_clip``; 0 = off, the authors'
-    pretraining); returns the norm before clipping, or None when off."""
-    if max_norm <= 0:
-        return None
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).detach()
+from hybridmim.training_loop import optimiser_step
 
 
 class TermWindow:
@@ -96,14 +89,10 @@ class PretrainStep:
         self.model.train()
         total, terms = self._losses(images, valid, generator, self.forward_model, self.loss_fn,
                                     self.global_batch, self.mask_rows)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if self.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            terms["grad_norm"] = clip_gradients(self.model, self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        grad_norm = optimiser_step(total, self.model, self.optimizer, self.scheduler, self.scaler,
+                                   self.grad_clip)
+        if grad_norm is not None:
+            terms["grad_norm"] = grad_norm
         return terms
 
     @torch.no_grad()

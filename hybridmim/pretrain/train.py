@@ -22,16 +22,14 @@ rank's own stream. The learning rate is NOT scaled with W: when changing the GPU
 ``optim.lr`` yourself (e.g. linearly with the effective batch) or keep the effective batch fixed by
 dividing ``volumes_per_step``.
 
-Test/ops hook: ``HYBRIDMIM_PREEMPT_AT_STEP=k`` behaves like a SIGTERM arriving during step k
-(finish the step, save the state, exit with the preemption code). It is an environment variable,
-not a spec key, so the interrupted and the resumed job share one spec hash.
+Resume, checkpoint cadence, preemption (incl. the ``HYBRIDMIM_PREEMPT_AT_STEP`` hook), progress and
+the MLflow run come from hybridmim/training_loop.py, shared with fine-tuning.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,24 +37,19 @@ from typing import Any
 import torch
 
 from hybridmim import checkpoints, runtime
-from hybridmim.atomic import write_json
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.jobguard import guarded_job
-from hybridmim.predict.pipeline import recorded_preprocess
-from hybridmim.preemption import Preempted, TerminationGuard
 from hybridmim.pretrain.cost import CostMeter
 from hybridmim.pretrain.feed import StepFeed, global_crop_rows
 from hybridmim.pretrain.losses import HybridMIMLoss
 from hybridmim.pretrain.masking import MaskGeometry
 from hybridmim.pretrain.spec import resolve_method, validate_pretrain_spec
 from hybridmim.pretrain.step import PretrainStep, TermWindow
-from hybridmim.progress import StepProgress
-from hybridmim.schedule import warmup_cosine_scheduler
-from hybridmim.tracking import tracked_run
+from hybridmim.predict.pipeline import recorded_preprocess
+from hybridmim.training_loop import TrainingLoop, optimisation
 
 log = logging.getLogger(__name__)
 
-PREEMPT_ENV = "HYBRIDMIM_PREEMPT_AT_STEP"
 VALIDATION_SEED_OFFSET = 7_777_777
 
 
@@ -96,28 +89,25 @@ class _PretrainJob:
         self.model.to(self.device)
         self.loss_fn = HybridMIMLoss.from_method(self.method)
         optim = spec["optim"]
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(optim["lr"]),
-                                           weight_decay=float(optim["weight_decay"]))
-        self.scheduler = warmup_cosine_scheduler(self.optimizer, int(optim["warmup_steps"]),
-                                                 self.total_steps)
-        self.scaler = runtime.make_grad_scaler(self.device, self.precision)
+        self.optimizer, self.scheduler, self.scaler = optimisation(
+            self.model.parameters(), optim, self.total_steps, self.device, self.precision)
         # Masks come from their own generator on the device, seeded identically on every rank:
         # each rank draws the masks of the global batch and keeps its rows (PretrainStep).
         self.mask_generator = torch.Generator(device=self.device)
         self.mask_generator.manual_seed(self.seed * 1_000)
 
-        self.step, self.history, self.run_id = 0, [], None
+        self.history: list[dict[str, Any]] = []
         self.train_seconds, self.timed_steps = 0.0, 0
-        self.state_dir = checkpoints.state_dir_for(spec["out"])
-        # Loaded on the CPU: RNG states must stay CPU tensors; weights and optimizer moments
-        # are copied onto the device by load_state_dict.
-        self._restore(checkpoints.load_state(self.state_dir, self.spec_hash, map_location="cpu"))
+        self.loop = TrainingLoop(spec, self.spec_hash, self.total_steps, self._state_extras,
+                                 self.device, dist)
+        self._restore(self.loop.resume(model=self.model, optimizer=self.optimizer,
+                                       scheduler=self.scheduler, scaler=self.scaler))
 
         self.dataset = build_train_dataset(spec)
         data = spec["data"]
         self.feed = StepFeed(self.dataset, int(data["volumes_per_step"]), dist, self.seed,
                              self.device, num_workers=int(data.get("num_workers", 0)),
-                             start_step=self.step)
+                             start_step=self.loop.step)
         self.val_dataset = (build_val_dataset(spec, self.seed + VALIDATION_SEED_OFFSET)
                             if dist.is_main else None)
 
@@ -145,14 +135,10 @@ class _PretrainJob:
         return not (on("loc") and on("cl") and (on("num") or on("con")))
 
     def _restore(self, state: dict[str, Any] | None) -> None:
+        """The pretraining's own part of the resume state (TrainingLoop restores the rest)."""
         if state is None:
             return
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.history = int(state["step"]), list(state["history"])
-        self.run_id = state.get("mlflow_run_id")
+        self.history = list(state["history"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
         self.cost.restore(state.get("cost"))
@@ -178,99 +164,64 @@ class _PretrainJob:
         torch_dist.all_gather_object(gathered, obj)
         return gathered
 
-    def _save_state(self) -> None:
+    def _state_extras(self) -> dict[str, Any]:
         # Every rank contributes its RNG streams (a collective), rank 0 writes. The mask
         # generator is identical on all ranks: rank 0's state is the state.
-        rng = self._gather(runtime.rng_state())
-        masks = self.mask_generator.get_state().cpu()
-        if not self.dist.is_main:
-            return
-        checkpoints.save_state(self.state_dir, {
-            "step": self.step, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": rng, "mask_rng": masks,
-            "history": self.history, "mlflow_run_id": self.run_id,
-            "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
-            "cost": self.cost.state(),
-        }, self.spec_hash)
-
-    def _stop_requested(self, guard: TerminationGuard) -> bool:
-        requested = guard.requested or os.environ.get(PREEMPT_ENV, "") == str(self.step)
-        if self.dist.enabled:  # all ranks must stop at the same step, or the next collective hangs
-            import torch.distributed as torch_dist
-
-            flag = torch.tensor([float(requested)], device=self.device)
-            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-            requested = bool(flag.item())
-        return requested
+        return {"rng": self._gather(runtime.rng_state()),
+                "mask_rng": self.mask_generator.get_state().cpu(), "history": self.history,
+                "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
+                "cost": self.cost.state()}
 
     # ------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
         spec = self.spec
         data_dirs = [d["processed_dir"] for d in spec["data"]["datasets"]]
-        with tracked_run("pretrain", spec, data_dirs=data_dirs,
-                         device=runtime.device_name(self.device), enabled=self.dist.is_main,
-                         resume_run_id=self.run_id) as run, TerminationGuard() as guard:
-            self.run_id = run.run_id or self.run_id
-            if self.dist.is_main and self.step == 0:
+        with self.loop.tracked("pretrain", data_dirs=data_dirs) as run:
+            if self.dist.is_main and self.loop.step == 0:
                 run.set_tags({**self.precision_choice.tags(), "world_size": self.dist.world_size,
                               "method.kind": self.method["kind"]})
-            self._train(run, guard)
+            self._train(run)
             if self.dist.is_main:
                 return self._finish(run)
         return {}
 
-    def _train(self, run: Any, guard: TerminationGuard) -> None:
-        log_every = max(1, int(self.spec["log_every"]))
-        checkpoint_every = max(1, int(self.spec["checkpoint_every"]))
-        progress = StepProgress(self.total_steps, f"pretrain {self.spec.get('run_name', '')}",
-                                start=self.step, enabled=self.dist.is_main)
+    def _train(self, run: Any) -> None:
+        loop = self.loop
         window = TermWindow()
         last_logged: dict[str, float] = {}
         first_step_of_process = True
-        while self.step < self.total_steps:
+        while loop.step < self.total_steps:
             started = time.perf_counter()
             images, valid = self.feed.next_batch()
             lr = self.optimizer.param_groups[0]["lr"]
             window.add(self.stepper.train_step(images, valid, self.mask_generator))
-            self.step += 1
+            loop.step += 1
             if not first_step_of_process:  # the first step of a process pays one-off set-up
                 self.train_seconds += time.perf_counter() - started
                 self.timed_steps += 1
                 self.cost.add_step(time.perf_counter() - started)
             first_step_of_process = False
-            if self.step % log_every == 0 or self.step == self.total_steps:
+            if loop.due(self.spec["log_every"]):
                 last_logged = window.pop_means()
                 if not math.isfinite(last_logged.get("total", 0.0)):
                     terms = {k: v for k, v in last_logged.items() if not k.endswith("_weighted")}
                     raise FloatingPointError(
-                        f"pretraining loss is {last_logged['total']} at step {self.step} "
+                        f"pretraining loss is {last_logged['total']} at step {loop.step} "
                         f"({terms}); lower optim.lr, keep optim.grad_clip > 0 or use precision "
                         f"bf16/fp32")
-                self.history.append({"step": self.step, "lr": lr, **last_logged})
+                self.history.append({"step": loop.step, "lr": lr, **last_logged})
                 run.log_metrics({**{f"train/{k}": v for k, v in last_logged.items()}, "lr": lr,
-                                 "cost/train_s": self.cost.train_s()}, self.step)
-            progress.update(self.step, loss=last_logged.get("total", float("nan")), lr=lr)
-            if self.val_dataset is not None and (self.step % checkpoint_every == 0
-                                                 or self.step == self.total_steps):
+                                 "cost/train_s": self.cost.train_s()}, loop.step)
+            # Validation follows the checkpoint cadence.
+            if self.val_dataset is not None and loop.due(loop.checkpoint_every):
                 val = self.stepper.validate(self.val_dataset, self.seed + VALIDATION_SEED_OFFSET,
                                             int(self.spec["data"]["volumes_per_step"]))
                 run.log_metrics({**{f"val/{k}": v for k, v in val.items()},
-                                 "cost/train_s": self.cost.train_s()}, self.step)
-                self.history.append({"step": self.step, **{f"val/{k}": v for k, v in val.items()}})
-            stop = self._stop_requested(guard)
-            if stop or self.step % checkpoint_every == 0 or self.step == self.total_steps:
-                self._save_state()
-            if stop and self.step < self.total_steps:
-                run.flush()
-                log.warning("stopped after step %d of %d; state saved in %s, a re-run resumes",
-                            self.step, self.total_steps, self.state_dir)
-                raise Preempted()
-        progress.close()
+                                 "cost/train_s": self.cost.train_s()}, loop.step)
+                self.history.append({"step": loop.step, **{f"val/{k}": v for k, v in val.items()}})
+            loop.end_of_step(loss=last_logged.get("total", float("nan")), lr=lr)
 
     def _finish(self, run: Any) -> dict[str, Any]:
-        from hybridmim.tracking.provenance import git_state
-
         spec, model = self.spec, self.model
         train_rows = [r for r in self.history if "total" in r]
         val_rows = [r for r in self.history if "val/total" in r]
@@ -278,16 +229,15 @@ class _PretrainJob:
         if val_rows:
             final.update({k: v for k, v in val_rows[-1].items() if k != "step"})
         seconds_per_step = self.train_seconds / self.timed_steps if self.timed_steps else None
-        metrics = {**{f"final/{k}": v for k, v in final.items()}, "steps": self.step}
+        metrics = {**{f"final/{k}": v for k, v in final.items()}, "steps": self.loop.step}
         if seconds_per_step is not None:
             metrics["seconds_per_step"] = seconds_per_step
         metrics.update(self.cost.summary())
-        run.log_metrics(metrics, self.step)
-        run.flush()
+        run.log_metrics(metrics, self.loop.step)
         tags = run.client.get_run(run.run_id).data.tags if run.client is not None else {}
         datasets = spec["data"]["datasets"]
         meta = {
-            "stage": "pretrain", "method": spec["method"].get("name", self.method["kind"]),
+            "method": spec["method"].get("name", self.method["kind"]),
             "method_kind": self.method["kind"], "crop": self.geometry.crop,
             "geometry": dict(spec["geometry"]), "spacing": _corpus_spacing(datasets),
             "modality": datasets[0].get("modality"),
@@ -296,17 +246,11 @@ class _PretrainJob:
             "preprocess": recorded_preprocess(datasets[0]["processed_dir"]),
             "data_hash": {d["name"]: tags.get(f"data_hash.{Path(d['processed_dir']).name}")
                           for d in datasets},
-            **git_state(), "mlflow_run_id": run.run_id, "spec_hash": self.spec_hash,
-            "steps": self.step,
         }
-        checkpoints.publish_model(spec["out"], model.network_class, model.network_kwargs,
-                                  model.network.state_dict(), meta, heads=model.heads_record())
-        from hybridmim.tracking import catalog  # the backbone as an MLflow model
-        catalog.log_network_model(run, spec["out"])
-        result = {"run_id": run.run_id, "stage": "pretrain", "metrics": metrics,
-                  "spec_hash": self.spec_hash}
-        write_json(os.path.join(os.path.dirname(spec["out"]) or ".", "metrics.json"), result)
-        log.info("published %s (%d steps, %s s/step)", spec["out"], self.step,
+        result = self.loop.publish(run, model.network_class, model.network_kwargs,
+                                   model.network.state_dict(), meta, metrics,
+                                   heads=model.heads_record())
+        log.info("published %s (%d steps, %s s/step)", spec["out"], self.loop.step,
                  f"{seconds_per_step:.3f}" if seconds_per_step else "n/a")
         return result
 

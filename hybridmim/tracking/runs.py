@@ -1,8 +1,10 @@
 """The MLflow run context used by every pretrain / finetune / evaluate job.
 
-A run records: the resolved job spec as params, provenance as tags (provenance.py), metrics in
-batches (one SQLite write per batch, not per value), and artifacts. On rank != 0 of a DDP job the
-context is a no-op, so only one run exists per job. A resumed job continues its earlier run.
+A run records: the resolved job spec as params, provenance as tags (provenance.py), metrics and
+artifacts. Metrics go through MLflow's asynchronous logging, which batches them in a background
+thread (a training step does not wait for a SQLite write); ending the run drains the queue. On
+rank != 0 of a DDP job the context is a no-op, so only one run exists per job. A resumed job
+continues its earlier run.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hybridmim.hashing import spec_hash as compute_spec_hash
-from hybridmim.preemption import Preempted
 from hybridmim.tracking import catalog
 from hybridmim.tracking.provenance import provenance_tags
 
@@ -37,25 +38,16 @@ def flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class TrackedRun:
-    def __init__(self, client: Any, run_id: str, flush_every: int = 200,
-                 tracking_uri: str | None = None):
-        self.client, self.run_id, self.flush_every = client, run_id, flush_every
-        self.tracking_uri = tracking_uri
-        self._buffer: list[Any] = []
+    def __init__(self, client: Any, run_id: str, tracking_uri: str | None = None):
+        self.client, self.run_id, self.tracking_uri = client, run_id, tracking_uri
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
-        if len(self._buffer) >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        # MLflow caps a batch at 1000 metrics.
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(step))
+                                                    for k, v in metrics.items()],
+                              synchronous=False)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -75,20 +67,10 @@ class NullRun(TrackedRun):
     def __init__(self) -> None:
         super().__init__(client=None, run_id="")
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def _record_nothing(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def flush(self) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_dict(self, obj: Any, name: str) -> None:
-        pass
+    log_metrics = set_tags = log_artifact = log_dict = _record_nothing
 
 
 @contextlib.contextmanager
@@ -114,9 +96,8 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
     run_id = None
     if resume_run_id:
         try:
-            client.get_run(resume_run_id)
+            client.update_run(resume_run_id, status="RUNNING")
             run_id = resume_run_id
-            client.update_run(run_id, status="RUNNING")
             log.info("continuing MLflow run %s", run_id)
         except Exception:
             log.warning("MLflow run %s not found in %s; opening a new run", resume_run_id, uri)
@@ -131,9 +112,8 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
                              "training" if stage in catalog.TRAINING_STAGES else "evaluation")
         from mlflow.entities import Param
 
-        params = [Param(k, v) for k, v in flatten(spec).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i:i + 100])
+        # log_batch splits the params into batches of MLflow's size limit itself.
+        client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(spec).items()])
         client.log_dict(run_id, spec, "spec.json")
     tracked = TrackedRun(client, run_id, tracking_uri=uri)
     interval = tracking.get("system_metrics_interval", 10) if stage in catalog.TRAINING_STAGES \
@@ -143,11 +123,9 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
         with catalog.system_metrics(run_id, uri, interval):
             yield tracked
         status = "FINISHED"
-    except Preempted:
+    except SystemExit:  # the job stopped on request (SIGTERM: training_loop.Preempted)
         status = "KILLED"
         raise
     finally:
-        try:
-            tracked.flush()
-        finally:
-            client.set_terminated(run_id, status=status)
+        # Also waits for the asynchronously logged metrics to be written.
+        client.set_terminated(run_id, status=status)
