@@ -46,18 +46,6 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _section(config: dict, *keys: str) -> dict:
-    node: Any = config
-    for key in keys:
-        node = (node or {}).get(key) or {}
-    return node
-
-
-def _resources(config: dict, stage: str) -> dict[str, Any]:
-    defaults = {"gpus": 0, "gpu_model": "", "cpus": 2, "mem_mb": 4000, "runtime": 60}
-    return {**defaults, **_section(config, stage, "resources")}
-
-
 def check_consistency(config: dict) -> None:
     """Cross-key checks the schema cannot express; each error names the offending key."""
     datasets = set(config["datasets"])
@@ -93,7 +81,7 @@ def check_consistency(config: dict) -> None:
                 if missing:
                     raise ConfigError(f"{where}.inits uses {init!r} but backbones {missing} are "
                                       f"not in pretraining.backbones")
-    corpus_for = ft.get("pretrained_corpus") or {"CT": "ct", "MRI": "mri"}
+    corpus_for = ft["pretrained_corpus"]
     for where, block in grid_blocks(config):
         if any(i != "scratch" for i in block["inits"]):
             for ds in block["datasets"]:
@@ -104,8 +92,8 @@ def check_consistency(config: dict) -> None:
                                       f"which is not under pretraining.corpora "
                                       f"({sorted(pre['corpora'])})")
     for stage in ("finetuning", "evaluation"):
-        if _resources(config, stage)["gpus"] > 1:
-            raise ConfigError(f"{stage}.resources.gpus is {_resources(config, stage)['gpus']}: "
+        if config[stage]["resources"]["gpus"] > 1:
+            raise ConfigError(f"{stage}.resources.gpus is {config[stage]['resources']['gpus']}: "
                               f"fine-tuning and evaluation jobs run on one GPU each (the grid "
                               f"runs many jobs in parallel); only pretraining launches torchrun "
                               f"with one DDP process per GPU")
@@ -161,10 +149,9 @@ def grid_blocks(config: dict) -> list[tuple[str, dict[str, Any]]]:
     """The main fine-tuning grid and each of ``finetuning.subgrids`` with its lists filled in
     from the main grid; (config key, block) pairs."""
     ft = config["finetuning"]
-    main = {"datasets": ft["datasets"], "backbones": ft["backbones"], "inits": ft["inits"],
-            "label_fractions": ft.get("label_fractions", [1.0]), "seeds": ft.get("seeds", [0])}
+    main = {k: ft[k] for k in GRID_KEYS}
     blocks = [("finetuning", main)]
-    for i, sub in enumerate(ft.get("subgrids") or []):
+    for i, sub in enumerate(ft["subgrids"]):
         blocks.append((f"finetuning.subgrids[{i}]", {k: sub.get(k, main[k]) for k in GRID_KEYS}))
     return blocks
 
@@ -201,7 +188,7 @@ def processed_dir(name: str) -> str:
 def pretrain_data_dir(config: dict, name: str) -> str:
     """The cache a pretraining corpus reads: the fine-tuning cache, or the native-spacing one
     (`pretraining.data_recipe: native`, hybridmim.data.prepare.pretrain_cache)."""
-    if config["pretraining"].get("data_recipe", "finetune") == "native":
+    if config["pretraining"]["data_recipe"] == "native":
         return f"{DATA_DIR}/pretrain/{name}"
     return processed_dir(name)
 
@@ -220,16 +207,13 @@ def dataset_entry(config: dict, name: str) -> dict[str, Any]:
 # Common spec parts
 def _common(config: dict, run_name: str, seed: int, out: str, rule: str,
             wildcards: dict[str, Any], stage: str) -> dict[str, Any]:
-    tracking = {"uri": "sqlite:///results/mlflow/mlflow.db",
-                "artifact_root": "results/mlflow/artifacts", **(config.get("tracking") or {})}
-    res = _resources(config, stage)
-    return {"run_name": run_name, "seed": int(seed), "out": out, "tracking": tracking,
+    return {"run_name": run_name, "seed": int(seed), "out": out,
+            "tracking": dict(config["tracking"]),
             "provenance": {"rule": rule, "wildcards": {k: str(v) for k, v in wildcards.items()}},
-            "precision": config.get("precision", "auto"),
-            "deterministic": bool(config.get("deterministic", False)),
-            "threads": res["cpus"],
+            "precision": config["precision"], "deterministic": config["deterministic"],
+            "threads": config[stage]["resources"]["cpus"],
             # Speed-only options join the spec only when on, so default specs keep their hashes.
-            **{key: True for key in ("channels_last", "compile") if config.get(key)}}
+            **{key: True for key in ("channels_last", "compile") if config[key]}}
 
 
 def backbone_spec(config: dict, backbone: str, in_channels: int) -> dict[str, Any]:
@@ -290,13 +274,11 @@ def pretrain_spec(config: dict, backbone: str, method: str, corpus: str, rule: s
     pre = config["pretraining"]
     block, geometry = method_block(config, method)
     meth = {"name": method, **block}
-    meth.setdefault("kind", "hybridmim")
     if meth["kind"] == "simmim":
         # The SimMIM-style baseline is defined, not configured: full reconstruction, L_PR only.
         meth["box"] = "full"
         meth["loss_weights"] = {"pr": 1.0, "num": 0.0, "loc": 0.0, "con": 0.0, "cl": 0.0}
     optim = {**pre["optim"], **(config["backbones"][backbone].get("pretrain_optim") or {})}
-    optim.setdefault("grad_clip", 0.0)  # the authors' pretraining does not clip
     datasets = []
     for name in pre["corpora"][corpus]["datasets"]:
         ds = dataset_spec(config, name)
@@ -310,13 +292,12 @@ def pretrain_spec(config: dict, backbone: str, method: str, corpus: str, rule: s
         "backbone": backbone_spec(config, backbone, corpus_channels(config, corpus)),
         "geometry": geometry,
         "method": meth,
-        "data": {"datasets": datasets, "crops_per_volume": pre.get("crops_per_volume", 2),
-                 "volumes_per_step": pre.get("volumes_per_step", 2),
-                 "val_volumes": pre.get("val_volumes", 0),
-                 "num_workers": pre.get("num_workers", 0)},
+        "data": {"datasets": datasets, "crops_per_volume": pre["crops_per_volume"],
+                 "volumes_per_step": pre["volumes_per_step"], "val_volumes": pre["val_volumes"],
+                 "num_workers": pre["num_workers"]},
         "optim": optim,
-        "checkpoint_every": pre.get("checkpoint_every", 500),
-        "log_every": pre.get("log_every", 10),
+        "checkpoint_every": pre["checkpoint_every"],
+        "log_every": pre["log_every"],
     })
     return spec
 
@@ -355,7 +336,7 @@ def finetune_grid(config: dict) -> list[dict[str, str]]:
 def pretrained_for(config: dict, dataset: str, backbone: str, init: str) -> str | None:
     if init == "scratch":
         return None
-    corpus_for = config["finetuning"].get("pretrained_corpus") or {"CT": "ct", "MRI": "mri"}
+    corpus_for = config["finetuning"]["pretrained_corpus"]
     corpus = corpus_for[dataset_spec(config, dataset).modality]
     return pretrain_model_path(backbone, pretrained_as(config, backbone, init, corpus), corpus)
 
@@ -387,10 +368,9 @@ def finetune_spec(config: dict, dataset: str, backbone: str, init: str, fraction
     ft = config["finetuning"]
     ds = dataset_spec(config, dataset)
     checkpoint = pretrained_for(config, dataset, backbone, init)
-    first_layer = ft.get("first_layer", "auto")
+    first_layer = ft["first_layer"]
     if checkpoint and first_layer == "auto":
-        corpus_for = ft.get("pretrained_corpus") or {"CT": "ct", "MRI": "mri"}
-        pre_channels = corpus_channels(config, corpus_for[ds.modality])
+        pre_channels = corpus_channels(config, ft["pretrained_corpus"][ds.modality])
         first_layer = "keep" if pre_channels == ds.num_channels else "reinit"
     out = f"{finetune_dir(dataset, backbone, init, fraction, seed)}/model.pt"
     spec = _grid_common(config, "finetune", dataset, backbone, init, fraction, seed, out, rule,
@@ -402,14 +382,14 @@ def finetune_spec(config: dict, dataset: str, backbone: str, init: str, fraction
                  "first_layer": first_layer if checkpoint else "keep"},
         "label_fraction": float(fraction),
         "crop": ft["crop"],
-        "batch_size": ft.get("batch_size", 2),
-        "crops_per_volume": ft.get("crops_per_volume", 2),
-        "optim": {"grad_clip": 1.0, **ft["optim"]},
-        "val_every": ft.get("val_every", 100),
-        "sw_overlap": ft.get("sw_overlap", 0.5),
-        "checkpoint_every": ft.get("checkpoint_every", 100),
-        "log_every": ft.get("log_every", 10),
-        "num_workers": ft.get("num_workers", 0),
+        "batch_size": ft["batch_size"],
+        "crops_per_volume": ft["crops_per_volume"],
+        "optim": dict(ft["optim"]),
+        "val_every": ft["val_every"],
+        "sw_overlap": ft["sw_overlap"],
+        "checkpoint_every": ft["checkpoint_every"],
+        "log_every": ft["log_every"],
+        "num_workers": ft["num_workers"],
     })
     variant = variant_entry(config, dataset, backbone, init)
     if variant:
@@ -422,15 +402,14 @@ def evaluate_spec(config: dict, dataset: str, backbone: str, init: str, fraction
     out = f"{evaluate_dir(dataset, backbone, init, fraction, seed)}/metrics.json"
     spec = _grid_common(config, "evaluate", dataset, backbone, init, fraction, seed, out, rule,
                         "evaluation")
-    evaluation = config.get("evaluation") or {}
     spec.update({
         # Test cases are segmented from their raw files and scored on their own grid.
         "dataset": {**dataset_entry(config, dataset), "raw_dir": raw_dir(dataset)},
         "model": f"{finetune_dir(dataset, backbone, init, fraction, seed)}/model.pt",
         "split": "test",
         "crop": config["finetuning"]["crop"],
-        "sw_overlap": evaluation.get("sw_overlap", 0.5),
-        "grid": evaluation.get("grid", "original"),
+        "sw_overlap": config["evaluation"]["sw_overlap"],
+        "grid": config["evaluation"]["grid"],
     })
     variant = variant_entry(config, dataset, backbone, init)
     if variant:
@@ -439,4 +418,4 @@ def evaluate_spec(config: dict, dataset: str, backbone: str, init: str, fraction
 
 
 def stage_resources(config: dict, stage: str) -> dict[str, Any]:
-    return _resources(config, stage)
+    return config[stage]["resources"]

@@ -21,6 +21,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from hybridmim.spec_schemas import schema_problem
+
 # Intensity windows: plain JSON dicts that travel inside job specs; hybridmim.data.intensity
 # documents the kinds and applies them.
 WINDOW_KEYS: dict[str, tuple[str, ...]] = {
@@ -41,25 +43,15 @@ MRI_PRETRAIN_WINDOW = {"kind": "mri_pretrain", "z_min": -3.0, "z_max": 3.0, "b_m
 
 
 def validate_window(window: Any, where: str = "window") -> dict:
-    """Return a checked copy of ``window``; raise ValueError naming ``where`` and the bad key."""
-    if not isinstance(window, dict) or "kind" not in window:
-        raise ValueError(f"{where}: expected a dict with a 'kind' key "
-                         f"({', '.join(WINDOW_KEYS)}), got {window!r}")
+    """Return a checked copy of ``window`` (its bounds as floats); raise ValueError naming
+    ``where`` and the bad key. The keys of each kind are in workflow/schemas/job_common.schema.yaml
+    ($defs/window), which the job spec schemas use too."""
+    problem = schema_problem(window, "job_common#/$defs/window")
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     kind = window["kind"]
-    if kind not in WINDOW_KEYS:
-        raise ValueError(f"{where}: unknown window kind {kind!r}; use one of {sorted(WINDOW_KEYS)}")
-    expected = set(WINDOW_KEYS[kind]) | {"kind"}
-    missing = expected - set(window)
-    unknown = set(window) - expected
-    if missing or unknown:
-        raise ValueError(f"{where}: window of kind {kind!r} needs exactly the keys "
-                         f"{sorted(expected)}; missing {sorted(missing)}, unknown {sorted(unknown)}")
-    checked = dict(window)
-    for key in WINDOW_KEYS[kind]:
-        if key == "clip":
-            checked[key] = bool(window[key])
-        else:
-            checked[key] = float(window[key])
+    checked = {key: value if key in ("kind", "clip") else float(value)
+               for key, value in window.items()}
     low, high = {"ct": ("a_min", "a_max"), "mri_pretrain": ("z_min", "z_max")}.get(kind, (None, None))
     if low and checked[low] >= checked[high]:
         raise ValueError(f"{where}: {low} ({checked[low]}) must be below {high} ({checked[high]})")
@@ -68,7 +60,6 @@ def validate_window(window: Any, where: str = "window") -> dict:
 
 MODALITIES = ("CT", "MRI")
 MEDIAN_SPACING = "median"
-NORMALIZATIONS = ("none", "zscore_nonzero_channelwise")
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -335,17 +326,19 @@ def _check_keys(name: str, block: Mapping[str, Any]) -> None:
 
 
 def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> DatasetSpec:
+    """``spec`` changed by a config block. Types and forms of its keys are in the config schema's
+    definitions.dataset, checked here too for blocks that come through the Python API."""
     _check_keys(name, block)
+    problem = schema_problem(dict(block), "config#/definitions/dataset", f"datasets.{name}")
+    if problem:
+        raise DatasetConfigError(problem)
     changes: dict[str, Any] = {}
     recipe_changes: dict[str, Any] = {}
     where = f"dataset {name!r}"
     if "modality" in block:
         changes["modality"] = _modality(name, block["modality"])
     if "channels" in block:
-        channels = block["channels"]
-        if not isinstance(channels, (list, tuple)) or not channels:
-            raise DatasetConfigError(f"{where}: 'channels' must be a non-empty list of names")
-        changes["channels"] = tuple(str(c) for c in channels)
+        changes["channels"] = tuple(block["channels"])
     if "labels" in block:
         changes["labels"] = _labels(name, block["labels"])
     if "regions" in block:
@@ -354,24 +347,12 @@ def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> Data
     if "folder" in block:
         changes["source"] = {"kind": "folder", "path": str(block["folder"])}
     if "source" in block:
-        source = dict(block["source"])
-        if source.get("kind") not in ("generated", "url", "manual", "folder"):
-            raise DatasetConfigError(f"{where}: source.kind must be generated, url, manual or "
-                                     f"folder, got {source.get('kind')!r}")
-        changes["source"] = source
+        changes["source"] = dict(block["source"])
     if "spacing" in block:
         spacing = block["spacing"]
-        if spacing is not None and spacing != MEDIAN_SPACING and (
-                not isinstance(spacing, (list, tuple)) or len(spacing) != 3
-                or any(float(s) <= 0 for s in spacing)):
-            raise DatasetConfigError(f"{where}: 'spacing' must be three positive numbers in mm "
-                                     f"(x, y, z), {MEDIAN_SPACING!r} (the dataset's median) or "
-                                     f"null to keep the native spacing")
         recipe_changes["spacing"] = (spacing if spacing == MEDIAN_SPACING else
                                      tuple(float(s) for s in spacing) if spacing else None)
     if "normalize" in block:
-        if block["normalize"] not in NORMALIZATIONS:
-            raise DatasetConfigError(f"{where}: 'normalize' must be one of {NORMALIZATIONS}")
         recipe_changes["normalize"] = block["normalize"]
     if "foreground_threshold" in block:
         recipe_changes["foreground_threshold"] = float(block["foreground_threshold"])
@@ -384,9 +365,6 @@ def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> Data
     if "windows" in block:
         windows = dict(spec.windows)
         for stage, window in dict(block["windows"]).items():
-            if stage not in ("finetune", "pretrain"):
-                raise DatasetConfigError(f"{where}: windows has unknown stage {stage!r}; use "
-                                         f"'finetune' and/or 'pretrain'")
             try:
                 windows[stage] = validate_window(window, f"{where} windows.{stage}")
             except ValueError as error:
@@ -405,9 +383,6 @@ def _modality(name: str, value: Any) -> str:
 
 
 def _labels(name: str, value: Any) -> dict[int, str]:
-    if not isinstance(value, Mapping) or not value:
-        raise DatasetConfigError(f"dataset {name!r}: 'labels' must map label values to names, "
-                                 f"e.g. {{0: background, 1: spleen}}")
     labels: dict[int, str] = {}
     for key, label_name in value.items():
         try:
@@ -429,11 +404,11 @@ def _regions(name: str, value: Any, labels: Mapping[int, str]):
         return None
     regions = {}
     for region, members in dict(value).items():
-        members = tuple(int(m) for m in members)
+        members = tuple(members)
         bad = [m for m in members if m not in labels or m == 0]
-        if not members or bad:
+        if bad:
             raise DatasetConfigError(f"dataset {name!r}: region {region!r} must list foreground "
-                                     f"label values of {sorted(labels)}; bad: {bad or members}")
+                                     f"label values of {sorted(labels)}; bad: {bad}")
         regions[str(region)] = members
     return regions
 
@@ -451,24 +426,14 @@ def _split(name: str, value: Any, spec: DatasetSpec) -> SplitRecipe:
     seed = int(block.pop("seed", spec.split.seed))
     val_is_test = bool(block.pop("val_is_test", False))
     if kind == "fraction":
-        try:
-            fractions = tuple(float(block.pop(k)) for k in SPLIT_NAMES)
-        except KeyError as missing:
-            raise DatasetConfigError(f"{where}: fraction split needs train, val and test "
-                                     f"fractions; missing {missing}") from None
-        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
+        fractions = tuple(float(block.pop(k)) for k in SPLIT_NAMES)
+        if abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
             raise DatasetConfigError(f"{where}: fractions {fractions} must be >= 0, sum to 1 and "
                                      f"give train a positive share")
         recipe = SplitRecipe(kind="fraction", name=str(block.pop("name", "config")),
                              fractions=fractions, seed=seed, val_is_test=val_is_test)
     elif kind == "fixed":
         lists = {k: tuple(str(c) for c in block.pop(k, ())) for k in SPLIT_NAMES}
-        if not lists["train"]:
-            raise DatasetConfigError(f"{where}: a fixed split needs a non-empty 'train' list")
         recipe = SplitRecipe(kind="fixed", name=str(block.pop("name", "config")), fixed=lists,
                              seed=seed, val_is_test=val_is_test)
-    else:
-        raise DatasetConfigError(f"{where}: kind must be 'fraction' or 'fixed', got {kind!r}")
-    if block:
-        raise DatasetConfigError(f"{where}: unknown key(s) {sorted(block)}")
     return recipe

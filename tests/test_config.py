@@ -81,6 +81,38 @@ def test_simmim_is_full_reconstruction_pr_only(tmp_path):
                                               "cl": 0.0}
 
 
+def _every_spec(config: dict) -> dict[str, dict]:
+    """Every job spec of a config's DAG (pretraining: every backbone x method x corpus)."""
+    pre, specs = config["pretraining"], {}
+    for bb in pre["backbones"]:
+        for method in [*pre["methods"], *hcfg.variants_of(config)]:
+            for corpus in pre["corpora"]:
+                specs[f"pretrain/{bb}/{method}/{corpus}"] = hcfg.pretrain_spec(config, bb, method,
+                                                                               corpus)
+    for job in hcfg.finetune_grid(config):
+        args = (config, job["dataset"], job["backbone"], job["init"], job["fraction"], job["seed"])
+        specs["finetune/" + "/".join(job.values())] = hcfg.finetune_spec(*args)
+        specs["evaluate/" + "/".join(job.values())] = hcfg.evaluate_spec(*args)
+    return specs
+
+
+def test_specs_match_their_schemas_and_keep_their_hashes():
+    """A spec's hash is its job's identity (MLflow tag config_hash, the audit): refactoring the
+    builders must not change any spec of the shipped configs. tests/data/spec_hashes.json holds
+    the hashes; a deliberate change of a spec rewrites it (write the dict this test builds)."""
+    from hybridmim.spec_schemas import check_spec
+
+    recorded = json.loads((ROOT / "tests" / "data" / "spec_hashes.json").read_text())
+    for name in ("config.yaml", "paper.yaml"):
+        specs = _every_spec(hcfg.load_config(ROOT / "config" / name))
+        for job, spec in specs.items():
+            check_spec(spec, job.split("/")[0])
+        hashes = {job: spec_hash(spec) for job, spec in specs.items()}
+        changed = sorted(job for job in hashes.keys() | recorded[name].keys()
+                         if hashes.get(job) != recorded[name].get(job))
+        assert not changed, f"config/{name}: specs changed or appeared/vanished: {changed[:10]}"
+
+
 def _snakemake(*args, cwd=ROOT, timeout=300):
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)

@@ -161,7 +161,7 @@ def test_evaluation_refuses_model_of_another_label_map(tmp_path):
             "model": str(model), "split": "test", "sw_overlap": 0.5}
     with pytest.raises(ValueError, match="fine-tuned with labels="):
         run_evaluation_spec(spec)
-    with pytest.raises(KeyError, match="sw_overlap"):
+    with pytest.raises(ValueError, match=r"evaluate spec: missing \['sw_overlap'\]"):
         run_evaluation_spec({k: v for k, v in spec.items() if k != "sw_overlap"})
     assert not (tmp_path / "m.json").exists()
 

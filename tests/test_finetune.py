@@ -286,9 +286,9 @@ def test_label_fraction_subset_is_deterministic_and_nonempty(tmp_path, toy, stor
 def test_bad_spec_names_the_key(tmp_path, toy, store):
     spec = finetune_spec(tmp_path, toy, store)
     del spec["optim"]["lr"]
-    with pytest.raises(KeyError, match="optim.lr"):
+    with pytest.raises(ValueError, match=r"finetune spec: missing \['optim.lr'\]"):
         run_finetuning(spec)
-    with pytest.raises(ValueError, match="label_fraction"):
+    with pytest.raises(ValueError, match="label_fraction: 0.0 is less than or equal to the minimum"):
         run_finetuning(finetune_spec(tmp_path, toy, store, label_fraction=0.0))
     with pytest.raises(ValueError, match="init.checkpoint is empty"):
         run_finetuning(finetune_spec(tmp_path, toy, store, **{"init.name": "hybridmim"}))

@@ -175,9 +175,9 @@ def test_segmentation_network_kwargs_rebuild_the_same_network(name):
 
 
 @pytest.mark.parametrize("backbone, geometry, method, message", [
-    ({"name": "resnet"}, {}, {}, "backbone.name 'resnet'"),
-    ({"name": "unet", "filters": [8, 16]}, {}, {}, "filters must be 5"),
-    ({"name": "unet", "widths": [8]}, {}, {}, "unknown key(s) ['widths']"),
+    ({"name": "resnet"}, {}, {}, "backbone.name: 'resnet' is not one of ['unet', 'swinunetr'"),
+    ({"name": "unet", "filters": [8, 16]}, {}, {}, "backbone.filters: [8, 16] is too short"),
+    ({"name": "unet", "widths": [8]}, {}, {}, "('widths' was unexpected)"),
     ({"name": "swinunetr", "feature_size": 16}, {}, {}, "multiple of 12"),
     ({"name": "unetr", "hidden_size": 50, "num_heads": 4}, {}, {}, "divisible by num_heads"),
     ({"name": "unet"}, {"crop": 80}, {}, "crop 80 must be a multiple of region 32"),

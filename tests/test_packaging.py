@@ -61,9 +61,11 @@ def test_installed_package_is_self_contained(installed, tmp_path):
     package_dir, is_link = where.stdout.split()
     assert package_dir.startswith(str(installed)), "hybridmim was imported from the source tree"
     assert is_link == "False"  # the wheel carries the content, not a dangling link
-    for name, home in (("config.schema.yaml", "workflow/schemas/config.schema.yaml"),
-                       ("paper_results.yaml", "config/paper_results.yaml")):
-        assert (Path(package_dir) / name).read_bytes() == (ROOT / home).read_bytes()
+    # The config schema and the job spec schemas (which refer to each other by file name).
+    schemas = sorted((ROOT / "workflow" / "schemas").glob("*.schema.yaml"))
+    assert len(schemas) >= 6
+    for home in [*schemas, ROOT / "config" / "paper_results.yaml"]:
+        assert (Path(package_dir) / home.name).read_bytes() == home.read_bytes(), home.name
 
     help_text = run(installed, "--help", cwd=tmp_path)
     assert help_text.returncode == 0 and "predict" in help_text.stdout
@@ -75,6 +77,10 @@ def test_installed_package_is_self_contained(installed, tmp_path):
                cwd=tmp_path)
     assert spec.returncode == 0, spec.stderr
     assert '"grid": "original"' in spec.stdout  # a schema default: the schema was read
+    check = subprocess.run([str(python), "-c", "import json, sys; from hybridmim.spec_schemas "
+                            "import check_spec; check_spec(json.load(sys.stdin), 'evaluate')"],
+                           input=spec.stdout, cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr  # the shipped spec schemas resolve their $refs
 
 
 def test_every_option_has_help_with_its_default():

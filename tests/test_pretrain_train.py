@@ -270,8 +270,12 @@ def test_bad_specs_name_the_key(workspace):
     with pytest.raises(PretrainSpecError, match="needs at least 2 crops"):
         validate_pretrain_spec(_spec(workspace, "bad", data__volumes_per_step=1,
                                      data__crops_per_volume=1))
-    with pytest.raises(PretrainSpecError, match="method.kind"):
+    with pytest.raises(PretrainSpecError, match=r"method.name: 'mae' is not one of"):
         validate_pretrain_spec(_spec(workspace, "bad", method={"name": "mae"}))
+    with pytest.raises(PretrainSpecError, match="optim.steps: 0 is less than the minimum of 1"):
+        validate_pretrain_spec(_spec(workspace, "bad", optim__steps=0))
+    with pytest.raises(PretrainSpecError, match=r"warmup_steps \(5\) exceeds optim.steps \(4\)"):
+        validate_pretrain_spec(_spec(workspace, "bad", optim__warmup_steps=5))
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Test-set evaluation of a fine-tuned model.pt (docs/contracts.md, "Evaluate spec").
+"""Test-set evaluation of a fine-tuned model.pt (spec: workflow/schemas/evaluate_spec.schema.yaml).
 
 Every case of the split is segmented from its RAW files the way `hybridmim predict` does it
 (hybridmim/predict/pipeline.py: the model's preprocessing, sliding windows with the model's crop,
@@ -35,22 +35,11 @@ from hybridmim.predict.inference import probabilities_to_masks
 from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
                                         recorded_preprocess, save_label_map)
 from hybridmim.progress import StepProgress
+from hybridmim.spec_schemas import check_spec
 
 log = logging.getLogger(__name__)
 
-REQUIRED_KEYS = ("run_name", "out", "tracking", "dataset", "model", "split", "sw_overlap")
 OVERLAY_CASES = 3
-GRIDS = ("original", "resampled")
-
-
-def _check_spec(spec: dict[str, Any]) -> None:
-    missing = [key for key in REQUIRED_KEYS if key not in spec]
-    for key in ("processed_dir", "raw_dir", "labels"):
-        if key not in (spec.get("dataset") or {}):
-            missing.append(f"dataset.{key}")
-    if missing:
-        raise KeyError(f"evaluate spec is missing {missing} (docs/contracts.md, Evaluate spec); "
-                       "rebuild the spec with hybridmim.config")
 
 
 def _check_model_matches(meta: dict[str, Any], dataset: dict[str, Any], model: str) -> None:
@@ -69,7 +58,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     from hybridmim.data.prepare.splits import load_splits
     from hybridmim.tracking.runs import tracked_run
 
-    _check_spec(spec)
+    check_spec(spec, "evaluate")
     started = time.monotonic()
     runtime.configure_threads(spec.get("threads"))
     runtime.seed_everything(int(spec.get("seed", 0)))
@@ -103,9 +92,6 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     case_ids_wanted = list(splits[split])
     raw_cases = raw_case_files(dataset, case_ids_wanted)
     grid = spec.get("grid", "original")
-    if grid not in GRIDS:
-        raise ValueError(f"evaluate spec: grid must be one of {GRIDS}, got {grid!r} "
-                         "(config key evaluation.grid)")
     recipe = model_recipe(meta, dataset, model_path)
     labels = meta.get("labels") or dataset["labels"]
     channels = meta.get("channels") or len(dataset.get("channels") or ["image"])

@@ -1,4 +1,4 @@
-"""Segmentation fine-tuning: one job spec (docs/contracts.md, "Finetune spec") → ``model.pt``.
+"""Segmentation fine-tuning: one job spec (workflow/schemas/finetune_spec.schema.yaml) → model.pt.
 
 Step-based training of a stock MONAI network with Dice + cross-entropy, validated every
 ``val_every`` steps with sliding-window inference on the split's ``val`` cases. The published
@@ -29,53 +29,18 @@ from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.jobguard import guarded_job
 from hybridmim.performance import prepare_network
 from hybridmim.predict.inference import predict_volume, probabilities_to_masks
+from hybridmim.spec_schemas import check_spec
 from hybridmim.training_loop import TrainingLoop, optimisation, optimiser_step
 
 log = logging.getLogger(__name__)
 
-REQUIRED_KEYS = ("run_name", "seed", "out", "tracking", "backbone.name", "backbone.in_channels",
-                 "dataset.name", "dataset.processed_dir", "dataset.window",
-                 "dataset.labels", "init.name", "label_fraction", "optim.lr",
-                 "optim.weight_decay", "optim.steps", "batch_size", "val_every", "sw_overlap",
-                 "checkpoint_every", "log_every")
-
-
-def spec_value(spec: dict[str, Any], dotted: str) -> Any:
-    node: Any = spec
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"finetune spec is missing '{dotted}' (docs/contracts.md, Finetune "
-                           "spec); rebuild the spec with hybridmim.config")
-        node = node[part]
-    return node
-
-
 def check_finetune_spec(spec: dict[str, Any]) -> None:
-    """Fail before any work with a message naming the bad key."""
-    for key in REQUIRED_KEYS:
-        spec_value(spec, key)
-    crop_of(spec)
-    fraction = float(spec["label_fraction"])
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
-    for key in ("optim.steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
-        if int(spec_value(spec, key)) < 1:
-            raise ValueError(f"{key} must be a positive integer, got {spec_value(spec, key)}")
-    if spec["init"].get("first_layer", "keep") not in ("keep", "reinit"):
-        raise ValueError(f"init.first_layer must be 'keep' or 'reinit', got "
-                         f"{spec['init']['first_layer']!r}")
+    """Fail before any work with a message naming the bad key (the keys, types and ranges are in
+    workflow/schemas/finetune_spec.schema.yaml; here the checks between keys)."""
+    check_spec(spec, "finetune")
     if spec["init"]["name"] != "scratch" and not spec["init"].get("checkpoint"):
         raise ValueError(f"init.name is {spec['init']['name']!r} but init.checkpoint is empty; "
                          "point it at a pretrained model.pt or use init.name 'scratch'")
-
-
-def crop_of(spec: dict[str, Any]) -> int:
-    """The training crop (cube edge): ``crop``, or ``geometry.crop`` as pretraining specs put it."""
-    crop = spec.get("crop", (spec.get("geometry") or {}).get("crop"))
-    if not isinstance(crop, int) or isinstance(crop, bool) or crop <= 0:
-        raise KeyError(f"finetune spec needs a positive int 'crop' (or 'geometry.crop'), got "
-                       f"{crop!r}")
-    return crop
 
 
 def dataset_spacing(processed_dir: str | Path) -> list[float] | None:
@@ -125,7 +90,7 @@ class FinetuneJob:
         self.regions = ds.get("regions") or None
         self.names = class_names(ds["labels"], self.regions)
         self.out_channels = len(self.regions) if self.regions else len(ds["labels"])
-        self.crop = crop_of(spec)
+        self.crop = spec["crop"]
         self.optim = spec["optim"]
         self.steps = int(self.optim["steps"])
         runtime.configure_threads(spec.get("threads"))

@@ -1,6 +1,6 @@
 """Backbones: stock MONAI segmentation networks built from a spec's `backbone` dict.
 
-A backbone dict (docs/contracts.md) names the architecture and its widths; this module turns it
+A backbone dict (backbone.schema.yaml) names the architecture and its widths; this module turns it
 into an instance of the stock MONAI class plus the JSON-serialisable kwargs that rebuild it
 (`hybridmim.checkpoints.build_network`), so a published model.pt loads without this package's
 pretraining code. Keys a backbone does not know are refused rather than ignored, so a typo in the
@@ -8,6 +8,7 @@ config cannot silently train the default architecture.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from hybridmim.checkpoints import import_class
 from hybridmim.models.dropout import place_unet_dropout
+from hybridmim.spec_schemas import schema_problem
 
 # Paper defaults (method.md); a resolved job spec normally sets every key explicitly.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -40,82 +42,36 @@ def backbone_names() -> list[str]:
     return sorted(_DEFAULTS)
 
 
-def _backbone_name(backbone: dict[str, Any]) -> str:
-    if not isinstance(backbone, dict) or "name" not in backbone:
-        raise ValueError(f"backbone must be a dict with a 'name' key (one of {backbone_names()}), "
-                         f"got {backbone!r}")
-    name = backbone["name"]
-    if name not in _DEFAULTS:
-        raise ValueError(f"backbone.name {name!r} is not supported; use one of {backbone_names()}")
-    return name
-
-
 def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults and check every key and width; returns a new dict (name, in_channels, ...)."""
-    name = _backbone_name(backbone)
-    allowed = {"name", "in_channels", *_DEFAULTS[name]}
-    unknown = sorted(set(backbone) - allowed)
-    if unknown:
-        raise ValueError(f"backbone {name!r}: unknown key(s) {unknown}; allowed keys are "
-                         f"{sorted(allowed)}")
-    resolved = {**_DEFAULTS[name], **backbone}
-    resolved.setdefault("in_channels", 1)
-    _check_positive_int(resolved, name, "in_channels")
-    if name == "unet":
-        filters = resolved["filters"]
-        if (not isinstance(filters, (list, tuple)) or len(filters) != len(UNET_STRIDES)
-                or not all(isinstance(f, int) and f > 0 for f in filters)):
-            raise ValueError(f"backbone 'unet': filters must be {len(UNET_STRIDES)} positive ints "
-                             f"(one per stage, e.g. [64, 64, 128, 256, 512]), got {filters!r}")
-        resolved["filters"] = list(filters)
-        _check_rate(resolved, name, "dropout")
-    elif name == "swinunetr":
-        _check_positive_int(resolved, name, "feature_size")
-        if resolved["feature_size"] % 12:
-            raise ValueError(f"backbone 'swinunetr': feature_size must be a multiple of 12 "
-                             f"(MONAI SwinUNETR), got {resolved['feature_size']}")
-        for key in ("depths", "num_heads"):
-            value = resolved[key]
-            if (not isinstance(value, (list, tuple)) or len(value) != 4
-                    or not all(isinstance(v, int) and v > 0 for v in value)):
-                raise ValueError(f"backbone 'swinunetr': {key} must be 4 positive ints (one per "
-                                 f"Swin stage), got {value!r}")
-            resolved[key] = list(value)
+    """Fill defaults and check every key and width; returns a new dict (name, in_channels, ...).
+
+    The keys of each architecture, their types and ranges are in
+    workflow/schemas/backbone.schema.yaml; the widths that must divide each other are checked here.
+    """
+    problem = schema_problem(backbone, "backbone", prefix="backbone")
+    if problem:
+        raise ValueError(problem)
+    name = backbone["name"]
+    resolved = {"in_channels": 1, **copy.deepcopy(_DEFAULTS[name]), **backbone}
+    if name == "swinunetr":
         for stage, heads in enumerate(resolved["num_heads"]):
             if (resolved["feature_size"] * 2 ** stage) % heads:
                 raise ValueError(f"backbone 'swinunetr': stage {stage} width "
                                  f"{resolved['feature_size'] * 2 ** stage} is not divisible by "
                                  f"num_heads[{stage}]={heads}")
-        # Smaller attention windows make the CPU demo affordable; 7 is the paper's.
-        _check_positive_int(resolved, name, "window_size")
-        for key in ("drop_rate", "attn_drop_rate", "dropout_path_rate"):
-            _check_rate(resolved, name, key)
-        resolved["use_checkpoint"] = bool(resolved["use_checkpoint"])
-    else:
-        for key in ("feature_size", "hidden_size", "mlp_dim", "num_heads"):
-            _check_positive_int(resolved, name, key)
-        if resolved["hidden_size"] % resolved["num_heads"]:
-            raise ValueError(f"backbone 'unetr': hidden_size {resolved['hidden_size']} must be "
-                             f"divisible by num_heads {resolved['num_heads']}")
-        _check_rate(resolved, name, "dropout_rate")
+    elif name == "unetr" and resolved["hidden_size"] % resolved["num_heads"]:
+        raise ValueError(f"backbone 'unetr': hidden_size {resolved['hidden_size']} must be "
+                         f"divisible by num_heads {resolved['num_heads']}")
+    # The model file's kwargs go through JSON: lists, not tuples, and every rate a float.
+    resolved.update({key: list(v) for key, v in resolved.items() if isinstance(v, tuple)})
+    for key in _ENCODER_DROPOUT_KEYS[name]:
+        resolved[key] = float(resolved[key])
     return resolved
-
-
-def _check_positive_int(d: dict[str, Any], name: str, key: str) -> None:
-    if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] <= 0:
-        raise ValueError(f"backbone {name!r}: {key} must be a positive int, got {d[key]!r}")
-
-
-def _check_rate(d: dict[str, Any], name: str, key: str) -> None:
-    value = d[key]
-    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"backbone {name!r}: {key} must be a number in [0, 1), got {value!r}")
-    d[key] = float(value)
 
 
 def encoder_stride(backbone: dict[str, Any]) -> int:
     """Total downsampling of the encoder: 8 (unet), 32 (swinunetr), 16 (unetr)."""
-    return _ENCODER_STRIDE[_backbone_name(backbone)]
+    return _ENCODER_STRIDE[resolve_backbone(backbone)["name"]]
 
 
 def check_crop(backbone: dict[str, Any], crop: int) -> None:

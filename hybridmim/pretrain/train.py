@@ -1,6 +1,6 @@
 """HybridMIM / SimMIM-style pretraining of one backbone on one corpus: ``run_pretraining(spec)``.
 
-The job spec (docs/contracts.md "Pretrain spec") fully defines the run. One code path serves CPU,
+The job spec (pretrain_spec.schema.yaml) fully defines the run. One code path serves CPU,
 one GPU and ``torchrun`` DDP (only rank 0 logs and writes). The job resumes by itself: its state
 (model, optimizer, scheduler, scaler, step, RNG states incl. the masking generator, history and
 MLflow run id) is saved every ``checkpoint_every`` steps and on SIGTERM into ``state/`` beside
