@@ -11,7 +11,7 @@ from hybridmim.atomic import write_text
 hcfg.check_consistency(config)
 
 DATASETS = sorted(config["datasets"])
-USE_DVC = config.get("data_versioning", {}).get("dvc", True)
+USE_DVC = config["data_versioning"]["dvc"]
 STORE_MARKER = "results/mlflow/store.json"
 
 
@@ -78,7 +78,7 @@ def data_ready(dataset):
 
 def pretrain_data_ready(dataset):
     """The cache a pretraining corpus reads (pretraining.data_recipe), versioned if DVC is on."""
-    if config["pretraining"].get("data_recipe", "finetune") != "native":
+    if config["pretraining"]["data_recipe"] != "native":
         return data_ready(dataset)
     if USE_DVC:
         return f"results/data_versions/pretrain/{dataset}.json"
