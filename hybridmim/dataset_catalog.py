@@ -10,7 +10,9 @@ convert, or the demo generator) need. Source kinds:
   ``archive_root`` is the folder inside it that already has the canonical layout.
 - ``{"kind": "manual", "archive", "md5", "instructions", "converter"}`` — data behind a
   registration; the user puts the archive in place, ``converter`` names the function that turns
-  it into the canonical layout.
+  it into the canonical layout. How to get BTCV and BraTS 2020 (and the Synapse download) is
+  told by ``hybridmim.data.sources.acquire.MANUAL_SOURCES``; ``instructions`` is for a manual
+  source declared in config.
 - ``{"kind": "folder", "path"}`` — a folder that already has the canonical layout (a user's own
   data, declared in config by ``dataset_from_config`` with no code change).
 """
@@ -215,21 +217,12 @@ REGISTRY: dict[str, DatasetSpec] = {spec.name: spec for spec in [
         split=SplitRecipe(kind="fraction", name="brats_70_10_20", fractions=(0.7, 0.1, 0.2),
                           seed=0),
         source={"kind": "manual", "archive": "MICCAI_BraTS2020_TrainingData.zip", "md5": None,
-                "converter": "brats2020",
-                "instructions": "BraTS2020 needs a registration: request the training data at "
-                                "https://www.med.upenn.edu/cbica/brats2020/registration.html and "
-                                "put MICCAI_BraTS2020_TrainingData.zip (369 cases) in the "
-                                "dataset's download folder."},
+                "converter": "brats2020"},
         description="BraTS 2020 training set: 369 glioma cases, 4 MRI sequences"),
     DatasetSpec(
         name="btcv", modality="CT", channels=("CT",), labels=BTCV_LABELS, preprocess=_CT_RECIPE,
         windows=_CT_WINDOWS, split=BTCV_SPLITS["monai"], split_variants=BTCV_SPLITS,
-        source={"kind": "manual", "archive": "RawData.zip", "md5": None, "converter": "btcv",
-                "instructions": "BTCV needs a Synapse account: join the 'Multi-Atlas Labeling "
-                                "Beyond the Cranial Vault' challenge at "
-                                "https://www.synapse.org/#!Synapse:syn3193805/wiki/217789, "
-                                "download Abdomen/RawData.zip and put it in the dataset's "
-                                "download folder."},
+        source={"kind": "manual", "archive": "RawData.zip", "md5": None, "converter": "btcv"},
         description="BTCV abdomen: 30 labelled CT volumes, 13 organs"),
     DatasetSpec(
         name="msd_liver", modality="CT", channels=("CT",), labels=LIVER_LABELS,
