@@ -107,16 +107,11 @@ def class_keys(payload: dict[str, Any]) -> list[list[str]]:
 
 
 def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
-    """MLflow Run objects as a frame with mlflow.search_runs' column naming (metrics.*, tags.*)."""
-    records = []
-    for run in runs:
-        record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                  "status": run.info.status}
-        record.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-        record.update({f"params.{k}": v for k, v in run.data.params.items()})
-        record.update({f"tags.{k}": v for k, v in run.data.tags.items()})
-        records.append(record)
-    return pd.DataFrame.from_records(records, columns=None if records else ["run_id"])
+    """MLflow Run objects as a frame with mlflow.search_runs' column naming (metrics.*, params.*,
+    tags.*): json_normalize joins the nested keys with "." and pads what a run lacks with NaN."""
+    records = [{"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                "status": run.info.status, **run.data.to_dictionary()} for run in runs]
+    return pd.json_normalize(records) if records else pd.DataFrame(columns=["run_id"])
 
 
 def search_runs_by_id(tracking_uri: str, run_ids: Iterable[str], experiment: str) -> pd.DataFrame:
