@@ -49,6 +49,10 @@ class RunAuditor:
         self.dvc = DvcData(project_root)
         # per-case recompute: cases per evaluate run (None: every case), and the sample's seed
         self.sample, self.sample_seed = sample, sample_seed
+        # Per audit, each file is hashed or loaded once however many runs name it.
+        self.sha256 = functools.cache(sha256_file)
+        self.tree = functools.cache(tree_hash)
+        self.model_meta = functools.cache(_model_meta)
 
     # ----------------------------------------------------------------------------- lookups
     @functools.lru_cache(maxsize=None)
@@ -76,20 +80,6 @@ class RunAuditor:
         """A path recorded by a job (relative to the workflow's working dir = project root)."""
         path = Path(recorded)
         return path if path.is_absolute() else self.project_root / path
-
-    @functools.lru_cache(maxsize=None)
-    def sha256(self, path: Path) -> str:
-        return sha256_file(path)
-
-    @functools.lru_cache(maxsize=None)
-    def tree(self, path: Path) -> str:
-        return tree_hash(path)
-
-    @functools.lru_cache(maxsize=None)
-    def model_meta(self, path: Path) -> dict[str, Any]:
-        from hybridmim.checkpoints import load_model_file
-
-        return load_model_file(path).get("meta") or {}
 
     # ----------------------------------------------------------------------------- checks
     def check_runs(self, run_ids: set[str]) -> list[dict[str, Any]]:
@@ -345,6 +335,12 @@ class DvcData:
         return check("data on disk", label, str(folder), False,
                      f"dataset {name}: data changed on disk since the run read it — {listed}. "
                      "Restore it (`dvc checkout`) or re-run the pipeline")
+
+
+def _model_meta(path: Path) -> dict[str, Any]:
+    from hybridmim.checkpoints import load_model_file
+
+    return load_model_file(path).get("meta") or {}
 
 
 def _path_of(entry: str | dict) -> str:
