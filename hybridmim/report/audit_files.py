@@ -57,8 +57,10 @@ def rebuild_report(results_dir: Path, project_root: Path, tracking_uri: str, int
 
 
 def compare_file(kind: str, label: str, source: str, shown_text: str | None,
-                 shown_path: Path, rebuilt: Path | None) -> list[dict[str, str]]:
-    """One check per difference (naming line, row, column), or one passing check."""
+                 rebuilt: Path | None) -> list[dict[str, str]]:
+    """One check per difference (naming line, row, column), or one passing check. Every audited
+    file is text the report writes (tables, figure data): bytes that are not UTF-8 are shown as
+    replacement characters and then differ like any other edit."""
     if rebuilt is None or not rebuilt.is_file():
         return [check(kind, label, source, False,
                       "the report does not produce this file from the live MLflow runs: it is "
@@ -66,13 +68,8 @@ def compare_file(kind: str, label: str, source: str, shown_text: str | None,
     if shown_text is None:
         return [check(kind, label, source, False,
                       "missing: the report writes it from the live MLflow runs; re-run the report")]
-    try:
-        rebuilt_cells = read_cells(rebuilt)
-    except UnicodeDecodeError:  # a binary file (none is expected here): compare bytes
-        same = shown_path.is_file() and shown_path.read_bytes() == rebuilt.read_bytes()
-        return [check(kind, label, source, same, "byte-identical to the re-built file" if same
-                      else "its bytes differ from the file re-built from the MLflow runs")]
-    problems = compare_cells(read_cells(shown_path, shown_text), rebuilt_cells)
+    # The shown file and its rebuilt twin share a name, so the rebuilt one's suffix picks the parser.
+    problems = compare_cells(read_cells(rebuilt, shown_text), read_cells(rebuilt))
     if problems:
         return [check(kind, f"{label}: {where}", source, False,
                       f"{label}, {where}: {what} — the file no longer matches the MLflow runs; "
@@ -101,19 +98,12 @@ def audit_report_files(results_dir: Path, project_root: Path, tracking_uri: str,
                         "runs the report recorded")]
         for rel in sorted(set(shown) | set(rebuilt)):
             path = shown.get(rel, results_dir / rel)
-            text = _text(path) if rel in shown else None
+            text = path.read_text(encoding="utf-8", errors="replace") if rel in shown else None
             kind = "figure data" if rel.startswith("figures/") else "table file"
-            checks += compare_file(kind, rel, str(path), text, path, rebuilt.get(rel))
+            checks += compare_file(kind, rel, str(path), text, rebuilt.get(rel))
         checks += audit_html(html or results_dir / HTML_REPORT, results_dir,
                              project_root, rebuilt_dir)
     return checks
-
-
-def _text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        return ""  # compare_file falls back to bytes
 
 
 def embedded_files(html_text: str) -> dict[str, bytes]:
@@ -155,12 +145,8 @@ def audit_html(html: Path, results_dir: Path, project_root: Path,
         if not audited:
             others += 1  # figures and other media: their data is audited through figures/*.csv
             continue
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            text = ""
-        checks += compare_file("html report", f"{html.name} › {rel}", str(html), text,
-                               Path(rel), rebuilt_dir / rel)
+        checks += compare_file("html report", f"{html.name} › {rel}", str(html),
+                               payload.decode("utf-8", errors="replace"), rebuilt_dir / rel)
     if not checks:
         checks.append(check("html report", str(html), str(html), "skip",
                             "embeds no table or figure data: no number in it to compare"))

@@ -15,7 +15,7 @@ import functools
 import json
 import os
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -49,6 +49,10 @@ class RunAuditor:
         self.dvc = DvcData(project_root)
         # per-case recompute: cases per evaluate run (None: every case), and the sample's seed
         self.sample, self.sample_seed = sample, sample_seed
+        # Per audit, each file is hashed or loaded once however many runs name it.
+        self.sha256 = functools.cache(sha256_file)
+        self.tree = functools.cache(tree_hash)
+        self.model_meta = functools.cache(_model_meta)
 
     # ----------------------------------------------------------------------------- lookups
     @functools.lru_cache(maxsize=None)
@@ -59,36 +63,23 @@ class RunAuditor:
             return None
 
     @functools.cached_property
-    def metrics_files(self) -> dict[str, list[Path]]:
-        """run id → the metrics.json files under the results folder that name it."""
-        index: dict[str, list[Path]] = {}
+    def metrics_files(self) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+        """run id → (file, its content) of each metrics.json under the results folder naming it."""
+        index: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
         for path in sorted(self.results_dir.rglob("metrics.json")):
             try:
-                run_id = json.loads(path.read_text()).get("run_id")
+                payload = json.loads(path.read_text())
+                run_id = payload.get("run_id")
             except (OSError, ValueError, AttributeError):
                 continue
             if run_id:
-                index.setdefault(str(run_id), []).append(path)
+                index.setdefault(str(run_id), []).append((path, payload))
         return index
 
     def on_disk(self, recorded: str) -> Path:
         """A path recorded by a job (relative to the workflow's working dir = project root)."""
         path = Path(recorded)
         return path if path.is_absolute() else self.project_root / path
-
-    @functools.lru_cache(maxsize=None)
-    def sha256(self, path: Path) -> str:
-        return sha256_file(path)
-
-    @functools.lru_cache(maxsize=None)
-    def tree(self, path: Path) -> str:
-        return tree_hash(path)
-
-    @functools.lru_cache(maxsize=None)
-    def model_meta(self, path: Path) -> dict[str, Any]:
-        from hybridmim.checkpoints import load_model_file
-
-        return load_model_file(path).get("meta") or {}
 
     # ----------------------------------------------------------------------------- checks
     def check_runs(self, run_ids: set[str]) -> list[dict[str, Any]]:
@@ -130,10 +121,13 @@ class RunAuditor:
         checks.append(check("provenance tags", who, run_id, not absent,
                             f"missing tags {absent}" if absent else "all recorded"))
         checks += self._check_git(who, run_id, tags)
-        checks += self._check_metrics_file(who, run)
+        files = self.metrics_files.get(run_id, [])
+        checks += self._check_metrics_files(who, run, files)
         checks += self._check_data(who, run)
-        if stage == "evaluate":
-            checks += self._check_predictions(who, run)
+        if stage == "evaluate" and files:  # without a metrics.json the check above failed
+            path, payload = files[0]
+            checks += check_predictions(who, run, path, payload, self.on_disk, self.sha256,
+                                        self.sample, self.sample_seed)
         upstream_checks, upstream = self._check_upstream(who, run)
         return checks + upstream_checks, upstream
 
@@ -156,16 +150,14 @@ class RunAuditor:
                                 "not reproduce it"))
         return checks
 
-    def _check_metrics_file(self, who: str, run: Any) -> list[dict[str, str]]:
-        run_id = run.info.run_id
-        files = self.metrics_files.get(run_id, [])
+    def _check_metrics_files(self, who: str, run: Any, files: list[tuple[Path, dict[str, Any]]]
+                             ) -> list[dict[str, str]]:
         if not files:
             ok = False if run.data.tags.get("stage") == "evaluate" else None
-            return [check("metrics.json", who, run_id, ok,
+            return [check("metrics.json", who, run.info.run_id, ok,
                           f"no metrics.json under {self.results_dir} names this run")]
         checks = []
-        for path in files:
-            payload = json.loads(path.read_text())
+        for path, payload in files:
             if run.data.tags.get("stage") == "evaluate":
                 problems = metric_disagreements(payload, run.data.metrics)
                 checks.append(check("metrics.json = MLflow", who, str(path), not problems,
@@ -176,14 +168,6 @@ class RunAuditor:
                 checks.append(check("spec hash", who, str(path), recorded == tagged,
                                     f"file {recorded}, run config_hash {tagged}"))
         return checks
-
-    def _check_predictions(self, who: str, run: Any) -> list[dict[str, str]]:
-        files = self.metrics_files.get(run.info.run_id, [])
-        if not files:
-            return []  # _check_metrics_file already failed it
-        payload = json.loads(files[0].read_text())
-        return check_predictions(who, run, files[0], payload, self.on_disk, self.sha256,
-                                 self.sample, self.sample_seed)
 
     def _data_folder(self, run: Any, name: str) -> Path:
         """The folder a data_hash.<name> tag hashed, from the run's params (the job spec)."""
@@ -329,7 +313,8 @@ class DvcData:
         uncommitted = self._status.get("uncommitted") or {}
         files = sorted({f"{path} ({kind})" for kind in _CHANGES
                         for path in map(_path_of, uncommitted.get(kind) or [])
-                        if not path.endswith("/") and any(_under(path, p) for p in prefixes)})
+                        if not path.endswith("/")
+                        and any(PurePath(path).is_relative_to(p) for p in prefixes)})
         stage_changes = self._stage_changes(found[0]) if found else []
         return files, stage_changes
 
@@ -352,10 +337,11 @@ class DvcData:
                      "Restore it (`dvc checkout`) or re-run the pipeline")
 
 
+def _model_meta(path: Path) -> dict[str, Any]:
+    from hybridmim.checkpoints import load_model_file
+
+    return load_model_file(path).get("meta") or {}
+
+
 def _path_of(entry: str | dict) -> str:
     return str(entry.get("new") or entry.get("old")) if isinstance(entry, dict) else str(entry)
-
-
-def _under(path: str, folder: str) -> bool:
-    path = os.path.normpath(path)
-    return path == folder or path.startswith(folder + os.sep)

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 WILDCARDS = ("dataset", "backbone", "init", "fraction", "seed")
+_NUMBERS = {"fraction": float, "seed": int}  # the wildcards that are numbers in the frame
 EVALUATE_EXPERIMENT = "evaluate"
 # MLflow's SQL store saves +/-inf as +/-float max (and NaN with a flag); map it back.
 _MLFLOW_INF = sys.float_info.max
@@ -107,16 +108,11 @@ def class_keys(payload: dict[str, Any]) -> list[list[str]]:
 
 
 def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
-    """MLflow Run objects as a frame with mlflow.search_runs' column naming (metrics.*, tags.*)."""
-    records = []
-    for run in runs:
-        record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                  "status": run.info.status}
-        record.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-        record.update({f"params.{k}": v for k, v in run.data.params.items()})
-        record.update({f"tags.{k}": v for k, v in run.data.tags.items()})
-        records.append(record)
-    return pd.DataFrame.from_records(records, columns=None if records else ["run_id"])
+    """MLflow Run objects as a frame with mlflow.search_runs' column naming (metrics.*, params.*,
+    tags.*): json_normalize joins the nested keys with "." and pads what a run lacks with NaN."""
+    records = [{"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                "status": run.info.status, **run.data.to_dictionary()} for run in runs]
+    return pd.json_normalize(records) if records else pd.DataFrame(columns=["run_id"])
 
 
 def search_runs_by_id(tracking_uri: str, run_ids: Iterable[str], experiment: str) -> pd.DataFrame:
@@ -179,8 +175,7 @@ def _wildcards(row: pd.Series, path: Path) -> dict[str, Any]:
                 "it was not created by the workflow's evaluate rule — re-run that job")
         values[name] = str(tag)
     try:
-        values["fraction"] = float(values["fraction"])
-        values["seed"] = int(values["seed"])
+        values.update({name: number(values[name]) for name, number in _NUMBERS.items()})
     except ValueError as exc:
         raise ReportInputError(
             f"run {row['run_id']} (listed in {path}): fraction/seed tags "
@@ -188,19 +183,16 @@ def _wildcards(row: pd.Series, path: Path) -> dict[str, Any]:
     match = _EVALUATE_PATH.search(Path(path).resolve().as_posix())
     if match:
         for name, text in match.groupdict().items():
-            if str(values[name]) != text and not _numbers_equal_text(values[name], text):
+            try:  # the folder name read as the tag was ("frac1" and 1.0 agree)
+                agrees = _NUMBERS.get(name, str)(text) == values[name]
+            except ValueError:
+                agrees = False
+            if not agrees:
                 raise ReportInputError(
                     f"metrics file {path} sits in the folder of {name}={text} but its run "
                     f"{row['run_id']} is tagged {name}={values[name]}; the file was copied or "
                     "moved — delete it and re-run the evaluate job")
     return values
-
-
-def _numbers_equal_text(value: Any, text: str) -> bool:
-    try:
-        return float(text) == float(value)
-    except ValueError:
-        return False
 
 
 def collect_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],

@@ -57,12 +57,10 @@ def plot_time_to_quality(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
         return placeholder(path, "No pretraining runs in this grid.", columns)
     points = []
     for _, run in pretrain_runs.iterrows():
-        wanted = ("val/pr", "train/pr", "cost/train_s")
-        history = metric_histories(tracking_uri, run["run_id"], wanted)
-        if "cost/train_s" not in history:
-            continue
+        history = metric_histories(tracking_uri, run["run_id"],
+                                   ("val/pr", "train/pr", "cost/train_s"))
         loss_key = "val/pr" if "val/pr" in history else "train/pr"
-        if loss_key not in history:
+        if "cost/train_s" not in history or loss_key not in history:
             continue
         joined = history[loss_key].merge(history["cost/train_s"], on="step",
                                          suffixes=("", "_clock"))

@@ -153,13 +153,10 @@ def paired_table(runs: pd.DataFrame, cases: pd.DataFrame, tables_dir: Path
             # row); the paired difference to B and its interval are the extra columns.
             a_runs = part.loc[part["run_id"].isin(result["a_run_ids"])]
             mean, std, n = aggregate(a_runs["test_dice_mean"].to_list())
+            # The columns below pick the difference, interval, counts and note from ``result``.
             rows.append({"dataset": dataset, "backbone": backbone, "fraction": fraction,
                          "kind": kind, "a": a, "b": b, "metric": "test_dice_mean",
-                         "scale": 100.0, "mean": mean * 100, "std": std * 100, "n": n,
-                         "diff": result["diff"], "ci_low": result["ci_low"],
-                         "ci_high": result["ci_high"], "n_cases": result["n_cases"],
-                         "n_seeds": result["n_seeds"], "excludes_zero": result["excludes_zero"],
-                         "note": result["note"],
+                         "scale": 100.0, "mean": mean * 100, "std": std * 100, "n": n, **result,
                          "run_ids": RUN_ID_SEPARATOR.join(a_runs.sort_values("seed")["run_id"]),
                          "b_run_ids": RUN_ID_SEPARATOR.join(result["b_run_ids"]),
                          "cell": f"{dataset} / {backbone} / frac {fraction:g} / {a} - {b}"})

@@ -181,21 +181,21 @@ def metric_histories(tracking_uri: str, run_id: str,
 def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
                          path: str | Path) -> Path:
     """One panel per loss term, one line per pretraining run (``label`` column of the frame)."""
-    curves: dict[str, dict[str, pd.DataFrame]] = {}
-    points = []
-    for _, run in (pd.DataFrame() if pretrain_runs is None else pretrain_runs).iterrows():
-        for key, frame in metric_histories(tracking_uri, run["run_id"]).items():
-            curves.setdefault(key, {})[run["label"]] = frame
-            points.append(frame.assign(run=run["label"], metric=key, run_ids=run["run_id"]))
-    terms = [t for t in LOSS_TERMS if t in curves]
-    if not terms:
+    runs = pd.DataFrame() if pretrain_runs is None else pretrain_runs
+    points = [frame.assign(run=run["label"], metric=key, run_ids=run["run_id"])
+              for _, run in runs.iterrows()
+              for key, frame in metric_histories(tracking_uri, run["run_id"]).items()]
+    if not points:
         return placeholder(path, "No pretraining loss was logged.",
                            ["run", "metric", "step", "value", "run_ids"])
-    fig, axes = panel_grid(len(terms), width=4.2, height=3.2)
-    for k, (term, ax) in enumerate(zip(terms, axes)):
-        for label, frame in curves[term].items():
-            ax.plot(frame["step"], frame["value"], label=label, linewidth=1)
-        if all((f["value"] > 0).all() for f in curves[term].values()):
+    data = pd.concat(points, ignore_index=True)[["run", "metric", "step", "value", "run_ids"]]
+    # Panels in LOSS_TERMS order (panels keeps first-seen order), lines in run order.
+    in_term_order = data.sort_values("metric", key=lambda m: m.map(LOSS_TERMS.index), kind="stable")
+    fig, axes = panels(in_term_order, ["metric"], width=4.2, height=3.2)
+    for k, ((term,), ax, part) in enumerate(axes):
+        for (label, _), line in part.groupby(["run", "run_ids"], sort=False):
+            ax.plot(line["step"], line["value"], label=label, linewidth=1)
+        if (part["value"] > 0).all():
             ax.set_yscale("log")
         ax.set_title(term, fontsize=9)
         ax.set(xlabel="step", ylabel="loss (unitless)")
@@ -203,5 +203,4 @@ def plot_pretrain_losses(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
         if k == 0:
             ax.legend(fontsize=7)
     fig.suptitle("Pretraining losses (MLflow metric history)", fontsize=10)
-    return save_figure(fig, path, pd.concat(points, ignore_index=True)[
-        ["run", "metric", "step", "value", "run_ids"]])
+    return save_figure(fig, path, data)

@@ -74,10 +74,6 @@ def _csv_cells(text: str) -> list[Cell]:
     return cells
 
 
-def _split_pipes(line: str) -> list[str]:
-    return [part.strip() for part in line.strip().strip("|").split("|")]
-
-
 def _markdown_cells(text: str) -> list[Cell]:
     cells, header = [], None
     for i, line in enumerate(text.splitlines(), 1):
@@ -85,7 +81,7 @@ def _markdown_cells(text: str) -> list[Cell]:
             header = None
             cells.append(Cell(i, f"line {i}", "text", line))
             continue
-        parts = _split_pipes(line)
+        parts = [part.strip() for part in line.strip().strip("|").split("|")]
         if header is None:
             header = parts
             cells += [Cell(i, "header", f"column {j + 1}", p) for j, p in enumerate(parts)]
