@@ -54,39 +54,23 @@ def check_consistency(config: dict) -> None:
     backbones = set(config["backbones"])
     pre = config["pretraining"]
     for corpus, block in pre["corpora"].items():
-        for ds in block["datasets"]:
-            if ds not in datasets:
-                raise ConfigError(f"pretraining.corpora.{corpus}.datasets lists {ds!r}, which is "
-                                  f"not under datasets: (known: {sorted(datasets)})")
-    for bb in pre["backbones"]:
-        if bb not in backbones:
-            raise ConfigError(f"pretraining.backbones lists {bb!r}; define it under backbones:")
-    variants = variants_of(config)
-    methods = list(pre["methods"]) + list(variants)
+        _check_declared(f"pretraining.corpora.{corpus}.datasets", block["datasets"], datasets,
+                        "datasets")
+    _check_declared("pretraining.backbones", pre["backbones"], backbones, "backbones")
+    methods = [*pre["methods"], *variants_of(config)]
     ft = config["finetuning"]
     for where, block in grid_blocks(config):
-        for ds in block["datasets"]:
-            if ds not in datasets:
-                raise ConfigError(f"{where}.datasets lists {ds!r}, not defined under datasets:")
-        for bb in block["backbones"]:
-            if bb not in backbones:
-                raise ConfigError(f"{where}.backbones lists {bb!r}; define it under backbones:")
-        for init in block["inits"]:
-            if init != "scratch" and init not in methods:
-                raise ConfigError(f"{where}.inits lists {init!r}: use 'scratch', a method under "
-                                  f"pretraining.methods or a variant of pretraining.variants "
-                                  f"({methods})")
-            if init != "scratch":
-                missing = [bb for bb in block["backbones"] if bb not in pre["backbones"]]
-                if missing:
-                    raise ConfigError(f"{where}.inits uses {init!r} but backbones {missing} are "
-                                      f"not in pretraining.backbones")
-    corpus_for = ft["pretrained_corpus"]
-    for where, block in grid_blocks(config):
-        if any(i != "scratch" for i in block["inits"]):
+        _check_declared(f"{where}.datasets", block["datasets"], datasets, "datasets")
+        _check_declared(f"{where}.backbones", block["backbones"], backbones, "backbones")
+        pretrained = [init for init in block["inits"] if init != "scratch"]
+        _check_declared(f"{where}.inits", pretrained, methods,
+                        "pretraining.methods or pretraining.variants (or use 'scratch')")
+        if pretrained:
+            _check_declared(f"{where}.backbones (inits {pretrained} are pretrained)",
+                            block["backbones"], pre["backbones"], "pretraining.backbones")
             for ds in block["datasets"]:
                 modality = dataset_spec(config, ds).modality
-                corpus = corpus_for.get(modality)
+                corpus = ft["pretrained_corpus"].get(modality)
                 if corpus not in pre["corpora"]:
                     raise ConfigError(f"finetuning.pretrained_corpus.{modality} is {corpus!r}, "
                                       f"which is not under pretraining.corpora "
@@ -103,6 +87,14 @@ def check_consistency(config: dict) -> None:
         raise ConfigError(f"pretraining.geometry: crop ({geo['crop']}) must be a multiple of "
                           f"region ({geo['region']}) and region a multiple of patch "
                           f"({geo['patch']})")
+
+
+def _check_declared(where: str, names, declared, section: str) -> None:
+    """Every name a list of the grid refers to is defined where the config defines such names."""
+    for name in names:
+        if name not in declared:
+            raise ConfigError(f"{where} lists {name!r}, which is not defined under {section} "
+                              f"(defined: {sorted(declared)})")
 
 
 def _check_contrastive_views(config: dict) -> None:

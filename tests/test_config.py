@@ -241,3 +241,23 @@ def test_variant_with_an_existing_spec_is_not_pretrained_twice(tmp_path):
     assert ft["init"]["checkpoint"] == "results/pretrain/unet/hybridmim/ct/model.pt"
     assert ft["variant"]["pretrained_as"] == "hybridmim"
     assert len(hcfg.finetune_grid(config)) == 15
+
+
+@pytest.mark.parametrize("mutate, names", [
+    (lambda c: c["pretraining"]["corpora"]["ct"]["datasets"].append("lits"),
+     ["pretraining.corpora.ct.datasets", "'lits'", "datasets"]),
+    (lambda c: c["pretraining"]["backbones"].append("vnet"),
+     ["pretraining.backbones", "'vnet'", "backbones"]),
+    (lambda c: c["finetuning"]["datasets"].append("lits"),
+     ["finetuning.datasets", "'lits'"]),
+    (lambda c: c["finetuning"]["inits"].append("mae"),
+     ["finetuning.inits", "'mae'", "pretraining.variants"]),
+    (lambda c: c["finetuning"].update(subgrids=[{"backbones": ["vnet"]}]),
+     ["finetuning.subgrids[0].backbones", "'vnet'"]),
+])
+def test_grid_names_must_be_declared(tmp_path, mutate, names):
+    """Every name a list of the grid refers to is defined; the error names the list and the name."""
+    with pytest.raises(hcfg.ConfigError) as error:
+        hcfg.load_config(_load(tmp_path, mutate))
+    for part in names:
+        assert part in str(error.value)
