@@ -33,6 +33,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlsplit
@@ -168,28 +169,24 @@ def prepare_sqlite(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ART
 
 def _has_schema(db: Path) -> bool:
     """True when MLflow's migrations completed on ``db`` (an alembic version row exists)."""
-    conn = sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
-    try:
-        return conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
-    except sqlite3.OperationalError:  # no such table: fresh or half-created DB
-        return False
-    finally:
-        conn.close()
+    with closing(sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)) as conn:
+        try:
+            return conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+        except sqlite3.OperationalError:  # no such table: fresh or half-created DB
+            return False
 
 
 def _set_journal_mode(db: Path) -> None:
     journal = os.environ.get("HYBRIDMIM_SQLITE_JOURNAL", "wal").lower()
     if journal not in {"wal", "delete", "truncate", "persist"}:
         raise StoreError(f"HYBRIDMIM_SQLITE_JOURNAL={journal!r}: use wal (default) or delete")
-    conn = sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
-    try:
-        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != journal:
-            mode = conn.execute(f"PRAGMA journal_mode = {journal}").fetchone()[0]
-            log.info("SQLite store %s: journal_mode=%s", db, mode)
-    except sqlite3.OperationalError as err:  # another process holds the DB open: keep its mode
-        log.warning("could not set journal_mode=%s on %s: %s", journal, db, err)
-    finally:
-        conn.close()
+    with closing(sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)) as conn:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != journal:
+                mode = conn.execute(f"PRAGMA journal_mode = {journal}").fetchone()[0]
+                log.info("SQLite store %s: journal_mode=%s", db, mode)
+        except sqlite3.OperationalError as err:  # another process holds the DB open: keep its mode
+            log.warning("could not set journal_mode=%s on %s: %s", journal, db, err)
 
 
 def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
