@@ -3,7 +3,7 @@ model URI (``models:/<name>/<version>``, ``runs:/<run id>/model``).
 
 Every form gives the same pair: the stock MONAI network and the model's metadata (crop, labels,
 window, preprocessing…), which `hybridmim predict` and `hybridmim export` need. MLflow models
-carry that metadata in their MLmodel file (hybridmim.tracking.models logs it there).
+carry that metadata in their MLmodel file (hybridmim.tracking.catalog logs it there).
 """
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ class LoadedModel:
     meta: dict[str, Any]
     source: str  # what was loaded, for logs and the bundle's model card
     network_record: dict[str, Any]  # {"class": stock MONAI class path, "kwargs": {...}}
+
+    def channels_in_out(self) -> tuple[int, int]:
+        """The network's input and output channel counts."""
+        kwargs = self.network_record["kwargs"]
+        return (int(kwargs.get("in_channels", self.meta.get("channels") or 1)),
+                int(kwargs.get("out_channels", 1)))
 
 
 def load_model(reference: str, tracking_uri: str | None = None) -> LoadedModel:

@@ -47,11 +47,9 @@ def recorded_preprocess(processed_dir: str | Path) -> dict[str, Any] | None:
 
     path = Path(processed_dir) / "dataset.json"
     try:
-        recipe = json.loads(path.read_text()).get("recipe") or {}
-    except (OSError, ValueError):
+        return check_preprocess(json.loads(path.read_text()).get("recipe"), str(path))
+    except (OSError, ValueError):  # no cache, or one without a complete recipe
         return None
-    return {key: recipe[key] for key in PREPROCESS_KEYS} if all(
-        key in recipe for key in PREPROCESS_KEYS) else None
 
 
 def preprocessing_steps(recipe: Mapping[str, Any], keys: str | list[str] = "image"
