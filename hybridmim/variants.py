@@ -12,19 +12,16 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# The keys a variant may override (those of a method block, except its kind), each with the part it
-# adds to the variant's name, in name order; loss_weights and geometry are named per term / key.
+# The keys a variant may override (those of a method block, except its kind; the config schema's
+# method_override refuses any other), each with the part it adds to the variant's name, in name
+# order; loss_weights and geometry are named per term / key.
 NAME_PARTS = {"box": "box_{}", "masking": "{}_masking", "mask_ratio": "mask{}",
               "region_grouping": "{}_grouping", "temperature": "temp{}", "proj_dim": "proj{}",
               "gather_negatives": None,  # a flag: gathered_negatives / local_negatives
               "pr_normalisation": "pr_{}_mean", "consistency": "con_{}",
               "swin_bottleneck_slice": "swin_slice_{}"}
-METHOD_KEYS = ("loss_weights", *NAME_PARTS)
 LOSS_TERMS = ("pr", "num", "loc", "con", "cl")
 GEOMETRY_KEYS = ("crop", "region", "patch")
-# The nested overrides: their allowed keys and how an error names them and their values.
-NESTED = {"loss_weights": (LOSS_TERMS, "loss terms", "weights", "a loss term"),
-          "geometry": (GEOMETRY_KEYS, "some of", "sizes in voxels", "a geometry key")}
 
 
 class VariantError(ValueError):
@@ -62,31 +59,9 @@ def variant_name(base: str, overrides: dict[str, Any]) -> str:
     return "-".join([base, *change_parts(overrides)])
 
 
-def _check_keys(overrides: Any, where: str) -> None:
-    if not isinstance(overrides, dict) or not overrides:
-        raise VariantError(f"{where} must be a non-empty mapping of method keys to override "
-                           f"(e.g. {{mask_ratio: 0.6}}), got {overrides!r}")
-    for key, value in overrides.items():
-        if key in NESTED:
-            allowed, what, values, one = NESTED[key]
-            if not isinstance(value, dict) or not value:
-                raise VariantError(f"{where}.{key} must map {what} {list(allowed)} to {values}, "
-                                   f"got {value!r}")
-            unknown = sorted(set(value) - set(allowed))
-            if unknown:
-                raise VariantError(f"{where}.{key}.{unknown[0]} is not {one}; "
-                                   f"use one of {list(allowed)}")
-        elif key not in METHOD_KEYS:
-            raise VariantError(f"{where}.{key} cannot be overridden by a variant; a variant "
-                               f"changes one of {list(METHOD_KEYS) + ['geometry']}")
-
-
 def check_geometry(geometry: dict[str, Any], where: str) -> None:
-    """The masking geometry's own constraints, named by the config key that set them."""
-    for key in GEOMETRY_KEYS:
-        value = geometry.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise VariantError(f"{where}.{key} must be a positive integer, got {value!r}")
+    """The masking geometry's constraints between its keys (the schema checked each one), named
+    by the config key that set them."""
     if geometry["crop"] % geometry["region"]:
         raise VariantError(f"{where}: crop ({geometry['crop']}) must be a multiple of region "
                            f"({geometry['region']}); change {where}.crop or {where}.region")
@@ -112,7 +87,7 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 def resolve_variants(pretraining: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """{variant name: {"of", "changes", "overrides", "method", "geometry"}} in declaration order.
 
-    ``method`` is the base's block with the overrides applied (geometry excluded), ``geometry``
+    ``pretraining`` has passed the config schema (each override's keys and values). ``method`` is the base's block with the overrides applied (geometry excluded), ``geometry``
     the experiment geometry with the variant's geometry overrides applied. Every error names the
     key under ``pretraining.variants``.
     """
@@ -127,12 +102,8 @@ def resolve_variants(pretraining: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if (methods[base].get("kind") or "hybridmim") != "hybridmim":
             raise VariantError(f"{where_base}: only HybridMIM methods have ablations; {base!r} "
                                f"is of kind {methods[base].get('kind')!r}")
-        if not isinstance(entries, list) or not entries:
-            raise VariantError(f"{where_base} must be a list of overrides, e.g. "
-                               f"[{{loss_weights: {{cl: 0}}}}, {{mask_ratio: 0.6}}]")
         for i, overrides in enumerate(entries):
             where = f"{where_base}[{i}]"
-            _check_keys(overrides, where)
             name = variant_name(base, overrides)
             if name in methods:
                 raise VariantError(f"{where} is named {name!r}, which is also a method under "
