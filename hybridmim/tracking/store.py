@@ -103,11 +103,11 @@ def is_server_uri(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def artifact_location(artifact_root: str | os.PathLike[str], experiment: str) -> str:
+def artifact_location(artifact_root: str | os.PathLike[str], experiment: str = "") -> str:
     """``file://`` URI of ``<artifact_root>/<experiment>`` (absolute); remote roots pass through."""
     root = str(artifact_root)
     if "://" in root:  # s3://, gs://, mlflow-artifacts:/, file:// …
-        return root.rstrip("/") + "/" + experiment
+        return root.rstrip("/") + (f"/{experiment}" if experiment else "")
     return (Path(root).absolute() / experiment).as_uri()
 
 
@@ -197,9 +197,7 @@ def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
     """
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    root = str(artifact_root)
-    store = SqlAlchemyStore(uri, root if "://" in root else Path(root).absolute().as_uri())
-    store.engine.dispose()
+    SqlAlchemyStore(uri, artifact_location(artifact_root)).engine.dispose()
 
 
 def get_or_create_experiment(name: str,
