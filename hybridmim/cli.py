@@ -142,14 +142,12 @@ def cmd_spec(args: argparse.Namespace) -> None:
     from hybridmim import config as cfg
 
     config = cfg.load_config(args.config)
-    builders: dict[str, Callable[..., dict]] = {
-        "pretrain": lambda: cfg.pretrain_spec(config, args.backbone, args.method, args.corpus),
-        "finetune": lambda: cfg.finetune_spec(config, args.dataset, args.backbone, args.init,
-                                              args.fraction, args.seed),
-        "evaluate": lambda: cfg.evaluate_spec(config, args.dataset, args.backbone, args.init,
-                                              args.fraction, args.seed),
-    }
-    print(json.dumps(builders[args.stage](), indent=2, sort_keys=True))
+    if args.stage == "pretrain":
+        spec = cfg.pretrain_spec(config, args.backbone, args.method, args.corpus)
+    else:  # a fine-tuning job and its evaluation are named alike
+        build = cfg.finetune_spec if args.stage == "finetune" else cfg.evaluate_spec
+        spec = build(config, args.dataset, args.backbone, args.init, args.fraction, args.seed)
+    print(json.dumps(spec, indent=2, sort_keys=True))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

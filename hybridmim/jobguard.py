@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
+from hybridmim.progress import LOG_DATE_FORMAT, LOG_FORMAT
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "job.lock"
@@ -170,8 +172,7 @@ def attempt_log(state_dir: str | os.PathLike) -> Iterator[Path]:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = folder / f"{stamp}-{socket.gethostname()}-{os.getpid()}.log"
     handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                           "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))  # the console's format
     root = logging.getLogger()
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
