@@ -98,15 +98,12 @@ def job_lock(state_dir: str | os.PathLike, wait_s: float | None = None) -> Itera
         log.warning("%s: the file system refuses locks (%s); running without the job lock",
                     lock_path, error)
     try:
+        started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         lock_path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                         "started": _utc_now()}))
+                                         "started": started}))
         yield lock_path
     finally:
         lock.release(force=True)
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ------------------------------------------------------------------------------------------------
