@@ -120,7 +120,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     written = build_report(resolve_tracking_uri(args.tracking_uri), args.metrics,
                            args.pretrain_metrics or [], args.out)
-    for path in (written.values() if isinstance(written, dict) else written):
+    for path in written.values():
         print(path)
 
 
@@ -138,36 +138,16 @@ def cmd_audit(args: argparse.Namespace) -> None:
     sys.exit(code)
 
 
-def _add_audit_options(p: argparse.ArgumentParser) -> None:
-    from hybridmim.report.recompute import DEFAULT_SAMPLE
-
-    p.add_argument("--strict", action="store_true",
-                   help="warnings fail too (a run from a dirty git tree, a commit not here)")
-    p.add_argument("--recompute", action="store_true",
-                   help="re-compute Dice/HD95 of every test case from its saved prediction "
-                        "(default: a seeded sample per run)")
-    p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,
-                   help=f"cases per evaluate run re-computed without --recompute "
-                        f"(default {DEFAULT_SAMPLE})")
-    p.add_argument("--sample-seed", type=int, default=0,
-                   help="seed of the sampled cases (default 0; with the run id)")
-    p.add_argument("--html", default=None,
-                   help="Snakemake HTML report to audit (default <results>/report.html; "
-                        "skipped when absent)")
-
-
 def cmd_spec(args: argparse.Namespace) -> None:
     from hybridmim import config as cfg
 
     config = cfg.load_config(args.config)
-    builders: dict[str, Callable[..., dict]] = {
-        "pretrain": lambda: cfg.pretrain_spec(config, args.backbone, args.method, args.corpus),
-        "finetune": lambda: cfg.finetune_spec(config, args.dataset, args.backbone, args.init,
-                                              args.fraction, args.seed),
-        "evaluate": lambda: cfg.evaluate_spec(config, args.dataset, args.backbone, args.init,
-                                              args.fraction, args.seed),
-    }
-    print(json.dumps(builders[args.stage](), indent=2, sort_keys=True))
+    if args.stage == "pretrain":
+        spec = cfg.pretrain_spec(config, args.backbone, args.method, args.corpus)
+    else:  # a fine-tuning job and its evaluation are named alike
+        build = cfg.finetune_spec if args.stage == "finetune" else cfg.evaluate_spec
+        spec = build(config, args.dataset, args.backbone, args.init, args.fraction, args.seed)
+    print(json.dumps(spec, indent=2, sort_keys=True))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -258,20 +238,20 @@ def _add_predict_and_export(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Every (sub-)command's help lists each option's default."""
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                show_defaults(sub)
+class _Parser(argparse.ArgumentParser):
+    """Every (sub-)command's help lists each option's default (sub-parsers are of this class)."""
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from hybridmim import __version__
+    from hybridmim.report.recompute import DEFAULT_SAMPLE
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hybridmim",
         description="HybridMIM reproduction: data, pretraining, fine-tuning, evaluation, report "
                     "and audit. The Snakemake workflow (workflow/Snakefile) calls these.")
@@ -308,7 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="the results folder to audit")
     _add_tracking_uri(p)
     p.add_argument("--project-root", default=".", help="the project (repository) root")
-    _add_audit_options(p)
+    p.add_argument("--strict", action="store_true",
+                   help="warnings fail too (a run from a dirty git tree, a commit not here)")
+    p.add_argument("--recompute", action="store_true",
+                   help="re-compute Dice/HD95 of every test case from its saved prediction "
+                        "(without it: a seeded sample per run)")
+    p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,
+                   help="cases per evaluate run re-computed without --recompute")
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="seed of the sampled cases (mixed with the run id)")
+    p.add_argument("--html", default=None,
+                   help="Snakemake HTML report to audit (None: <results>/report.html, "
+                        "skipped when absent)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("spec", help="print the job spec a config gives for one job")
@@ -320,7 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default="0", help="seed (finetune/evaluate)")
     p.set_defaults(func=cmd_spec)
     _add_predict_and_export(sub)
-    show_defaults(parser)
     return parser
 
 

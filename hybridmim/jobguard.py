@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
+from hybridmim.progress import LOG_DATE_FORMAT, LOG_FORMAT
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "job.lock"
@@ -96,15 +98,12 @@ def job_lock(state_dir: str | os.PathLike, wait_s: float | None = None) -> Itera
         log.warning("%s: the file system refuses locks (%s); running without the job lock",
                     lock_path, error)
     try:
+        started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         lock_path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                         "started": _utc_now()}))
+                                         "started": started}))
         yield lock_path
     finally:
         lock.release(force=True)
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,34 +133,30 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-class ParentWatch:
+@contextlib.contextmanager
+def parent_watch(poll_s: float = POLL_S) -> Iterator[None]:
     """A daemon thread that stops this process (SIGTERM to itself) once the workflow is gone."""
+    process = workflow_process()
+    what = "snakemake" if _is_snakemake(process) else "parent process"
+    done = threading.Event()
 
-    def __init__(self, poll_s: float = POLL_S):
-        self.process = workflow_process()
-        self.what = "snakemake" if _is_snakemake(self.process) else "parent process"
-        self.poll_s = poll_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="parent-watch", daemon=True)
-
-    def __enter__(self) -> "ParentWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            if not _alive(self.process):
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if not _alive(process):
                 log.warning("the workflow that started this job (%s, PID %d) is gone: saving "
-                            "state and stopping", self.what, self.process.pid)
+                            "state and stopping", what, process.pid)
                 os.kill(os.getpid(), signal.SIGTERM)
-                if not self._stop.wait(STOP_GRACE_S):
+                if not done.wait(STOP_GRACE_S):
                     log.error("the job did not stop within %.0f s of its workflow's end; "
                               "ending it", STOP_GRACE_S)
                     os._exit(143)
                 return
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,8 +169,7 @@ def attempt_log(state_dir: str | os.PathLike) -> Iterator[Path]:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = folder / f"{stamp}-{socket.gethostname()}-{os.getpid()}.log"
     handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                           "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))  # the console's format
     root = logging.getLogger()
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
@@ -206,7 +200,7 @@ def guarded_job(state_dir_of: Callable[[dict[str, Any]], str | os.PathLike]):
                     stack.enter_context(job_lock(state_dir))
                     stack.enter_context(attempt_log(state_dir))
                 if watch:
-                    stack.enter_context(ParentWatch())
+                    stack.enter_context(parent_watch())
                 return func(spec, *args, **kwargs)
         return wrapper
     return decorate

@@ -6,6 +6,7 @@ import sys
 import time
 
 log = logging.getLogger("hybridmim.progress")
+LOG_FORMAT, LOG_DATE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -13,8 +14,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        format=LOG_FORMAT,
+        datefmt=LOG_DATE_FORMAT,
         force=True,
     )
 

@@ -72,7 +72,8 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
                          "segmentation model; evaluate the model.pt of a finetune job")
     _check_model_matches(meta, dataset, model_path)
     regions = meta.get("regions") or None
-    names = class_names(meta.get("labels") or dataset["labels"], regions)
+    labels = meta.get("labels") or dataset["labels"]
+    names = class_names(labels, regions)
     keys = [metric_key(n) for n in names]
     if len(set(keys)) != len(keys):
         raise ValueError(f"class names {names} collide as metric names {keys}; rename labels")
@@ -93,7 +94,6 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     raw_cases = raw_case_files(dataset, case_ids_wanted)
     grid = spec.get("grid", "original")
     recipe = model_recipe(meta, dataset, model_path)
-    labels = meta.get("labels") or dataset["labels"]
     channels = meta.get("channels") or len(dataset.get("channels") or ["image"])
     predictor = CasePredictor(forward, {**meta, "window": window, "labels": labels,
                                         "channels": channels}, recipe,
@@ -118,7 +118,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
             prediction_path = predictions_dir / f"{case_id}.nii.gz"
             save_label_map(result.label, case.images[0], prediction_path)
             masks = probabilities_to_masks(result.resampled_probs, bool(regions))
-            pred_resampled = masks.bool() if regions else masks[1:].bool()
+            pred_resampled = masks if regions else masks[1:]  # no background channel
             truth_resampled = masks_from_label_values(result.resampled_label, labels, regions)
             if grid == "original":
                 truth_original, spacing = read_label_file(case.label)
@@ -178,9 +178,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
 def model_recipe(meta: dict[str, Any], dataset: dict[str, Any], model: str) -> dict[str, Any]:
     """The preprocessing the model was trained with; the dataset's must be the same one."""
     # The cache records the recipe as applied (a config's "median" spacing resolved to numbers).
-    cached = (recorded_preprocess(dataset["processed_dir"]) if dataset.get("processed_dir")
-              else None)
-    dataset_recipe = cached or dataset.get("preprocess")
+    dataset_recipe = recorded_preprocess(dataset["processed_dir"]) or dataset.get("preprocess")
     recipe = meta.get("preprocess") or dataset_recipe
     checked = check_preprocess(recipe, model)
     if meta.get("preprocess") and dataset_recipe:

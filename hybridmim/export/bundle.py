@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from hybridmim.models.transfer import canonical_class
+from hybridmim.predict.models import LoadedModel, load_model
+from hybridmim.predict.pipeline import check_preprocess, label_values, preprocessing_steps
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ META_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/
 
 
 def preprocessing(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    from hybridmim.predict.pipeline import preprocessing_steps
-
     window = meta["window"]
     steps: list[dict[str, Any]] = [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True,
@@ -64,7 +64,7 @@ def postprocessing(meta: dict[str, Any], segmentation: bool) -> list[dict[str, A
         steps += [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}, invert,
                   {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}]
     else:
-        values = sorted(int(v) for v in meta["labels"])
+        values = label_values(meta["labels"])
         steps += [{"_target_": "Activationsd", "keys": "pred", "softmax": True}, invert,
                   {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
         if values != list(range(len(values))):  # class index → label value (BraTS 3 → 4)
@@ -137,15 +137,15 @@ def _evaluation_metrics(run_id: str | None, tracking_uri: str | None) -> dict[st
                         if k.startswith("test_")}}
 
 
-def metadata(network: dict[str, Any], meta: dict[str, Any], source: str, segmentation: bool,
+def metadata(loaded: LoadedModel, meta: dict[str, Any], segmentation: bool,
              tracking_uri: str | None = None) -> dict[str, Any]:
     import monai
     import numpy
 
     from hybridmim import __version__
 
-    channels = int(network["kwargs"].get("in_channels", meta.get("channels") or 1))
-    outputs = int(network["kwargs"].get("out_channels", 1))
+    source = loaded.source
+    channels, outputs = loaded.channels_in_out()
     names = meta.get("channel_names") or [meta.get("modality") or "image"] * channels
     crop = int(meta["crop"])
     if segmentation:
@@ -212,8 +212,6 @@ def export_bundle(model: str, out: str | Path, tracking_uri: str | None = None,
     """Write the bundle of ``model`` (model.pt, run id or MLflow model URI) to ``out``."""
     from hybridmim.atomic import write_json
     from hybridmim.data.layout import atomic_directory
-    from hybridmim.predict.models import load_model
-    from hybridmim.predict.pipeline import check_preprocess
 
     loaded = load_model(model, tracking_uri)
     meta, network = loaded.meta, loaded.network_record
@@ -222,7 +220,7 @@ def export_bundle(model: str, out: str | Path, tracking_uri: str | None = None,
         raise ValueError(f"--model {model}: records no crop or intensity window; export a "
                          "model.pt written by a hybridmim pretrain or finetune job")
     meta = {**meta, "preprocess": check_preprocess(meta.get("preprocess"), model)}
-    card = metadata(network, meta, loaded.source, segmentation, tracking_uri)
+    card = metadata(loaded, meta, segmentation, tracking_uri)
     out = Path(out)
     with atomic_directory(out) as temp:
         for folder in ("configs", "models", "docs"):

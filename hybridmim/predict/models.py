@@ -3,7 +3,7 @@ model URI (``models:/<name>/<version>``, ``runs:/<run id>/model``).
 
 Every form gives the same pair: the stock MONAI network and the model's metadata (crop, labels,
 window, preprocessing…), which `hybridmim predict` and `hybridmim export` need. MLflow models
-carry that metadata in their MLmodel file (hybridmim.tracking.models logs it there).
+carry that metadata in their MLmodel file (hybridmim.tracking.catalog logs it there).
 """
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ class LoadedModel:
     source: str  # what was loaded, for logs and the bundle's model card
     network_record: dict[str, Any]  # {"class": stock MONAI class path, "kwargs": {...}}
 
+    def channels_in_out(self) -> tuple[int, int]:
+        """The network's input and output channel counts."""
+        kwargs = self.network_record["kwargs"]
+        return (int(kwargs.get("in_channels", self.meta.get("channels") or 1)),
+                int(kwargs.get("out_channels", 1)))
+
 
 def load_model(reference: str, tracking_uri: str | None = None) -> LoadedModel:
     """Resolve ``reference`` (file, run id, models:/ or runs:/ URI) to a network and its meta."""
@@ -37,28 +43,10 @@ def load_model(reference: str, tracking_uri: str | None = None) -> LoadedModel:
     if reference.startswith(("models:/", "runs:/")):
         return _load_mlflow(reference, tracking_uri)
     if RUN_ID.match(reference):
-        return _load_mlflow(_model_of_run(reference, tracking_uri), tracking_uri)
+        # MLflow 3 resolves runs:/<id>/model to the LoggedModel "model" the run logged.
+        return _load_mlflow(f"runs:/{reference}/model", tracking_uri)
     raise FileNotFoundError(f"--model {reference!r}: no such file, and not an MLflow run id "
                             "(32 hex digits) or model URI (models:/<name>/<version>)")
-
-
-def _model_of_run(run_id: str, tracking_uri: str | None) -> str:
-    """The MLflow model a run logged (MLflow 3 keeps it as a LoggedModel output of the run)."""
-    from mlflow.tracking import MlflowClient
-
-    from hybridmim.tracking.store import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    try:
-        run = MlflowClient(uri).get_run(run_id)
-    except Exception:
-        raise FileNotFoundError(f"--model {run_id}: no such run in the MLflow store {uri}; pass "
-                                "--tracking-uri or the model.pt path") from None
-    outputs = run.outputs.model_outputs if run.outputs else []
-    if not outputs:
-        raise FileNotFoundError(f"--model {run_id}: run {run.info.run_name!r} logged no model "
-                                "(only fine-tuning and pretraining runs do)")
-    return f"models:/{outputs[-1].model_id}"
 
 
 def _load_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
@@ -74,7 +62,8 @@ def _load_mlflow(uri: str, tracking_uri: str | None) -> LoadedModel:
         except Exception as error:  # MlflowException, OSError: one message for the user
             raise FileNotFoundError(f"--model {uri}: not found in the MLflow store "
                                     f"{mlflow.get_tracking_uri()} ({str(error)[:200]}); pass "
-                                    "--tracking-uri or the model.pt path") from None
+                                    "--tracking-uri or the model.pt path (only fine-tuning and "
+                                    "pretraining runs log a model)") from None
         meta = dict((info.metadata or {}).get("hybridmim") or {})
         record = dict((info.metadata or {}).get("network") or {})
         if not meta:

@@ -47,11 +47,9 @@ def recorded_preprocess(processed_dir: str | Path) -> dict[str, Any] | None:
 
     path = Path(processed_dir) / "dataset.json"
     try:
-        recipe = json.loads(path.read_text()).get("recipe") or {}
-    except (OSError, ValueError):
+        return check_preprocess(json.loads(path.read_text()).get("recipe"), str(path))
+    except (OSError, ValueError):  # no cache, or one without a complete recipe
         return None
-    return {key: recipe[key] for key in PREPROCESS_KEYS} if all(
-        key in recipe for key in PREPROCESS_KEYS) else None
 
 
 def preprocessing_steps(recipe: Mapping[str, Any], keys: str | list[str] = "image"
@@ -85,27 +83,47 @@ def preprocessing_transforms(recipe: Mapping[str, Any], with_label: bool = False
     return parser.get_parsed_content("preprocessing")
 
 
+def check_headers(paths: Sequence[str | Path], channels: int) -> None:
+    """Cheap checks of one case's files (headers only): they exist, are NIfTI, hold a 3D volume
+    with the model's channel count. ``paths``: one (3D or 4D channels-last) file, or one 3D file
+    per channel."""
+    import nibabel as nib
+
+    shapes = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such file")
+        try:
+            shapes.append(tuple(nib.load(str(path)).shape))
+        except Exception as error:  # nibabel raises many types for a broken file
+            raise InputError(f"{path}: cannot be read as NIfTI ({type(error).__name__}: "
+                             f"{str(error)[:200]})") from None
+    if any(len(s) < 3 or min(s[:3]) < 2 for s in shapes):
+        raise InputError(f"{paths[0]}: shape {shapes[0]} is not a 3D volume; 2D images are "
+                         "not supported")
+    found = shapes[0][3] if len(paths) == 1 and len(shapes[0]) == 4 else len(paths)
+    if found != channels or any(len(s) > 4 for s in shapes):
+        raise InputError(f"{paths[0]}: {found} channel(s), the model takes {channels}; give "
+                         "one 4D file or one file per channel")
+    spatial = [s[:3] for s in shapes]
+    if len(set(spatial)) > 1:
+        raise InputError(f"{', '.join(str(p) for p in paths)}: channel files differ in shape "
+                         f"{spatial}")
+
+
 def load_image(paths: Sequence[str | Path], channels: int):
-    """Channels-first MetaTensor of one case, checked: readable, 3D, the model's channel count,
-    finite. ``paths``: one (3D or 4D channels-last) file, or one 3D file per channel."""
+    """Channels-first MetaTensor of one case, checked: the headers (``check_headers``), then
+    every voxel finite."""
     from monai.transforms import LoadImage
 
+    check_headers(paths, channels)
     names = ", ".join(str(p) for p in paths)
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        raise InputError(f"{missing[0]}: no such file")
     loader = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")
     try:
         image = loader([str(p) for p in paths] if len(paths) > 1 else str(paths[0]))
-    except Exception as error:  # nibabel/MONAI raise many types for a broken file
+    except Exception as error:  # a header can be fine and the data still broken (truncated)
         raise InputError(f"{names}: cannot be read as NIfTI ({type(error).__name__}: "
                          f"{str(error)[:200]})") from None
-    if image.ndim != 4 or min(image.shape[1:]) < 2:
-        raise InputError(f"{names}: expected a 3D volume (C, X, Y, Z after adding channels), "
-                         f"got shape {tuple(image.shape)}; 2D images are not supported")
-    if image.shape[0] != channels:
-        raise InputError(f"{names}: has {image.shape[0]} channel(s), the model takes "
-                         f"{channels}; give one 4D file or one file per channel")
     finite = torch.isfinite(image.as_tensor())
     if not bool(finite.all()):
         raise InputError(f"{names}: {int((~finite).sum())} voxel(s) are NaN or infinite")

@@ -57,36 +57,13 @@ def group_inputs(source: str | Path, channel_names: list[str] | None,
     return sorted(cases)
 
 
-def check_headers(cases: list[tuple[str, list[Path]]], channels: int) -> None:
-    """Cheap checks of every input (headers only) before any work is done."""
-    import nibabel as nib
-
-    for case, paths in cases:
-        shapes = []
-        for path in paths:
-            try:
-                shapes.append(tuple(nib.load(str(path)).shape))
-            except Exception as error:
-                raise InputError(f"{path}: cannot be read as NIfTI ({type(error).__name__}: "
-                                 f"{str(error)[:200]})") from None
-        spatial = [s[:3] for s in shapes]
-        if any(len(s) < 3 or min(s[:3]) < 2 for s in shapes):
-            raise InputError(f"{paths[0]}: shape {shapes[0]} is not a 3D volume; 2D images are "
-                             "not supported")
-        found = shapes[0][3] if len(paths) == 1 and len(shapes[0]) == 4 else len(paths)
-        if found != channels or any(len(s) > 4 for s in shapes):
-            raise InputError(f"{paths[0]}: {found} channel(s), the model takes {channels}")
-        if len(set(spatial)) > 1:
-            raise InputError(f"{case}: channel files differ in shape {spatial}")
-
-
 def predict_inputs(model: str, source: str | Path, out: str | Path,
                    tracking_uri: str | None = None, overlap: float = 0.5,
                    precision: str = "auto") -> list[Path]:
     """Segment every input; return the written label maps ``<out>/<case>.nii.gz``."""
     from hybridmim import runtime
     from hybridmim.predict.models import load_model
-    from hybridmim.predict.pipeline import CasePredictor, save_label_map
+    from hybridmim.predict.pipeline import CasePredictor, check_headers, save_label_map
     from hybridmim.progress import StepProgress
 
     loaded = load_model(model, tracking_uri)
@@ -96,7 +73,8 @@ def predict_inputs(model: str, source: str | Path, out: str | Path,
                          "fine-tuned model")
     channels = int(meta.get("channels") or 1)
     cases = group_inputs(source, meta.get("channel_names"), channels)
-    check_headers(cases, channels)
+    for _, paths in cases:  # every input, cheaply, before any work is done
+        check_headers(paths, channels)
     device = runtime.select_device()
     predictor = CasePredictor(loaded.network.to(device).eval(), meta, meta.get("preprocess"),
                               overlap=overlap, device=device,

@@ -144,16 +144,15 @@ def log_network_model(run: Any, model_path: str | os.PathLike,
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from hybridmim.checkpoints import build_network, load_model_file
+    from hybridmim.predict.models import load_model
 
-    blob = load_model_file(model_path)
-    network = build_network(blob).eval()
-    # JSON-safe copies: MLflow writes the metadata into the MLmodel file.
-    metadata = json.loads(json.dumps({"hybridmim": blob.get("meta") or {},
-                                      "network": blob["network"]}, default=str))
-    kwargs = blob["network"]["kwargs"]
-    channels = int(kwargs.get("in_channels", metadata["hybridmim"].get("channels") or 1))
-    outputs = int(kwargs.get("out_channels", 1))
+    loaded = load_model(str(model_path))
+    network = loaded.network.eval()
+    # JSON-safe copies: MLflow writes the metadata into the MLmodel file, and
+    # predict.models.load_model reads these two keys back.
+    metadata = json.loads(json.dumps({"hybridmim": loaded.meta, "network": loaded.network_record},
+                                     default=str))
+    channels, outputs = loaded.channels_in_out()
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs, -1, -1, -1), "logits")]))

@@ -13,8 +13,8 @@ Relative SQLite paths are made absolute against the current working directory, s
 changes directory (or runs on a node with another cwd) still writes to the same file.
 
 Creating a fresh SQLite DB runs MLflow's alembic migrations; two processes doing that at the same
-time fail ("table ... already exists"). ``init_store`` therefore holds an exclusive ``flock`` on
-``<db>.lock`` while it creates the tables and the experiments.
+time fail ("table ... already exists"). ``prepare_sqlite`` therefore holds an exclusive ``flock``
+on ``<db>.lock`` while it creates the tables.
 
 SQLite tuning (measured on a VM disk with ~7 ms per fsync: 100 single ``log_metric`` calls took
 4.3 s in the default rollback-journal mode, 1.4 s in WAL, 0.8 s in WAL + synchronous=NORMAL):
@@ -33,10 +33,13 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager, nullcontext
+from contextlib import closing
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 from urllib.parse import urlsplit
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class StoreError(RuntimeError):
     """The tracking store cannot be reached or created; the message says what to do."""
 
 
+@event.listens_for(Engine, "connect")
 def _tune_sqlite_connection(dbapi_connection, _record) -> None:
     if not isinstance(dbapi_connection, sqlite3.Connection):
         return
@@ -63,17 +67,6 @@ def _tune_sqlite_connection(dbapi_connection, _record) -> None:
             cursor.execute("PRAGMA synchronous = NORMAL")
     finally:
         cursor.close()
-
-
-def _install_sqlite_tuning() -> None:
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    if not event.contains(Engine, "connect", _tune_sqlite_connection):
-        event.listen(Engine, "connect", _tune_sqlite_connection)
-
-
-_install_sqlite_tuning()
 
 
 # --------------------------------------------------------------------------------------- URIs
@@ -89,8 +82,6 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
         if path and not path.startswith("/") and not path.startswith(":memory:"):
             path = str(Path(path).absolute())
             uri = f"{_SQLITE_PREFIX}{path}{sep}{query}"
-    elif uri.startswith(("http://", "https://", "sqlite:", "postgresql", "mysql", "mssql")):
-        pass
     elif "://" not in uri:
         raise StoreError(
             f"tracking URI {uri!r} is a plain path; MLflow 3 no longer accepts a file store. "
@@ -112,31 +103,12 @@ def is_server_uri(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def artifact_location(artifact_root: str | os.PathLike[str], experiment: str) -> str:
+def artifact_location(artifact_root: str | os.PathLike[str], experiment: str = "") -> str:
     """``file://`` URI of ``<artifact_root>/<experiment>`` (absolute); remote roots pass through."""
     root = str(artifact_root)
     if "://" in root:  # s3://, gs://, mlflow-artifacts:/, file:// …
-        return root.rstrip("/") + "/" + experiment
+        return root.rstrip("/") + (f"/{experiment}" if experiment else "")
     return (Path(root).absolute() / experiment).as_uri()
-
-
-# --------------------------------------------------------------------------------------- locking
-@contextmanager
-def _file_lock(lock_path: Path, timeout_s: float) -> Iterator[None]:
-    """Exclusive ``flock`` on ``lock_path``; gives up after ``timeout_s`` with a clear error."""
-    from filelock import FileLock, Timeout
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path, fallback_to_soft=False, preserve_lock_file=True)
-    try:
-        lock.acquire(timeout=timeout_s)
-    except Timeout:
-        raise StoreError(f"could not lock {lock_path} within {timeout_s:.0f} s: another process "
-                         "is initialising the MLflow store (or hangs holding the lock)") from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 # --------------------------------------------------------------------------------------- store
@@ -152,72 +124,69 @@ def init_store(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFAC
     the experiments are created (after waiting up to ``timeout_s`` for the server).
     """
     uri = resolve_tracking_uri(uri)
-    db = sqlite_path(uri)
-    # postgresql://, mysql://, in-memory SQLite and servers serialise creation themselves.
-    with _file_lock(db.with_name(db.name + ".lock"), timeout_s) if db else nullcontext():
-        if is_server_uri(uri):
-            wait_for_server(uri, timeout_s)
-        elif db is None:
-            _create_tables(uri, artifact_root)
-        else:
-            _prepare_sqlite_locked(uri, artifact_root)
-        return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri)
-                for n in experiments}
+    if is_server_uri(uri):
+        wait_for_server(uri, timeout_s)
+    elif sqlite_path(uri) is not None:
+        prepare_sqlite(uri, artifact_root, timeout_s)
+    else:  # postgresql://, mysql://, in-memory SQLite: the database serialises creation itself
+        _create_tables(uri, artifact_root)
+    # get_or_create_experiment is race-safe by itself, so this needs no lock.
+    return {n: get_or_create_experiment(n, artifact_root, tracking_uri=uri) for n in experiments}
 
 
 def prepare_sqlite(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
                    timeout_s: float = 120.0) -> Path:
     """Create a SQLite store's file and tables (and switch it to WAL) without any experiment.
 
-    Used by scripts/mlflow_server.sh before the server starts, so that the server's SQLite file is
-    in WAL mode too. Returns the DB path.
+    MLflow's tracking store creates a fresh DB's tables without any lock (mlflow 3.17
+    SqlAlchemyStore.__init__), so two processes opening a fresh DB at once fail with "table ...
+    already exists": an exclusive ``flock`` on ``<db>.lock`` serialises the creation. Also used
+    by scripts/mlflow_server.sh before the server starts, so that the server's SQLite file is in
+    WAL mode too. Returns the DB path.
     """
+    from filelock import FileLock, Timeout
+
     uri = resolve_tracking_uri(uri)
     db = sqlite_path(uri)
     if db is None:
         raise StoreError(f"{uri} is not a sqlite:/// file URI")
-    with _file_lock(db.with_name(db.name + ".lock"), timeout_s):
-        _prepare_sqlite_locked(uri, artifact_root)
-    return db
-
-
-def _prepare_sqlite_locked(uri: str, artifact_root: str | os.PathLike[str]) -> None:
-    key = (uri, str(artifact_root))
-    if key in _INITIALISED:
-        return
-    db = sqlite_path(uri)
-    assert db is not None
+    if (uri, str(artifact_root)) in _INITIALISED:
+        return db
     db.parent.mkdir(parents=True, exist_ok=True)
-    _set_journal_mode(db)  # first, so that MLflow's ~40 migrations also run in WAL (12 s -> ~2 s)
-    if not _has_schema(db):  # opening the SQL store costs ~1.5 s even when there is nothing to do
-        _create_tables(uri, artifact_root)
-    _INITIALISED.add(key)
+    lock_path = db.with_name(db.name + ".lock")
+    try:
+        with FileLock(lock_path, fallback_to_soft=False, preserve_lock_file=True,
+                      timeout=timeout_s):
+            _set_journal_mode(db)  # first, so that MLflow's ~40 migrations run in WAL (12 s -> 2 s)
+            if not _has_schema(db):  # opening the SQL store costs ~1.5 s even with nothing to do
+                _create_tables(uri, artifact_root)
+    except Timeout:
+        raise StoreError(f"could not lock {lock_path} within {timeout_s:.0f} s: another process "
+                         "is initialising the MLflow store (or hangs holding the lock)") from None
+    _INITIALISED.add((uri, str(artifact_root)))
+    return db
 
 
 def _has_schema(db: Path) -> bool:
     """True when MLflow's migrations completed on ``db`` (an alembic version row exists)."""
-    conn = sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
-    try:
-        return conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
-    except sqlite3.OperationalError:  # no such table: fresh or half-created DB
-        return False
-    finally:
-        conn.close()
+    with closing(sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)) as conn:
+        try:
+            return conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+        except sqlite3.OperationalError:  # no such table: fresh or half-created DB
+            return False
 
 
 def _set_journal_mode(db: Path) -> None:
     journal = os.environ.get("HYBRIDMIM_SQLITE_JOURNAL", "wal").lower()
     if journal not in {"wal", "delete", "truncate", "persist"}:
         raise StoreError(f"HYBRIDMIM_SQLITE_JOURNAL={journal!r}: use wal (default) or delete")
-    conn = sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
-    try:
-        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != journal:
-            mode = conn.execute(f"PRAGMA journal_mode = {journal}").fetchone()[0]
-            log.info("SQLite store %s: journal_mode=%s", db, mode)
-    except sqlite3.OperationalError as err:  # another process holds the DB open: keep its mode
-        log.warning("could not set journal_mode=%s on %s: %s", journal, db, err)
-    finally:
-        conn.close()
+    with closing(sqlite3.connect(db, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)) as conn:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != journal:
+                mode = conn.execute(f"PRAGMA journal_mode = {journal}").fetchone()[0]
+                log.info("SQLite store %s: journal_mode=%s", db, mode)
+        except sqlite3.OperationalError as err:  # another process holds the DB open: keep its mode
+            log.warning("could not set journal_mode=%s on %s: %s", journal, db, err)
 
 
 def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
@@ -228,9 +197,7 @@ def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
     """
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    root = str(artifact_root)
-    store = SqlAlchemyStore(uri, root if "://" in root else Path(root).absolute().as_uri())
-    store.engine.dispose()
+    SqlAlchemyStore(uri, artifact_location(artifact_root)).engine.dispose()
 
 
 def get_or_create_experiment(name: str,
@@ -281,16 +248,13 @@ def wait_for_server(uri: str, timeout_s: float = 60.0) -> None:
     parts = urlsplit(uri)
     health = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/health"
     deadline = time.monotonic() + timeout_s
-    last = "no answer"
     while True:
-        try:
-            with urllib.request.urlopen(health, timeout=min(5.0, max(0.5, timeout_s))) as reply:
-                if reply.status == 200:
-                    return
-                last = f"HTTP {reply.status}"
+        try:  # urlopen raises HTTPError for any answer but a success
+            with urllib.request.urlopen(health, timeout=min(5.0, max(0.5, timeout_s))):
+                return
         except urllib.error.HTTPError as err:
             last = f"HTTP {err.code}"
-        except (urllib.error.URLError, OSError) as err:
+        except OSError as err:  # URLError (refused, unknown host), timeouts
             last = str(getattr(err, "reason", err))
         if time.monotonic() >= deadline:
             raise StoreError(
