@@ -14,6 +14,7 @@ import datetime as _dt
 import importlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,22 @@ def build_network(model: dict[str, Any]) -> torch.nn.Module:
     net = cls(**model["network"]["kwargs"])
     net.load_state_dict(model["state_dict"])
     return net
+
+
+@dataclass
+class LoadedModel:
+    network: torch.nn.Module
+    meta: dict[str, Any]
+    source: str  # what was loaded, for logs and the bundle's model card
+    network_record: dict[str, Any]  # {"class": stock MONAI class path, "kwargs": {...}}
+
+    def channels_in_out(self) -> tuple[int, int]:
+        """The network's input and output channel counts."""
+        kwargs = self.network_record["kwargs"]
+        return (int(kwargs.get("in_channels", self.meta.get("channels") or 1)),
+                int(kwargs.get("out_channels", 1)))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "LoadedModel":
+        blob = load_model_file(path)
+        return cls(build_network(blob), dict(blob.get("meta") or {}), str(path), blob["network"])

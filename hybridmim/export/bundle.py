@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from hybridmim.models.transfer import canonical_class
-from hybridmim.predict.models import LoadedModel, load_model
+from hybridmim.checkpoints import LoadedModel
+from hybridmim.predict.models import load_model
 from hybridmim.predict.pipeline import check_preprocess, label_values, preprocessing_steps
 
 log = logging.getLogger(__name__)

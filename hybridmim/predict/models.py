@@ -8,38 +8,17 @@ carry that metadata in their MLmodel file (hybridmim.tracking.catalog logs it th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
+from hybridmim.checkpoints import LoadedModel
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-@dataclass
-class LoadedModel:
-    network: torch.nn.Module
-    meta: dict[str, Any]
-    source: str  # what was loaded, for logs and the bundle's model card
-    network_record: dict[str, Any]  # {"class": stock MONAI class path, "kwargs": {...}}
-
-    def channels_in_out(self) -> tuple[int, int]:
-        """The network's input and output channel counts."""
-        kwargs = self.network_record["kwargs"]
-        return (int(kwargs.get("in_channels", self.meta.get("channels") or 1)),
-                int(kwargs.get("out_channels", 1)))
-
-
 def load_model(reference: str, tracking_uri: str | None = None) -> LoadedModel:
     """Resolve ``reference`` (file, run id, models:/ or runs:/ URI) to a network and its meta."""
-    from hybridmim.checkpoints import build_network, load_model_file
-
-    path = Path(reference)
-    if path.is_file():
-        blob = load_model_file(path)
-        return LoadedModel(build_network(blob), dict(blob.get("meta") or {}), str(path),
-                           blob["network"])
+    if Path(reference).is_file():
+        return LoadedModel.from_file(reference)
     if reference.startswith(("models:/", "runs:/")):
         return _load_mlflow(reference, tracking_uri)
     if RUN_ID.match(reference):

@@ -144,9 +144,9 @@ def log_network_model(run: Any, model_path: str | os.PathLike,
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from hybridmim.predict.models import load_model
+    from hybridmim.checkpoints import LoadedModel
 
-    loaded = load_model(str(model_path))
+    loaded = LoadedModel.from_file(model_path)
     network = loaded.network.eval()
     # JSON-safe copies: MLflow writes the metadata into the MLmodel file, and
     # predict.models.load_model reads these two keys back.
