@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from hybridmim.models.transfer import canonical_class
 from hybridmim.checkpoints import LoadedModel
+from hybridmim.models.transfer import canonical_class
 from hybridmim.predict.models import load_model
 from hybridmim.predict.pipeline import check_preprocess, label_values, preprocessing_steps
 
