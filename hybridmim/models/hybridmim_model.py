@@ -31,23 +31,17 @@ from hybridmim.models.backbones import (bottleneck_channels, build_segmentation_
                                         encoder_stride, resolve_backbone)
 from hybridmim.models.heads import HybridMIMHeads
 from hybridmim.models.partial_decoding import EncoderFeatures, adapter_for
+from hybridmim.pretrain.masking import MaskGeometry
 
 BOX_MODES = ("partial", "full")
 
 
 def check_geometry(backbone: dict[str, Any], geometry: dict[str, Any], box: str,
                    swin_bottleneck_slice: str = "before_encoder10") -> None:
-    """Validate crop/region/patch against each other, the encoder stride and the box mode."""
-    for key in ("crop", "region", "patch"):
-        value = geometry.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"geometry.{key} must be a positive int, got {value!r}")
-    crop, region, patch = geometry["crop"], geometry["region"], geometry["patch"]
+    """Validate crop/region/patch against each other (MaskGeometry), the encoder stride and the
+    box mode."""
+    crop, region = MaskGeometry.coerce(geometry).crop, geometry["region"]
     stride = encoder_stride(backbone)
-    if crop % region:
-        raise ValueError(f"geometry: crop {crop} must be a multiple of region {region}")
-    if region % patch:
-        raise ValueError(f"geometry: region {region} must be a multiple of patch {patch}")
     # One token per region: a region must cover whole encoder tokens. Regions smaller than the
     # stride would share a token and could not get distinct count/location predictions.
     if region % stride:
@@ -84,19 +78,12 @@ class HybridMIMModel(nn.Module):
         self._encode, self._decode = adapter_for(self.network)
         if spec["name"] == "swinunetr":
             self._decode = functools.partial(self._decode, slice_bottleneck=swin_bottleneck_slice)
-        stride = encoder_stride(spec)
-        self.grid = (self.crop // self.region,) * 3
-        self.patches_per_region = (self.region // self.patch) ** 3
-        self.heads = HybridMIMHeads(bottleneck_channels(spec), self.patches_per_region, proj_dim,
-                                    region_window=self.region // stride)
+        self.heads = HybridMIMHeads(bottleneck_channels(spec), (self.region // self.patch) ** 3,
+                                    proj_dim, region_window=self.region // encoder_stride(spec))
         # Region index 1 on each axis to the crop end (method.md); region % stride == 0 makes the
         # start a multiple of every skip level's stride.
         self.box_start = self.region if box == "partial" else 0
         self.box = (slice(self.box_start, self.crop),) * 3
-
-    @property
-    def n_regions(self) -> int:
-        return self.grid[0] * self.grid[1] * self.grid[2]
 
     @property
     def box_shape(self) -> tuple[int, int, int]:

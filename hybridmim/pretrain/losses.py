@@ -181,12 +181,7 @@ class HybridMIMLoss(nn.Module):
                  gather_negatives: bool = False, pr_normalisation: str = PR_NORMALISATIONS[0],
                  consistency: str = CONSISTENCY_FORMS[0]):
         super().__init__()
-        if pr_normalisation not in PR_NORMALISATIONS:
-            raise ValueError(f"method.pr_normalisation must be one of {list(PR_NORMALISATIONS)}, "
-                             f"got {pr_normalisation!r}")
-        if consistency not in CONSISTENCY_FORMS:
-            raise ValueError(f"method.consistency must be one of {list(CONSISTENCY_FORMS)}, "
-                             f"got {consistency!r}")
+        # pr_normalisation and consistency are checked by the loss functions that use them.
         self.pr_normalisation, self.consistency = pr_normalisation, consistency
         weights = dict(weights if weights is not None else DEFAULT_WEIGHTS)
         unknown = sorted(set(weights) - set(LOSS_TERMS))
@@ -211,11 +206,10 @@ class HybridMIMLoss(nn.Module):
     @classmethod
     def from_method(cls, method: Mapping[str, Any], **overrides: Any) -> "HybridMIMLoss":
         """The loss of a resolved method block (hybridmim.pretrain.spec.resolve_method)."""
-        kwargs = {"weights": method["loss_weights"], "temperature": method["temperature"],
-                  "gather_negatives": method["gather_negatives"],
-                  "pr_normalisation": method["pr_normalisation"],
-                  "consistency": method["consistency"], **overrides}
-        return cls(**kwargs)
+        return cls(**{"weights": method["loss_weights"], "temperature": method["temperature"],
+                      "gather_negatives": method["gather_negatives"],
+                      "pr_normalisation": method["pr_normalisation"],
+                      "consistency": method["consistency"], **overrides})
 
     def enabled(self, term: str) -> bool:
         return self.weights[term] > 0

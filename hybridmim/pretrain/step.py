@@ -1,6 +1,7 @@
 """One pretraining step (mask on device → forward → losses → optimizer) and the validation pass."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -42,8 +43,6 @@ class PretrainStep:
         # Under DDP every rank draws the masks of the whole ``global_batch`` from an identically
         # seeded generator and keeps ``mask_rows``, the rows of its own crops
         # (feed.global_crop_rows): the masks then do not depend on how the batch is split.
-        if (global_batch is None) != (mask_rows is None):
-            raise ValueError("give both global_batch and mask_rows, or neither")
         self.global_batch = global_batch
         self.mask_rows = mask_rows.to(device) if mask_rows is not None else None
         self.model, self.forward_model, self.loss_fn = model, forward_model, loss_fn
@@ -51,10 +50,8 @@ class PretrainStep:
         self.geometry, self.method = geometry, method
         self.device, self.precision, self.grad_clip = device, precision, grad_clip
         # Validation runs on rank 0 alone: its contrastive term must not wait for other ranks.
-        self.val_loss_fn = HybridMIMLoss(loss_fn.weights, loss_fn.temperature,
-                                         gather_negatives=False,
-                                         pr_normalisation=loss_fn.pr_normalisation,
-                                         consistency=loss_fn.consistency)
+        self.val_loss_fn = copy.copy(loss_fn)
+        self.val_loss_fn.gather_negatives = False
 
     def _losses(self, images: torch.Tensor, valid: torch.Tensor, generator: torch.Generator,
                 forward_model: torch.nn.Module, loss_fn: HybridMIMLoss,
