@@ -71,7 +71,7 @@ def _build_stepper(config: dict, method_name: str, variant: str | None = None):
     from hybridmim.pretrain.masking import MaskGeometry
     from hybridmim.pretrain.spec import resolve_method
     from hybridmim.pretrain.step import PretrainStep
-    from hybridmim.schedule import warmup_cosine_scheduler
+    from hybridmim.training_loop import warmup_cosine_scheduler
 
     torch.manual_seed(0)
     device = torch.device(config["device"])

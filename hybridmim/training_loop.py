@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from monai.optimizers import WarmupCosineSchedule
 
 from hybridmim import checkpoints, runtime
 from hybridmim.atomic import write_json
 from hybridmim.progress import StepProgress
-from hybridmim.schedule import warmup_cosine_scheduler
 from hybridmim.tracking.runs import TrackedRun, tracked_run
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,23 @@ class Preempted(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(PREEMPTED_EXIT_CODE)
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                            total_steps: int) -> WarmupCosineSchedule:
+    """The authors' schedule, per optimizer step: linear warm-up, then cosine decay to 0.
+
+    MONAI's warm-up factor is s/W (0 at the first step, 1 at step W); from step W on it equals
+    the project's former (s+1)/W. The scheduler's ``state_dict`` holds ``warmup_steps`` and
+    ``t_total``, so a resumed job continues the same schedule exactly.
+    """
+    # MONAI clamps out-of-range values silently; a wrong spec should fail loudly instead.
+    if total_steps <= 0:
+        raise ValueError(f"optim.steps must be > 0, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"optim.warmup_steps must be in [0, optim.steps={total_steps}], "
+                         f"got {warmup_steps}")
+    return WarmupCosineSchedule(optimizer, warmup_steps=int(warmup_steps), t_total=int(total_steps))
 
 
 def optimisation(parameters: Iterable[torch.nn.Parameter], optim: dict[str, Any],

@@ -2,7 +2,7 @@
 optional fixed held-out volumes for a validation loss (``val`` split, ``data.val_volumes``)."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -40,9 +40,6 @@ class FixedCrops(Dataset):
             torch.manual_seed(self.seed + index)
             return self.dataset[index]
 
-    def __iter__(self) -> Iterator[Any]:
-        return (self[i] for i in range(len(self)))
-
 
 def validation_ids(spec: dict[str, Any]) -> dict[str, list[str]]:
     """``data.val_volumes`` ids taken round-robin over the datasets' ``val`` splits."""
@@ -54,15 +51,13 @@ def validation_ids(spec: dict[str, Any]) -> dict[str, list[str]]:
         raise ValueError(f"data.val_volumes is {wanted} but the corpus' val splits hold only "
                          f"{available} volume(s) ({ {k: len(v) for k, v in pools.items()} }); "
                          f"lower data.val_volumes")
-    chosen: dict[str, list[str]] = {k: [] for k in pools}
-    position, taken = 0, 0
-    while taken < wanted:
-        for directory, ids in pools.items():
-            if position < len(ids) and taken < wanted:
-                chosen[directory].append(ids[position])
-                taken += 1
-        position += 1
-    return {k: v for k, v in chosen.items() if v}
+    round_robin = [(directory, ids[position])
+                   for position in range(max(map(len, pools.values()), default=0))
+                   for directory, ids in pools.items() if position < len(ids)]
+    chosen: dict[str, list[str]] = {}
+    for directory, case in round_robin[:wanted]:
+        chosen.setdefault(directory, []).append(case)
+    return chosen
 
 
 def build_val_dataset(spec: dict[str, Any], seed: int) -> FixedCrops | None:

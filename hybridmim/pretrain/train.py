@@ -97,7 +97,6 @@ class _PretrainJob:
         self.mask_generator.manual_seed(self.seed * 1_000)
 
         self.history: list[dict[str, Any]] = []
-        self.train_seconds, self.timed_steps = 0.0, 0
         self.loop = TrainingLoop(spec, self.spec_hash, self.total_steps, self._state_extras,
                                  self.device, dist)
         self._restore(self.loop.resume(model=self.model, optimizer=self.optimizer,
@@ -139,8 +138,6 @@ class _PretrainJob:
         if state is None:
             return
         self.history = list(state["history"])
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.timed_steps = int(state.get("timed_steps", 0))
         self.cost.restore(state.get("cost"))
         rng, masks = state["rng"], state["mask_rng"]
         # The mask generator is the same on every rank, so one state serves any world size.
@@ -169,7 +166,6 @@ class _PretrainJob:
         # generator is identical on all ranks: rank 0's state is the state.
         return {"rng": self._gather(runtime.rng_state()),
                 "mask_rng": self.mask_generator.get_state().cpu(), "history": self.history,
-                "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
                 "cost": self.cost.state()}
 
     # ------------------------------------------------------------------------------------- loop
@@ -197,8 +193,6 @@ class _PretrainJob:
             window.add(self.stepper.train_step(images, valid, self.mask_generator))
             loop.step += 1
             if not first_step_of_process:  # the first step of a process pays one-off set-up
-                self.train_seconds += time.perf_counter() - started
-                self.timed_steps += 1
                 self.cost.add_step(time.perf_counter() - started)
             first_step_of_process = False
             if loop.due(self.spec["log_every"]):
@@ -228,7 +222,8 @@ class _PretrainJob:
         final = {k: v for k, v in (train_rows[-1] if train_rows else {}).items() if k != "step"}
         if val_rows:
             final.update({k: v for k, v in val_rows[-1].items() if k != "step"})
-        seconds_per_step = self.train_seconds / self.timed_steps if self.timed_steps else None
+        timed = len(self.cost.step_seconds)
+        seconds_per_step = self.cost.train_s() / timed if timed else None
         metrics = {**{f"final/{k}": v for k, v in final.items()}, "steps": self.loop.step}
         if seconds_per_step is not None:
             metrics["seconds_per_step"] = seconds_per_step
