@@ -63,12 +63,6 @@ def cpu_flags() -> frozenset[str]:
     return _detected_cpu_flags()
 
 
-def cpu_native_bf16(flags: frozenset[str] | set[str] | None = None) -> str | None:
-    """The native bf16 instruction set of this CPU (``amx_bf16`` / ``avx512_bf16``) or None."""
-    flags = cpu_flags() if flags is None else flags
-    return next((f for f in NATIVE_BF16_FLAGS if f in flags), None)
-
-
 def choose_precision(requested: str, device: torch.device,
                      flags: frozenset[str] | set[str] | None = None,
                      backbone: str | None = None) -> PrecisionChoice:
@@ -85,7 +79,8 @@ def choose_precision(requested: str, device: torch.device,
         return PrecisionChoice("fp16", f"auto: {name} lacks bf16; fp16 with loss scaling")
     if device.type != "cpu":
         return PrecisionChoice("fp32", f"{device.type} device: fp32")
-    native = cpu_native_bf16(flags)
+    flags = cpu_flags() if flags is None else flags
+    native = next((f for f in NATIVE_BF16_FLAGS if f in flags), None)  # amx_bf16 first
     cpu = platform.machine() or "cpu"
     if requested == "fp16":
         # CPU fp16 autocast is emulated and GradScaler on CPU is not a tested path here.

@@ -71,24 +71,18 @@ def optimisation(parameters: Iterable[torch.nn.Parameter], optim: dict[str, Any]
     return optimizer, scheduler, runtime.make_grad_scaler(device, precision)
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor | None:
-    """Clip the global gradient norm to ``max_norm`` (``optim.grad_clip``; 0 = off, the authors'
-    pretraining); returns the norm before clipping, or None when off."""
-    if max_norm <= 0:
-        return None
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).detach()
-
-
 def optimiser_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    scheduler: Any, scaler: torch.amp.GradScaler,
                    grad_clip: float) -> torch.Tensor | None:
-    """Backward pass, gradient clipping and one optimizer and scheduler step, with the loss
-    scaled for fp16; returns the gradient norm before clipping (None when clipping is off)."""
+    """Backward pass, gradient clipping to the global norm ``grad_clip`` (``optim.grad_clip``;
+    0 = off, the authors' pretraining) and one optimizer and scheduler step, with the loss scaled
+    for fp16; returns the gradient norm before clipping (None when clipping is off)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    grad_norm = None
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    grad_norm = clip_gradients(model, grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).detach()
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()

@@ -47,7 +47,7 @@ def test_detection_agrees_with_torch_and_can_be_overridden(monkeypatch):
     assert ("avx512_bf16" in detected) == torch.cpu._is_avx512_bf16_supported()
     assert ("amx_bf16" in detected) == torch.cpu._is_amx_tile_supported()
     monkeypatch.setenv(CPU_FLAGS_ENV, "avx2,avx512f")
-    assert runtime.resolve_precision("auto", CPU) == "fp32"
+    assert runtime.precision_choice("auto", CPU).precision == "fp32"
     monkeypatch.setenv(CPU_FLAGS_ENV, "avx512_bf16")
     assert runtime.precision_choice("auto", CPU).precision == "bf16"
 

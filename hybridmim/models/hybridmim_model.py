@@ -30,7 +30,7 @@ from hybridmim.checkpoints import network_class_path
 from hybridmim.models.backbones import (bottleneck_channels, build_segmentation_network,
                                         encoder_stride, resolve_backbone)
 from hybridmim.models.heads import HybridMIMHeads
-from hybridmim.models.partial_decoding import EncoderFeatures, adapter_for
+from hybridmim.models.partial_decoding import ADAPTERS, EncoderFeatures
 from hybridmim.pretrain.masking import MaskGeometry
 
 BOX_MODES = ("partial", "full")
@@ -69,20 +69,18 @@ class HybridMIMModel(nn.Module):
         spec = resolve_backbone(backbone)
         check_geometry(spec, geometry, box, swin_bottleneck_slice)
         self.backbone = spec
-        self.crop, self.region, self.patch = (geometry["crop"], geometry["region"],
-                                              geometry["patch"])
-        self.box_mode = box
+        self.crop, region = geometry["crop"], geometry["region"]
         # The reconstruction head predicts the input intensities: out_channels = in_channels.
         self.network, self.network_class, self.network_kwargs = build_segmentation_network(
             spec, out_channels=spec["in_channels"], crop=self.crop)
-        self._encode, self._decode = adapter_for(self.network)
+        self._encode, self._decode = ADAPTERS[type(self.network)]
         if spec["name"] == "swinunetr":
             self._decode = functools.partial(self._decode, slice_bottleneck=swin_bottleneck_slice)
-        self.heads = HybridMIMHeads(bottleneck_channels(spec), (self.region // self.patch) ** 3,
-                                    proj_dim, region_window=self.region // encoder_stride(spec))
+        self.heads = HybridMIMHeads(bottleneck_channels(spec), (region // geometry["patch"]) ** 3,
+                                    proj_dim, region_window=region // encoder_stride(spec))
         # Region index 1 on each axis to the crop end (method.md); region % stride == 0 makes the
         # start a multiple of every skip level's stride.
-        self.box_start = self.region if box == "partial" else 0
+        self.box_start = region if box == "partial" else 0
         self.box = (slice(self.box_start, self.crop),) * 3
 
     @property

@@ -119,16 +119,12 @@ def _gather_across_ranks(z: torch.Tensor) -> tuple[torch.Tensor, int]:
         return z, 0
     from torch.distributed.nn.functional import all_gather
 
-    parts = all_gather(z.contiguous()) if z.requires_grad else _gather_constant(z)
+    if z.requires_grad:
+        parts = all_gather(z.contiguous())
+    else:
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
     return torch.cat(parts, dim=0), dist.get_rank() * z.shape[0]
-
-
-def _gather_constant(z: torch.Tensor) -> list[torch.Tensor]:
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, z.contiguous())
-    return parts
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,

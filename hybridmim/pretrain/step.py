@@ -60,10 +60,7 @@ class PretrainStep:
         patch_mask = sample_patch_mask(global_batch or images.shape[0], self.geometry,
                                        self.method["mask_ratio"], self.method["masking"],
                                        generator=generator, device=self.device)
-        if rows is not None:
-            if rows.numel() != images.shape[0]:
-                raise ValueError(f"{rows.numel()} mask rows for a batch of {images.shape[0]} "
-                                 f"crops; the step's batch does not have the expected size")
+        if rows is not None:  # the feed's batches always hold the rows' crops (StepFeed)
             patch_mask = patch_mask[rows]
         voxel_mask = expand_to_voxels(patch_mask, self.geometry.patch)
         masked = apply_mask(images, voxel_mask)

@@ -78,9 +78,10 @@ class _PretrainJob:
         self.precision_choice = runtime.precision_choice(spec.get("precision", "auto"),
                                                          self.device, spec["backbone"]["name"])
         self.precision = self.precision_choice.precision
-        self.cost = CostMeter(self.device, int(spec["data"]["volumes_per_step"])
-                              * int(spec["data"]["crops_per_volume"]) * dist.world_size)
-        self.total_steps = int(spec["optim"]["steps"])
+        data, optim = spec["data"], spec["optim"]
+        volumes, crops = int(data["volumes_per_step"]), int(data["crops_per_volume"])
+        self.cost = CostMeter(self.device, volumes * crops * dist.world_size)
+        self.total_steps = int(optim["steps"])
         self.seed = int(spec["seed"])
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         runtime.seed_everything(self.seed, deterministic=bool(spec.get("deterministic", False)))
@@ -88,7 +89,6 @@ class _PretrainJob:
         self.model = build_pretrain_model(spec["backbone"], spec["geometry"], self.method)
         self.model.to(self.device)
         self.loss_fn = HybridMIMLoss.from_method(self.method)
-        optim = spec["optim"]
         self.optimizer, self.scheduler, self.scaler = optimisation(
             self.model.parameters(), optim, self.total_steps, self.device, self.precision)
         # Masks come from their own generator on the device, seeded identically on every rank:
@@ -103,16 +103,13 @@ class _PretrainJob:
                                        scheduler=self.scheduler, scaler=self.scaler))
 
         self.dataset = build_train_dataset(spec)
-        data = spec["data"]
-        self.feed = StepFeed(self.dataset, int(data["volumes_per_step"]), dist, self.seed,
-                             self.device, num_workers=int(data.get("num_workers", 0)),
-                             start_step=self.loop.step)
+        self.feed = StepFeed(self.dataset, volumes, dist, self.seed, self.device,
+                             num_workers=int(data.get("num_workers", 0)), start_step=self.loop.step)
         self.val_dataset = (build_val_dataset(spec, self.seed + VALIDATION_SEED_OFFSET)
                             if dist.is_main else None)
 
-        from hybridmim.performance import prepare_network
-
-        network: torch.nn.Module = prepare_network(self.model, self.device, self.precision, spec)
+        network: torch.nn.Module = runtime.prepare_network(self.model, self.device,
+                                                           self.precision, spec)
         if dist.enabled:
             network = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None,
@@ -122,10 +119,8 @@ class _PretrainJob:
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
             geometry=self.geometry, method=self.method, device=self.device,
             precision=self.precision, grad_clip=float(optim.get("grad_clip", 0.0) or 0.0),
-            global_batch=int(data["volumes_per_step"]) * int(data["crops_per_volume"])
-            * dist.world_size,
-            mask_rows=global_crop_rows(int(data["volumes_per_step"]),
-                                       int(data["crops_per_volume"]), dist))
+            global_batch=volumes * crops * dist.world_size,
+            mask_rows=global_crop_rows(volumes, crops, dist))
 
     # ------------------------------------------------------------------------------------- state
     def _has_unused_parameters(self) -> bool:
