@@ -40,7 +40,8 @@ def check_geometry(backbone: dict[str, Any], geometry: dict[str, Any], box: str,
                    swin_bottleneck_slice: str = "before_encoder10") -> None:
     """Validate crop/region/patch against each other (MaskGeometry), the encoder stride and the
     box mode."""
-    crop, region = MaskGeometry.coerce(geometry).crop, geometry["region"]
+    checked = MaskGeometry.coerce(geometry)
+    crop, region = checked.crop, checked.region
     stride = encoder_stride(backbone)
     # One token per region: a region must cover whole encoder tokens. Regions smaller than the
     # stride would share a token and could not get distinct count/location predictions.

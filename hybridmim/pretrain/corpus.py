@@ -11,18 +11,19 @@ from hybridmim.data.loading import PretrainCropDataset
 from hybridmim.data.prepare.splits import load_splits, pretraining_cases
 
 
-def _entries(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"processed_dir": d["processed_dir"], "window": d["window"],
-             "modality": d.get("modality"), "name": d.get("name")}
-            for d in spec["data"]["datasets"]]
+def _crop_dataset(spec: dict[str, Any], ids: dict[str, list[str]]) -> PretrainCropDataset:
+    """Random crops of the cases ``ids`` ({processed_dir: case ids}) of the corpus' datasets."""
+    entries = [{"processed_dir": d["processed_dir"], "window": d["window"],
+                "modality": d.get("modality"), "name": d.get("name")}
+               for d in spec["data"]["datasets"] if str(d["processed_dir"]) in ids]
+    return PretrainCropDataset(entries, split_ids=ids, crop=spec["geometry"]["crop"],
+                               crops_per_volume=int(spec["data"]["crops_per_volume"]))
 
 
 def build_train_dataset(spec: dict[str, Any]) -> PretrainCropDataset:
     """Training volumes: the ``train`` split only (checked free of val/test cases)."""
-    data = spec["data"]
-    ids = pretraining_cases([d["processed_dir"] for d in data["datasets"]])
-    return PretrainCropDataset(_entries(spec), split_ids=ids, crop=spec["geometry"]["crop"],
-                               crops_per_volume=int(data["crops_per_volume"]))
+    return _crop_dataset(spec, pretraining_cases([d["processed_dir"]
+                                                  for d in spec["data"]["datasets"]]))
 
 
 class FixedCrops(Dataset):
@@ -61,11 +62,6 @@ def validation_ids(spec: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def build_val_dataset(spec: dict[str, Any], seed: int) -> FixedCrops | None:
-    data = spec["data"]
-    if int(data.get("val_volumes", 0)) == 0:
+    if int(spec["data"].get("val_volumes", 0)) == 0:
         return None
-    ids = validation_ids(spec)
-    entries = [e for e in _entries(spec) if e["processed_dir"] in ids]
-    dataset = PretrainCropDataset(entries, split_ids=ids, crop=spec["geometry"]["crop"],
-                                  crops_per_volume=int(data["crops_per_volume"]))
-    return FixedCrops(dataset, seed)
+    return FixedCrops(_crop_dataset(spec, validation_ids(spec)), seed)

@@ -200,12 +200,10 @@ class HybridMIMLoss(nn.Module):
         self.gather_negatives = bool(gather_negatives)
 
     @classmethod
-    def from_method(cls, method: Mapping[str, Any], **overrides: Any) -> "HybridMIMLoss":
+    def from_method(cls, method: Mapping[str, Any]) -> "HybridMIMLoss":
         """The loss of a resolved method block (hybridmim.pretrain.spec.resolve_method)."""
-        return cls(**{"weights": method["loss_weights"], "temperature": method["temperature"],
-                      "gather_negatives": method["gather_negatives"],
-                      "pr_normalisation": method["pr_normalisation"],
-                      "consistency": method["consistency"], **overrides})
+        return cls(method["loss_weights"], method["temperature"], method["gather_negatives"],
+                   method["pr_normalisation"], method["consistency"])
 
     def enabled(self, term: str) -> bool:
         return self.weights[term] > 0
