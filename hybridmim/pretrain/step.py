@@ -5,6 +5,7 @@ import copy
 from typing import Any
 
 import torch
+from monai.networks.utils import eval_mode
 from torch.utils.data import DataLoader, Dataset
 
 from hybridmim import runtime
@@ -89,22 +90,20 @@ class PretrainStep:
             terms["grad_norm"] = grad_norm
         return terms
 
-    @torch.no_grad()
     def validate(self, dataset: Dataset, seed: int, volumes_per_batch: int) -> dict[str, float]:
         """Mean loss terms on the held-out volumes with the same crops and masks every time.
 
         Runs on the unwrapped model of rank 0 in eval mode (no dropout: the contrastive term then
         compares two identical views, so it only measures how well samples are told apart).
         """
-        self.model.eval()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
         window = TermWindow()
         # Whole batches like training (the contrastive term needs other samples as negatives).
         batch = min(volumes_per_batch, len(dataset))  # type: ignore[arg-type]
-        for item in DataLoader(dataset, batch_size=batch, shuffle=False, drop_last=True):
-            images, valid = flatten_volumes(item, self.device)
-            _, terms = self._losses(images, valid, generator, self.model, self.val_loss_fn)
-            window.add(terms)
-        self.model.train()
+        with eval_mode(self.model):
+            for item in DataLoader(dataset, batch_size=batch, shuffle=False, drop_last=True):
+                images, valid = flatten_volumes(item, self.device)
+                _, terms = self._losses(images, valid, generator, self.model, self.val_loss_fn)
+                window.add(terms)
         return window.pop_means()
