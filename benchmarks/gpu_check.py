@@ -171,7 +171,7 @@ def finetune_and_inference(args, size, device, precision, clock, peak) -> list[d
 
     from hybridmim import runtime
     from hybridmim.models.backbones import build_segmentation_network
-    from hybridmim.performance import prepare_network
+    from hybridmim.runtime import prepare_network
     from hybridmim.predict.inference import predict_volume
 
     rows = []

@@ -71,14 +71,14 @@ def _build_stepper(config: dict, method_name: str, variant: str | None = None):
     from hybridmim.pretrain.masking import MaskGeometry
     from hybridmim.pretrain.spec import resolve_method
     from hybridmim.pretrain.step import PretrainStep
-    from hybridmim.schedule import warmup_cosine_scheduler
+    from hybridmim.training_loop import warmup_cosine_scheduler
 
     torch.manual_seed(0)
     device = torch.device(config["device"])
-    from hybridmim.performance import prepare_network
+    from hybridmim.runtime import prepare_network
 
     requested = variant if variant in {"fp32", "bf16", "fp16"} else config["precision"]
-    precision = runtime.resolve_precision(requested, device)
+    precision = runtime.precision_choice(requested, device).precision
     method = {**METHODS[method_name], "proj_dim": config["proj_dim"]}
     geo = config["geometry"]
     if geo["crop"] - geo["region"] < 64:  # the CPU crop: one Swin box token per axis

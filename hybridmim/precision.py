@@ -31,7 +31,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # (benchmarks/pretrain_step.py --variants; SwinUNETR 1.5x slower: its window attention is many
 # small matmuls, softmaxes and layer norms where the bf16 conversions cost more than they save).
 CPU_BF16_SLOWER = ("swinunetr",)
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# PyTorch's own CPUID probes. They are private, but torch 2.13 has no public API that reports
+# bf16 instructions (torch.backends.cpu.get_cpu_capability() says only "AVX512"). Every CPU with
+# an AMX tile unit has AMX-BF16.
+_TORCH_PROBES = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+NATIVE_BF16_FLAGS = tuple(_TORCH_PROBES)
 # Test/ops hook: pretend the CPU has these flags (comma-separated, "" = none), e.g. to force the
 # fp32 path on a bf16 CPU when comparing runs.
 CPU_FLAGS_ENV = "HYBRIDMIM_CPU_FLAGS"
@@ -46,33 +50,10 @@ class PrecisionChoice:
         return {"precision": self.precision, "precision.reason": self.reason}
 
 
-def _flags_from_cpuinfo(text: str) -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (x86 ``flags``, Arm ``Features``)."""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in {"flags", "Features"}:
-            return set(value.split())
-    return set()
-
-
 @functools.lru_cache(maxsize=1)
 def _detected_cpu_flags() -> frozenset[str]:
-    flags: set[str] = set()
-    # PyTorch's own cpuinfo-based probes (private, so each is optional).
-    probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
-    for flag, probe in probes.items():
-        fn = getattr(torch.cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                flags.add(flag)
-        except Exception:  # a probe that fails says nothing
-            pass
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags |= _flags_from_cpuinfo(fh.read())
-    except OSError:
-        pass
-    return frozenset(flags)
+    return frozenset(flag for flag, probe in _TORCH_PROBES.items()
+                     if getattr(torch.cpu, probe, lambda: False)())
 
 
 def cpu_flags() -> frozenset[str]:
@@ -80,12 +61,6 @@ def cpu_flags() -> frozenset[str]:
     if forced is not None:
         return frozenset(f for f in forced.replace(",", " ").split() if f)
     return _detected_cpu_flags()
-
-
-def cpu_native_bf16(flags: frozenset[str] | set[str] | None = None) -> str | None:
-    """The native bf16 instruction set of this CPU (``amx_bf16`` / ``avx512_bf16``) or None."""
-    flags = cpu_flags() if flags is None else flags
-    return next((f for f in NATIVE_BF16_FLAGS if f in flags), None)
 
 
 def choose_precision(requested: str, device: torch.device,
@@ -104,7 +79,8 @@ def choose_precision(requested: str, device: torch.device,
         return PrecisionChoice("fp16", f"auto: {name} lacks bf16; fp16 with loss scaling")
     if device.type != "cpu":
         return PrecisionChoice("fp32", f"{device.type} device: fp32")
-    native = cpu_native_bf16(flags)
+    flags = cpu_flags() if flags is None else flags
+    native = next((f for f in NATIVE_BF16_FLAGS if f in flags), None)  # amx_bf16 first
     cpu = platform.machine() or "cpu"
     if requested == "fp16":
         # CPU fp16 autocast is emulated and GradScaler on CPU is not a tested path here.

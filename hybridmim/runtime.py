@@ -69,14 +69,9 @@ def select_device(dist_info: DistInfo | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` → bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, fp32 elsewhere
-    (hybridmim/precision.py; `precision_choice` also gives the reason)."""
-    return precision_choice(precision, device).precision
-
-
 def precision_choice(precision: str, device: torch.device, backbone: str | None = None):
-    """The precision a job runs in and why (a PrecisionChoice; its .tags() go on the run)."""
+    """The precision a job runs in and why (a PrecisionChoice; its .tags() go on the run):
+    `auto` → bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, fp32 elsewhere."""
     from hybridmim.precision import choose_precision
 
     choice = choose_precision(precision, device, backbone=backbone)
@@ -93,6 +88,31 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     # Only fp16 needs loss scaling; a disabled scaler keeps one code path and a state to checkpoint.
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+
+def prepare_network(network: torch.nn.Module, device: torch.device, precision: str,
+                    spec: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Apply the speed options to ``network`` in place; return the module to call for forward
+    passes (``network`` itself, or its compiled wrapper). Save and load weights through
+    ``network``: the options change only speed, never the parameters or the state dict.
+
+    Always: the CPU-bf16 convolution guard (hybridmim/precision.py). On request, the spec keys
+    ``channels_last`` (channels-last-3d memory layout) and ``compile`` (``torch.compile``), off by
+    default: measured side by side with ``benchmarks/pretrain_step.py`` (benchmarks/README.md),
+    neither made a training step faster for every backbone on the CPUs we have, and
+    ``torch.compile`` costs tens of seconds per job, which short jobs never earn back.
+    """
+    from hybridmim.precision import guard_cpu_bf16_convolutions
+
+    spec = spec or {}
+    guarded = guard_cpu_bf16_convolutions(network, device, precision)
+    if guarded:
+        log.debug("%d Conv3d layers run in fp32 on maps <= 2 voxels deep (CPU bf16)", guarded)
+    if spec.get("channels_last"):
+        network.to(memory_format=torch.channels_last_3d)
+    if spec.get("compile"):
+        return torch.compile(network)
+    return network
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from monai.optimizers import WarmupCosineSchedule
 
 from hybridmim import checkpoints, runtime
 from hybridmim.atomic import write_json
 from hybridmim.progress import StepProgress
-from hybridmim.schedule import warmup_cosine_scheduler
 from hybridmim.tracking.runs import TrackedRun, tracked_run
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,23 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                            total_steps: int) -> WarmupCosineSchedule:
+    """The authors' schedule, per optimizer step: linear warm-up, then cosine decay to 0.
+
+    MONAI's warm-up factor is s/W (0 at the first step, 1 at step W); from step W on it equals
+    the project's former (s+1)/W. The scheduler's ``state_dict`` holds ``warmup_steps`` and
+    ``t_total``, so a resumed job continues the same schedule exactly.
+    """
+    # MONAI clamps out-of-range values silently; a wrong spec should fail loudly instead.
+    if total_steps <= 0:
+        raise ValueError(f"optim.steps must be > 0, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"optim.warmup_steps must be in [0, optim.steps={total_steps}], "
+                         f"got {warmup_steps}")
+    return WarmupCosineSchedule(optimizer, warmup_steps=int(warmup_steps), t_total=int(total_steps))
+
+
 def optimisation(parameters: Iterable[torch.nn.Parameter], optim: dict[str, Any],
                  total_steps: int, device: torch.device, precision: str):
     """AdamW with linear warm-up and cosine decay, and the gradient scaler (active for fp16
@@ -54,24 +71,18 @@ def optimisation(parameters: Iterable[torch.nn.Parameter], optim: dict[str, Any]
     return optimizer, scheduler, runtime.make_grad_scaler(device, precision)
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor | None:
-    """Clip the global gradient norm to ``max_norm`` (``optim.grad_clip``; 0 = off, the authors'
-    pretraining); returns the norm before clipping, or None when off."""
-    if max_norm <= 0:
-        return None
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).detach()
-
-
 def optimiser_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    scheduler: Any, scaler: torch.amp.GradScaler,
                    grad_clip: float) -> torch.Tensor | None:
-    """Backward pass, gradient clipping and one optimizer and scheduler step, with the loss
-    scaled for fp16; returns the gradient norm before clipping (None when clipping is off)."""
+    """Backward pass, gradient clipping to the global norm ``grad_clip`` (``optim.grad_clip``;
+    0 = off, the authors' pretraining) and one optimizer and scheduler step, with the loss scaled
+    for fp16; returns the gradient norm before clipping (None when clipping is off)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    grad_norm = None
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    grad_norm = clip_gradients(model, grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).detach()
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()

@@ -149,17 +149,23 @@ def test_pretraining_does_not_clip_by_default_and_the_flag_clips():
 
 
 def test_grad_clip_flag_bounds_the_update():
-    from hybridmim.training_loop import clip_gradients
+    from hybridmim.training_loop import optimiser_step
 
-    model = nn.Linear(4, 1)
-    model(torch.full((1, 4), 100.0)).sum().backward()
-    before = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
-    assert clip_gradients(model, 0.0) is None                       # default: untouched
-    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == before
-    norm = clip_gradients(model, 1.0)
+    def step(grad_clip: float):
+        """One optimiser step with a zero learning rate; returns (norm, gradients after it)."""
+        model = nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = model(torch.full((1, 4), 100.0)).sum()
+        norm = optimiser_step(loss, model, optimizer,
+                              torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                              torch.amp.GradScaler("cpu", enabled=False), grad_clip)
+        return norm, torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+
+    unclipped, before = step(0.0)
+    assert unclipped is None and before > 1                              # default: untouched
+    norm, after = step(1.0)
     assert norm == before
-    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in model.parameters()]).norm(),
-                               torch.tensor(1.0))
+    torch.testing.assert_close(after, torch.tensor(1.0))
 
 
 # --- SwinUNETR partial decoding: slice the bottleneck before encoder10 (authors) or after -------

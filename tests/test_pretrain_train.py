@@ -168,7 +168,7 @@ def test_bf16_pretraining_trains_and_records_its_precision(workspace, reference_
 def test_bf16_step_fits_a_fixed_batch_as_fp32_does(workspace):
     """The bf16 training step learns: on one fixed batch the loss falls like fp32's."""
     from hybridmim.models.hybridmim_model import build_pretrain_model
-    from hybridmim.performance import prepare_network
+    from hybridmim.runtime import prepare_network
     from hybridmim.pretrain.losses import HybridMIMLoss
     from hybridmim.pretrain.masking import MaskGeometry
     from hybridmim.pretrain.spec import resolve_method

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hybridmim.schedule import warmup_cosine_scheduler
+from hybridmim.training_loop import warmup_cosine_scheduler
 
 
 def _optimizer(lr=1.0):

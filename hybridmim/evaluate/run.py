@@ -30,7 +30,7 @@ from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, js
 from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
 from hybridmim.hashing import sha256_file, spec_hash as compute_spec_hash
 from hybridmim.models.backbones import backbone_of_class
-from hybridmim.performance import prepare_network
+from hybridmim.runtime import prepare_network
 from hybridmim.predict.inference import probabilities_to_masks
 from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
                                         recorded_preprocess, save_label_map)

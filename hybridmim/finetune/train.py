@@ -27,7 +27,7 @@ from hybridmim.evaluate.metrics import (check_class_indices, class_names, foregr
                                         ground_truth_masks, metric_key, nanmean)
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.jobguard import guarded_job
-from hybridmim.performance import prepare_network
+from hybridmim.runtime import prepare_network
 from hybridmim.predict.inference import predict_volume, probabilities_to_masks
 from hybridmim.spec_schemas import check_spec
 from hybridmim.training_loop import TrainingLoop, optimisation, optimiser_step

@@ -132,21 +132,17 @@ def build_segmentation_network(backbone: dict[str, Any], out_channels: int,
     return network, class_path, kwargs
 
 
-def freeze_unused_parameters(network: nn.Module) -> list[str]:
-    """Mark parameters the stock forward never uses as not trainable; returns their names.
+def freeze_unused_parameters(network: nn.Module) -> None:
+    """Mark parameters the stock forward never uses as not trainable.
 
     MONAI's TransformerBlock (UNETR's ViT) always creates `norm_cross_attn` but uses it only with
     cross-attention, which UNETR never enables. Left trainable, these parameters get no gradient
     and DistributedDataParallel fails unless `find_unused_parameters=True` (slower); frozen, DDP
     ignores them. The state dict is unchanged, so model files are unaffected.
     """
-    frozen = []
-    for name, module in network.named_modules():
+    for module in network.modules():
         if hasattr(module, "norm_cross_attn") and not getattr(module, "with_cross_attention", True):
-            for pname, param in module.norm_cross_attn.named_parameters():
-                param.requires_grad_(False)
-                frozen.append(f"{name}.norm_cross_attn.{pname}")
-    return frozen
+            module.norm_cross_attn.requires_grad_(False)
 
 
 # The rates that make two passes of the ENCODER differ (the two views of the contrastive loss).

@@ -23,13 +23,8 @@ def keeps_dropout(name: str) -> bool:
                                                and ".conv_block." in name)
 
 
-def place_unet_dropout(network: DynUNet) -> list[str]:
-    """Remove DynUNet's dropout layers outside the method's places; returns the kept layers."""
-    kept = []
+def place_unet_dropout(network: DynUNet) -> None:
+    """Remove DynUNet's dropout layers outside the method's places."""
     for name, module in list(network.named_modules()):
-        if isinstance(module, ADN) and "D" in module._modules:
-            if keeps_dropout(name):
-                kept.append(f"{name}.D")
-            else:
-                del module.D
-    return kept
+        if isinstance(module, ADN) and "D" in module._modules and not keeps_dropout(name):
+            del module.D

@@ -28,10 +28,6 @@ class HybridMIMHeads(nn.Module):
     def __init__(self, channels: int, patches_per_region: int, proj_dim: int,
                  region_window: int) -> None:
         super().__init__()
-        for key, value in (("channels", channels), ("patches_per_region", patches_per_region),
-                           ("proj_dim", proj_dim), ("region_window", region_window)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"HybridMIMHeads: {key} must be a positive int, got {value!r}")
         self.region_window = region_window
         self.count = nn.Linear(channels, patches_per_region + 1)
         self.location = nn.Linear(channels, patches_per_region)
@@ -41,10 +37,8 @@ class HybridMIMHeads(nn.Module):
 
     def region_tokens(self, encoded: torch.Tensor) -> torch.Tensor:
         """(B, C, X', Y', Z') encoder output -> (B, N_regions, C) in raster order."""
+        # check_geometry made the region a multiple of the encoder stride: the windows tile.
         w = self.region_window
-        if any(n % w for n in encoded.shape[2:]):
-            raise ValueError(f"encoder output {tuple(encoded.shape[2:])} does not tile into "
-                             f"region windows of {w}")
         pooled = F.avg_pool3d(encoded, kernel_size=w, stride=w) if w > 1 else encoded
         # flatten(2) walks (Gx, Gy, Gz) with the last axis fastest: the documented raster order.
         return pooled.flatten(2).transpose(1, 2)

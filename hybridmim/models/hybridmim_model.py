@@ -30,24 +30,19 @@ from hybridmim.checkpoints import network_class_path
 from hybridmim.models.backbones import (bottleneck_channels, build_segmentation_network,
                                         encoder_stride, resolve_backbone)
 from hybridmim.models.heads import HybridMIMHeads
-from hybridmim.models.partial_decoding import EncoderFeatures, adapter_for
+from hybridmim.models.partial_decoding import ADAPTERS, EncoderFeatures
+from hybridmim.pretrain.masking import MaskGeometry
 
 BOX_MODES = ("partial", "full")
 
 
 def check_geometry(backbone: dict[str, Any], geometry: dict[str, Any], box: str,
                    swin_bottleneck_slice: str = "before_encoder10") -> None:
-    """Validate crop/region/patch against each other, the encoder stride and the box mode."""
-    for key in ("crop", "region", "patch"):
-        value = geometry.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"geometry.{key} must be a positive int, got {value!r}")
-    crop, region, patch = geometry["crop"], geometry["region"], geometry["patch"]
+    """Validate crop/region/patch against each other (MaskGeometry), the encoder stride and the
+    box mode."""
+    checked = MaskGeometry.coerce(geometry)
+    crop, region = checked.crop, checked.region
     stride = encoder_stride(backbone)
-    if crop % region:
-        raise ValueError(f"geometry: crop {crop} must be a multiple of region {region}")
-    if region % patch:
-        raise ValueError(f"geometry: region {region} must be a multiple of patch {patch}")
     # One token per region: a region must cover whole encoder tokens. Regions smaller than the
     # stride would share a token and could not get distinct count/location predictions.
     if region % stride:
@@ -75,28 +70,19 @@ class HybridMIMModel(nn.Module):
         spec = resolve_backbone(backbone)
         check_geometry(spec, geometry, box, swin_bottleneck_slice)
         self.backbone = spec
-        self.crop, self.region, self.patch = (geometry["crop"], geometry["region"],
-                                              geometry["patch"])
-        self.box_mode = box
+        self.crop, region = geometry["crop"], geometry["region"]
         # The reconstruction head predicts the input intensities: out_channels = in_channels.
         self.network, self.network_class, self.network_kwargs = build_segmentation_network(
             spec, out_channels=spec["in_channels"], crop=self.crop)
-        self._encode, self._decode = adapter_for(self.network)
+        self._encode, self._decode = ADAPTERS[type(self.network)]
         if spec["name"] == "swinunetr":
             self._decode = functools.partial(self._decode, slice_bottleneck=swin_bottleneck_slice)
-        stride = encoder_stride(spec)
-        self.grid = (self.crop // self.region,) * 3
-        self.patches_per_region = (self.region // self.patch) ** 3
-        self.heads = HybridMIMHeads(bottleneck_channels(spec), self.patches_per_region, proj_dim,
-                                    region_window=self.region // stride)
+        self.heads = HybridMIMHeads(bottleneck_channels(spec), (region // geometry["patch"]) ** 3,
+                                    proj_dim, region_window=region // encoder_stride(spec))
         # Region index 1 on each axis to the crop end (method.md); region % stride == 0 makes the
         # start a multiple of every skip level's stride.
-        self.box_start = self.region if box == "partial" else 0
+        self.box_start = region if box == "partial" else 0
         self.box = (slice(self.box_start, self.crop),) * 3
-
-    @property
-    def n_regions(self) -> int:
-        return self.grid[0] * self.grid[1] * self.grid[2]
 
     @property
     def box_shape(self) -> tuple[int, int, int]:

@@ -30,7 +30,6 @@ import math
 
 import torch
 from monai.networks.nets import UNETR, DynUNet, SwinUNETR
-from torch import nn
 
 
 @dataclasses.dataclass
@@ -70,8 +69,7 @@ def _dynunet_level_strides(net: DynUNet) -> list[int]:
 
 
 def encode_dynunet(net: DynUNet, x: torch.Tensor) -> EncoderFeatures:
-    if net.deep_supervision:
-        raise ValueError("partial decoding supports DynUNet without deep supervision only")
+    # build_segmentation_network makes DynUNets without deep supervision: one output block.
     strides = _dynunet_level_strides(net)
     maps = {}
     h = net.input_block(x)
@@ -124,10 +122,7 @@ def decode_swinunetr(net: SwinUNETR, feats: EncoderFeatures, start: int,
 # --- UNETR --------------------------------------------------------------------------------------
 
 def encode_unetr(net: UNETR, x: torch.Tensor) -> EncoderFeatures:
-    expected = tuple(f * p for f, p in zip(net.feat_size, net.patch_size))
-    if tuple(x.shape[2:]) != expected:
-        raise ValueError(f"UNETR was built for img_size {expected}, got input "
-                         f"{tuple(x.shape[2:])}; UNETR's position embedding fixes the crop")
+    # The input is a crop of img_size (HybridMIMModel checks it): the ViT's position embedding.
     last, hidden = net.vit(x)
     stride = net.patch_size[0]
     # Transformer blocks 3, 6 and 9 feed the skip paths (MONAI UNETR.forward).
@@ -147,17 +142,9 @@ def decode_unetr(net: UNETR, feats: EncoderFeatures, start: int) -> torch.Tensor
     return net.out(net.decoder2(dec1, enc1))
 
 
-_ADAPTERS = {
+# (encode, decode) of each stock network class build_segmentation_network makes.
+ADAPTERS = {
     DynUNet: (encode_dynunet, decode_dynunet),
     SwinUNETR: (encode_swinunetr, decode_swinunetr),
     UNETR: (encode_unetr, decode_unetr),
 }
-
-
-def adapter_for(network: nn.Module):
-    """(encode, decode) functions for a stock network; exact class match, subclasses may differ."""
-    try:
-        return _ADAPTERS[type(network)]
-    except KeyError:
-        raise TypeError(f"no partial-decoding adapter for {type(network).__name__}; supported: "
-                        f"{sorted(c.__name__ for c in _ADAPTERS)}") from None

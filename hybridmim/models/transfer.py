@@ -81,7 +81,7 @@ def load_into(network: nn.Module, model_file: str | os.PathLike | dict[str, Any]
     if wrong_channels:
         raise ValueError(
             f"{source} was pretrained with {blob['network']['kwargs'].get('in_channels')} input "
-            f"channel(s) but the network has {_in_channels(network, own, wrong_channels[0])} "
+            f"channel(s) but the network has {own[wrong_channels[0]].shape[1]} "
             f"({wrong_channels}); set the finetune config's `first_layer: reinit` to re-initialise "
             "the first layer, or pretrain on images with the same channels")
     if any("position_embeddings" in k for k in wrong_shapes):
@@ -113,7 +113,3 @@ def _keys_sharing_storage(state: dict[str, torch.Tensor], prefixes: tuple[str, .
 def _only_input_channels_differ(own: torch.Tensor, pretrained: torch.Tensor) -> bool:
     return (own.ndim == pretrained.ndim >= 2 and own.shape[0] == pretrained.shape[0]
             and own.shape[2:] == pretrained.shape[2:])
-
-
-def _in_channels(network: nn.Module, own: dict[str, torch.Tensor], key: str) -> Any:
-    return getattr(network, "in_channels", None) or own[key].shape[1]

@@ -78,7 +78,7 @@ def predict_inputs(model: str, source: str | Path, out: str | Path,
     device = runtime.select_device()
     predictor = CasePredictor(loaded.network.to(device).eval(), meta, meta.get("preprocess"),
                               overlap=overlap, device=device,
-                              precision=runtime.resolve_precision(precision, device))
+                              precision=runtime.precision_choice(precision, device).precision)
     out = Path(out)
     written = []
     progress = StepProgress(len(cases), "predict", every_s=10)

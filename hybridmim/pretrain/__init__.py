@@ -5,7 +5,8 @@
 - ``losses``: ``HybridMIMLoss`` = L_PR + L_Num + L_Loc + L_Con + L_CL with switchable weights.
 - ``train``: ``run_pretraining(spec)`` — the `hybridmim pretrain` job (resumable, DDP, MLflow).
   Helpers: ``spec`` (checks), ``corpus`` (datasets), ``feed`` (resumable data order),
-  ``step`` (one optimisation step, validation); the LR schedule is ``hybridmim.schedule``.
+  ``step`` (one optimisation step, validation); the LR schedule and optimiser step are
+  ``hybridmim.training_loop``'s, shared with fine-tuning.
 """
 from hybridmim.pretrain.losses import HybridMIMLoss
 from hybridmim.pretrain.masking import (MaskGeometry, apply_mask, expand_to_voxels, region_labels,

@@ -2,7 +2,7 @@
 optional fixed held-out volumes for a validation loss (``val`` split, ``data.val_volumes``)."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -11,18 +11,19 @@ from hybridmim.data.loading import PretrainCropDataset
 from hybridmim.data.prepare.splits import load_splits, pretraining_cases
 
 
-def _entries(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"processed_dir": d["processed_dir"], "window": d["window"],
-             "modality": d.get("modality"), "name": d.get("name")}
-            for d in spec["data"]["datasets"]]
+def _crop_dataset(spec: dict[str, Any], ids: dict[str, list[str]]) -> PretrainCropDataset:
+    """Random crops of the cases ``ids`` ({processed_dir: case ids}) of the corpus' datasets."""
+    entries = [{"processed_dir": d["processed_dir"], "window": d["window"],
+                "modality": d.get("modality"), "name": d.get("name")}
+               for d in spec["data"]["datasets"] if str(d["processed_dir"]) in ids]
+    return PretrainCropDataset(entries, split_ids=ids, crop=spec["geometry"]["crop"],
+                               crops_per_volume=int(spec["data"]["crops_per_volume"]))
 
 
 def build_train_dataset(spec: dict[str, Any]) -> PretrainCropDataset:
     """Training volumes: the ``train`` split only (checked free of val/test cases)."""
-    data = spec["data"]
-    ids = pretraining_cases([d["processed_dir"] for d in data["datasets"]])
-    return PretrainCropDataset(_entries(spec), split_ids=ids, crop=spec["geometry"]["crop"],
-                               crops_per_volume=int(data["crops_per_volume"]))
+    return _crop_dataset(spec, pretraining_cases([d["processed_dir"]
+                                                  for d in spec["data"]["datasets"]]))
 
 
 class FixedCrops(Dataset):
@@ -40,9 +41,6 @@ class FixedCrops(Dataset):
             torch.manual_seed(self.seed + index)
             return self.dataset[index]
 
-    def __iter__(self) -> Iterator[Any]:
-        return (self[i] for i in range(len(self)))
-
 
 def validation_ids(spec: dict[str, Any]) -> dict[str, list[str]]:
     """``data.val_volumes`` ids taken round-robin over the datasets' ``val`` splits."""
@@ -54,23 +52,16 @@ def validation_ids(spec: dict[str, Any]) -> dict[str, list[str]]:
         raise ValueError(f"data.val_volumes is {wanted} but the corpus' val splits hold only "
                          f"{available} volume(s) ({ {k: len(v) for k, v in pools.items()} }); "
                          f"lower data.val_volumes")
-    chosen: dict[str, list[str]] = {k: [] for k in pools}
-    position, taken = 0, 0
-    while taken < wanted:
-        for directory, ids in pools.items():
-            if position < len(ids) and taken < wanted:
-                chosen[directory].append(ids[position])
-                taken += 1
-        position += 1
-    return {k: v for k, v in chosen.items() if v}
+    round_robin = [(directory, ids[position])
+                   for position in range(max(map(len, pools.values()), default=0))
+                   for directory, ids in pools.items() if position < len(ids)]
+    chosen: dict[str, list[str]] = {}
+    for directory, case in round_robin[:wanted]:
+        chosen.setdefault(directory, []).append(case)
+    return chosen
 
 
 def build_val_dataset(spec: dict[str, Any], seed: int) -> FixedCrops | None:
-    data = spec["data"]
-    if int(data.get("val_volumes", 0)) == 0:
+    if int(spec["data"].get("val_volumes", 0)) == 0:
         return None
-    ids = validation_ids(spec)
-    entries = [e for e in _entries(spec) if e["processed_dir"] in ids]
-    dataset = PretrainCropDataset(entries, split_ids=ids, crop=spec["geometry"]["crop"],
-                                  crops_per_volume=int(data["crops_per_volume"]))
-    return FixedCrops(dataset, seed)
+    return FixedCrops(_crop_dataset(spec, validation_ids(spec)), seed)

@@ -14,6 +14,7 @@ per step reads at step s, where that volume is the step's volume ``j·W + r``.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Iterator
 
@@ -32,8 +33,7 @@ class _SkipFirst(Sampler[int]):
         self.base, self.skip = base, skip
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(self.base)
-        return iter(indices[self.skip:])
+        return itertools.islice(self.base, self.skip, None)
 
     def __len__(self) -> int:
         return max(0, len(self.base) - self.skip)
@@ -80,13 +80,10 @@ class StepFeed:
                      self.steps_per_epoch)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # The loader of an epoch yields exactly the batches of its remaining steps.
         if self._iterator is None or self.step % self.steps_per_epoch == 0:
             self._open_epoch()
-        try:
-            item = next(self._iterator)
-        except StopIteration:  # only if the loader yields fewer batches than counted
-            self._open_epoch()
-            item = next(self._iterator)
+        item = next(self._iterator)
         self.step += 1
         return flatten_volumes(item, self.device)
 
@@ -100,21 +97,10 @@ def global_crop_rows(volumes_per_step: int, crops_per_volume: int, dist: DistInf
     return (volume[:, None] * crops_per_volume + torch.arange(crops_per_volume)).flatten()
 
 
-def flatten_volumes(item: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(V, K, C, *crop) images + valid masks → (V·K, C, *crop) and (V·K, 1, *crop) on device."""
-    if isinstance(item, dict):
-        images, valid = item["image"], item["valid"]
-    else:
-        images, valid = item
-    if images.dim() != 6:
-        raise ValueError(f"pretraining items must be (crops_per_volume, C, X, Y, Z); a batch came "
-                         f"as {tuple(images.shape)}")
-    images = images.flatten(0, 1)
-    valid = valid.flatten(0, 1)
-    if valid.dim() == images.dim() - 1:  # (N, X, Y, Z): one mask for all channels
-        valid = valid.unsqueeze(1)
-    elif valid.shape[1] != 1:            # per-channel masks: a voxel is real if any channel is
-        valid = valid.any(dim=1, keepdim=True)
+def flatten_volumes(item: dict[str, torch.Tensor], device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of PretrainCropDataset items, (V, K, C, *crop) images and (V, K, 1, *crop) valid
+    masks, → (V·K, C, *crop) float and (V·K, 1, *crop) bool on ``device``."""
     non_blocking = device.type == "cuda"
-    return (images.to(device, torch.float32, non_blocking=non_blocking),
-            valid.to(device, torch.bool, non_blocking=non_blocking))
+    return (item["image"].flatten(0, 1).to(device, torch.float32, non_blocking=non_blocking),
+            item["valid"].flatten(0, 1).to(device, torch.bool, non_blocking=non_blocking))

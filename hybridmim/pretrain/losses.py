@@ -119,16 +119,12 @@ def _gather_across_ranks(z: torch.Tensor) -> tuple[torch.Tensor, int]:
         return z, 0
     from torch.distributed.nn.functional import all_gather
 
-    parts = all_gather(z.contiguous()) if z.requires_grad else _gather_constant(z)
+    if z.requires_grad:
+        parts = all_gather(z.contiguous())
+    else:
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
     return torch.cat(parts, dim=0), dist.get_rank() * z.shape[0]
-
-
-def _gather_constant(z: torch.Tensor) -> list[torch.Tensor]:
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, z.contiguous())
-    return parts
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
@@ -181,12 +177,7 @@ class HybridMIMLoss(nn.Module):
                  gather_negatives: bool = False, pr_normalisation: str = PR_NORMALISATIONS[0],
                  consistency: str = CONSISTENCY_FORMS[0]):
         super().__init__()
-        if pr_normalisation not in PR_NORMALISATIONS:
-            raise ValueError(f"method.pr_normalisation must be one of {list(PR_NORMALISATIONS)}, "
-                             f"got {pr_normalisation!r}")
-        if consistency not in CONSISTENCY_FORMS:
-            raise ValueError(f"method.consistency must be one of {list(CONSISTENCY_FORMS)}, "
-                             f"got {consistency!r}")
+        # pr_normalisation and consistency are checked by the loss functions that use them.
         self.pr_normalisation, self.consistency = pr_normalisation, consistency
         weights = dict(weights if weights is not None else DEFAULT_WEIGHTS)
         unknown = sorted(set(weights) - set(LOSS_TERMS))
@@ -209,13 +200,10 @@ class HybridMIMLoss(nn.Module):
         self.gather_negatives = bool(gather_negatives)
 
     @classmethod
-    def from_method(cls, method: Mapping[str, Any], **overrides: Any) -> "HybridMIMLoss":
+    def from_method(cls, method: Mapping[str, Any]) -> "HybridMIMLoss":
         """The loss of a resolved method block (hybridmim.pretrain.spec.resolve_method)."""
-        kwargs = {"weights": method["loss_weights"], "temperature": method["temperature"],
-                  "gather_negatives": method["gather_negatives"],
-                  "pr_normalisation": method["pr_normalisation"],
-                  "consistency": method["consistency"], **overrides}
-        return cls(**kwargs)
+        return cls(method["loss_weights"], method["temperature"], method["gather_negatives"],
+                   method["pr_normalisation"], method["consistency"])
 
     def enabled(self, term: str) -> bool:
         return self.weights[term] > 0

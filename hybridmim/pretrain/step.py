@@ -1,9 +1,11 @@
 """One pretraining step (mask on device → forward → losses → optimizer) and the validation pass."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+from monai.networks.utils import eval_mode
 from torch.utils.data import DataLoader, Dataset
 
 from hybridmim import runtime
@@ -42,8 +44,6 @@ class PretrainStep:
         # Under DDP every rank draws the masks of the whole ``global_batch`` from an identically
         # seeded generator and keeps ``mask_rows``, the rows of its own crops
         # (feed.global_crop_rows): the masks then do not depend on how the batch is split.
-        if (global_batch is None) != (mask_rows is None):
-            raise ValueError("give both global_batch and mask_rows, or neither")
         self.global_batch = global_batch
         self.mask_rows = mask_rows.to(device) if mask_rows is not None else None
         self.model, self.forward_model, self.loss_fn = model, forward_model, loss_fn
@@ -51,10 +51,8 @@ class PretrainStep:
         self.geometry, self.method = geometry, method
         self.device, self.precision, self.grad_clip = device, precision, grad_clip
         # Validation runs on rank 0 alone: its contrastive term must not wait for other ranks.
-        self.val_loss_fn = HybridMIMLoss(loss_fn.weights, loss_fn.temperature,
-                                         gather_negatives=False,
-                                         pr_normalisation=loss_fn.pr_normalisation,
-                                         consistency=loss_fn.consistency)
+        self.val_loss_fn = copy.copy(loss_fn)
+        self.val_loss_fn.gather_negatives = False
 
     def _losses(self, images: torch.Tensor, valid: torch.Tensor, generator: torch.Generator,
                 forward_model: torch.nn.Module, loss_fn: HybridMIMLoss,
@@ -63,10 +61,7 @@ class PretrainStep:
         patch_mask = sample_patch_mask(global_batch or images.shape[0], self.geometry,
                                        self.method["mask_ratio"], self.method["masking"],
                                        generator=generator, device=self.device)
-        if rows is not None:
-            if rows.numel() != images.shape[0]:
-                raise ValueError(f"{rows.numel()} mask rows for a batch of {images.shape[0]} "
-                                 f"crops; the step's batch does not have the expected size")
+        if rows is not None:  # the feed's batches always hold the rows' crops (StepFeed)
             patch_mask = patch_mask[rows]
         voxel_mask = expand_to_voxels(patch_mask, self.geometry.patch)
         masked = apply_mask(images, voxel_mask)
@@ -95,22 +90,20 @@ class PretrainStep:
             terms["grad_norm"] = grad_norm
         return terms
 
-    @torch.no_grad()
     def validate(self, dataset: Dataset, seed: int, volumes_per_batch: int) -> dict[str, float]:
         """Mean loss terms on the held-out volumes with the same crops and masks every time.
 
         Runs on the unwrapped model of rank 0 in eval mode (no dropout: the contrastive term then
         compares two identical views, so it only measures how well samples are told apart).
         """
-        self.model.eval()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
         window = TermWindow()
         # Whole batches like training (the contrastive term needs other samples as negatives).
         batch = min(volumes_per_batch, len(dataset))  # type: ignore[arg-type]
-        for item in DataLoader(dataset, batch_size=batch, shuffle=False, drop_last=True):
-            images, valid = flatten_volumes(item, self.device)
-            _, terms = self._losses(images, valid, generator, self.model, self.val_loss_fn)
-            window.add(terms)
-        self.model.train()
+        with eval_mode(self.model):
+            for item in DataLoader(dataset, batch_size=batch, shuffle=False, drop_last=True):
+                images, valid = flatten_volumes(item, self.device)
+                _, terms = self._losses(images, valid, generator, self.model, self.val_loss_fn)
+                window.add(terms)
         return window.pop_means()

@@ -78,9 +78,10 @@ class _PretrainJob:
         self.precision_choice = runtime.precision_choice(spec.get("precision", "auto"),
                                                          self.device, spec["backbone"]["name"])
         self.precision = self.precision_choice.precision
-        self.cost = CostMeter(self.device, int(spec["data"]["volumes_per_step"])
-                              * int(spec["data"]["crops_per_volume"]) * dist.world_size)
-        self.total_steps = int(spec["optim"]["steps"])
+        data, optim = spec["data"], spec["optim"]
+        volumes, crops = int(data["volumes_per_step"]), int(data["crops_per_volume"])
+        self.cost = CostMeter(self.device, volumes * crops * dist.world_size)
+        self.total_steps = int(optim["steps"])
         self.seed = int(spec["seed"])
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         runtime.seed_everything(self.seed, deterministic=bool(spec.get("deterministic", False)))
@@ -88,7 +89,6 @@ class _PretrainJob:
         self.model = build_pretrain_model(spec["backbone"], spec["geometry"], self.method)
         self.model.to(self.device)
         self.loss_fn = HybridMIMLoss.from_method(self.method)
-        optim = spec["optim"]
         self.optimizer, self.scheduler, self.scaler = optimisation(
             self.model.parameters(), optim, self.total_steps, self.device, self.precision)
         # Masks come from their own generator on the device, seeded identically on every rank:
@@ -97,23 +97,19 @@ class _PretrainJob:
         self.mask_generator.manual_seed(self.seed * 1_000)
 
         self.history: list[dict[str, Any]] = []
-        self.train_seconds, self.timed_steps = 0.0, 0
         self.loop = TrainingLoop(spec, self.spec_hash, self.total_steps, self._state_extras,
                                  self.device, dist)
         self._restore(self.loop.resume(model=self.model, optimizer=self.optimizer,
                                        scheduler=self.scheduler, scaler=self.scaler))
 
         self.dataset = build_train_dataset(spec)
-        data = spec["data"]
-        self.feed = StepFeed(self.dataset, int(data["volumes_per_step"]), dist, self.seed,
-                             self.device, num_workers=int(data.get("num_workers", 0)),
-                             start_step=self.loop.step)
+        self.feed = StepFeed(self.dataset, volumes, dist, self.seed, self.device,
+                             num_workers=int(data.get("num_workers", 0)), start_step=self.loop.step)
         self.val_dataset = (build_val_dataset(spec, self.seed + VALIDATION_SEED_OFFSET)
                             if dist.is_main else None)
 
-        from hybridmim.performance import prepare_network
-
-        network: torch.nn.Module = prepare_network(self.model, self.device, self.precision, spec)
+        network: torch.nn.Module = runtime.prepare_network(self.model, self.device,
+                                                           self.precision, spec)
         if dist.enabled:
             network = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None,
@@ -123,10 +119,8 @@ class _PretrainJob:
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
             geometry=self.geometry, method=self.method, device=self.device,
             precision=self.precision, grad_clip=float(optim.get("grad_clip", 0.0) or 0.0),
-            global_batch=int(data["volumes_per_step"]) * int(data["crops_per_volume"])
-            * dist.world_size,
-            mask_rows=global_crop_rows(int(data["volumes_per_step"]),
-                                       int(data["crops_per_volume"]), dist))
+            global_batch=volumes * crops * dist.world_size,
+            mask_rows=global_crop_rows(volumes, crops, dist))
 
     # ------------------------------------------------------------------------------------- state
     def _has_unused_parameters(self) -> bool:
@@ -139,8 +133,6 @@ class _PretrainJob:
         if state is None:
             return
         self.history = list(state["history"])
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.timed_steps = int(state.get("timed_steps", 0))
         self.cost.restore(state.get("cost"))
         rng, masks = state["rng"], state["mask_rng"]
         # The mask generator is the same on every rank, so one state serves any world size.
@@ -169,7 +161,6 @@ class _PretrainJob:
         # generator is identical on all ranks: rank 0's state is the state.
         return {"rng": self._gather(runtime.rng_state()),
                 "mask_rng": self.mask_generator.get_state().cpu(), "history": self.history,
-                "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
                 "cost": self.cost.state()}
 
     # ------------------------------------------------------------------------------------- loop
@@ -197,8 +188,6 @@ class _PretrainJob:
             window.add(self.stepper.train_step(images, valid, self.mask_generator))
             loop.step += 1
             if not first_step_of_process:  # the first step of a process pays one-off set-up
-                self.train_seconds += time.perf_counter() - started
-                self.timed_steps += 1
                 self.cost.add_step(time.perf_counter() - started)
             first_step_of_process = False
             if loop.due(self.spec["log_every"]):
@@ -228,7 +217,8 @@ class _PretrainJob:
         final = {k: v for k, v in (train_rows[-1] if train_rows else {}).items() if k != "step"}
         if val_rows:
             final.update({k: v for k, v in val_rows[-1].items() if k != "step"})
-        seconds_per_step = self.train_seconds / self.timed_steps if self.timed_steps else None
+        timed = len(self.cost.step_seconds)
+        seconds_per_step = self.cost.train_s() / timed if timed else None
         metrics = {**{f"final/{k}": v for k, v in final.items()}, "steps": self.loop.step}
         if seconds_per_step is not None:
             metrics["seconds_per_step"] = seconds_per_step
