@@ -29,9 +29,9 @@ from torch import nn
 from hybridmim.checkpoints import network_class_path
 from hybridmim.models.backbones import (bottleneck_channels, build_segmentation_network,
                                         encoder_stride, resolve_backbone)
+from hybridmim.models.geometry import MaskGeometry
 from hybridmim.models.heads import HybridMIMHeads
 from hybridmim.models.partial_decoding import ADAPTERS, EncoderFeatures
-from hybridmim.pretrain.masking import MaskGeometry
 
 BOX_MODES = ("partial", "full")
 

@@ -14,69 +14,15 @@ model use, so the spatial labels line up with the token they are attached to.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping
 
 import torch
 
+from hybridmim.models.geometry import MaskGeometry
+
 MASKING_MODES = ("uniform", "hierarchical")
 REGION_GROUPINGS = ("spatial", "raster")
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskGeometry:
-    crop: int
-    region: int
-    patch: int
-
-    def __post_init__(self) -> None:
-        for key in ("crop", "region", "patch"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"geometry.{key} must be a positive integer, got {value!r}")
-        if self.crop % self.region:
-            raise ValueError(
-                f"geometry.crop ({self.crop}) must be a multiple of geometry.region "
-                f"({self.region}); use a crop of a whole number of regions, e.g. "
-                f"{self.region * max(1, self.crop // self.region)}")
-        if self.region % self.patch:
-            raise ValueError(
-                f"geometry.region ({self.region}) must be a multiple of geometry.patch "
-                f"({self.patch}); choose a patch size that divides the region size")
-
-    @classmethod
-    def coerce(cls, geometry: "MaskGeometry | Mapping[str, Any]") -> "MaskGeometry":
-        if isinstance(geometry, MaskGeometry):
-            return geometry
-        missing = [k for k in ("crop", "region", "patch") if k not in geometry]
-        if missing:
-            raise ValueError(f"geometry is missing key(s) {missing}; expected crop, region, patch")
-        return cls(crop=geometry["crop"], region=geometry["region"], patch=geometry["patch"])
-
-    @property
-    def patch_grid(self) -> int:
-        return self.crop // self.patch
-
-    @property
-    def region_grid(self) -> int:
-        return self.crop // self.region
-
-    @property
-    def patches_per_region_axis(self) -> int:
-        return self.region // self.patch
-
-    @property
-    def num_patches(self) -> int:
-        return self.patch_grid ** 3
-
-    @property
-    def num_regions(self) -> int:
-        return self.region_grid ** 3
-
-    @property
-    def patches_per_region(self) -> int:
-        return self.patches_per_region_axis ** 3
 
 
 def masked_patch_count(num_patches: int, ratio: float) -> int:
