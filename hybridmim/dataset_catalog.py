@@ -210,6 +210,17 @@ def _demo(name: str, generator: str, modality: str, channels, labels, regions=No
         description=f"Embedded demo: generated {generator}-like phantoms (hybridmim.data.demo)")
 
 
+
+def _msd(name: str, task: str, md5: str, labels, labelled_cases: int) -> DatasetSpec:
+    """A Decathlon CT task: the archive ``<task>.tar`` holds the canonical layout in ``<task>/``."""
+    return DatasetSpec(
+        name=name, modality="CT", channels=("CT",), labels=labels, preprocess=_CT_RECIPE,
+        windows=_CT_WINDOWS, split=_MSD_SPLIT,
+        source={"kind": "url", "url": _MSD_URL.format(task=task), "md5": md5,
+                "archive": f"{task}.tar", "archive_root": task},
+        description=f"Medical Segmentation Decathlon {task.replace('_', ' ')}: {labelled_cases} "
+                    f"labelled CT volumes")
+
 REGISTRY: dict[str, DatasetSpec] = {spec.name: spec for spec in [
     DatasetSpec(
         name="brats2020", modality="MRI", channels=("t1", "t1ce", "t2", "flair"),
@@ -224,20 +235,8 @@ REGISTRY: dict[str, DatasetSpec] = {spec.name: spec for spec in [
         windows=_CT_WINDOWS, split=BTCV_SPLITS["monai"], split_variants=BTCV_SPLITS,
         source={"kind": "manual", "archive": "RawData.zip", "md5": None, "converter": "btcv"},
         description="BTCV abdomen: 30 labelled CT volumes, 13 organs"),
-    DatasetSpec(
-        name="msd_liver", modality="CT", channels=("CT",), labels=LIVER_LABELS,
-        preprocess=_CT_RECIPE, windows=_CT_WINDOWS, split=_MSD_SPLIT,
-        source={"kind": "url", "url": _MSD_URL.format(task="Task03_Liver"),
-                "md5": "a90ec6c4aa7f6a3d087205e23d4e6397", "archive": "Task03_Liver.tar",
-                "archive_root": "Task03_Liver"},
-        description="Medical Segmentation Decathlon Task03 Liver: 131 labelled CT volumes"),
-    DatasetSpec(
-        name="msd_spleen", modality="CT", channels=("CT",), labels=SPLEEN_LABELS,
-        preprocess=_CT_RECIPE, windows=_CT_WINDOWS, split=_MSD_SPLIT,
-        source={"kind": "url", "url": _MSD_URL.format(task="Task09_Spleen"),
-                "md5": "410d4a301da4e5b2f6f86ec3ddba524e", "archive": "Task09_Spleen.tar",
-                "archive_root": "Task09_Spleen"},
-        description="Medical Segmentation Decathlon Task09 Spleen: 41 labelled CT volumes"),
+    _msd("msd_liver", "Task03_Liver", "a90ec6c4aa7f6a3d087205e23d4e6397", LIVER_LABELS, 131),
+    _msd("msd_spleen", "Task09_Spleen", "410d4a301da4e5b2f6f86ec3ddba524e", SPLEEN_LABELS, 41),
     _demo("demo_brats", "brats", "MRI", ("t1", "t1ce", "t2", "flair"), BRATS_LABELS,
           BRATS_REGIONS),
     _demo("demo_btcv", "btcv", "CT", ("CT",), BTCV_LABELS),
