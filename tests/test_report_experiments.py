@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from hybridmim.report import build_report, collect_runs
 from hybridmim.report.experiment_tables import (ablation_table, paired_bootstrap,
-                                                paired_difference, pretrain_cost_long)
+                                                paired_difference, paired_table,
+                                                pretrain_cost_long)
 
 from test_report import DATASETS, SEEDS, build_project
 
@@ -146,7 +147,8 @@ def test_ablation_rows_pair_each_variant_with_its_base():
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
-        long, paths = ablation_table(runs, cases, cost, Path(tmp))
+        paired, _ = paired_table(runs, cases, Path(tmp))
+        long, paths = ablation_table(runs, paired, cost, Path(tmp))
         markdown = paths["md"].read_text()
     row = long.iloc[0]
     assert (row["init"], row["base"], row["changes"]) == ("hybridmim-no_cl", "hybridmim", "no_cl")

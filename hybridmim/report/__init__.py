@@ -70,9 +70,10 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
                                                       figures_dir / "pretrain_losses.png")
     cases = per_case_dice(tracking_uri, runs)
     cost_long = table("pretrain_cost", pretrain_cost_table(pretrain_runs, tables_dir))
-    ablation_long = table("ablations", ablation_table(runs, cases, cost_long, tables_dir))
+    paired = paired_table(runs, cases, tables_dir)
+    ablation_long = table("ablations", ablation_table(runs, paired[0], cost_long, tables_dir))
     table("label_efficiency", label_efficiency_table(runs, tables_dir))
-    table("paired_differences", paired_table(runs, cases, tables_dir))
+    table("paired_differences", paired)
     written["ablations_figure"] = plot_ablations(ablation_long, figures_dir / "ablations.png")
     written["time_to_quality"] = plot_time_to_quality(tracking_uri, pretrain_runs,
                                                       figures_dir / "time_to_quality.png")

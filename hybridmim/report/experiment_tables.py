@@ -253,27 +253,28 @@ def pretrain_cost_table(pretrain_runs: pd.DataFrame | None, tables_dir: Path
 # ---------------------------------------------------------------------------------------------
 # Ablations
 # ---------------------------------------------------------------------------------------------
-def ablation_table(runs: pd.DataFrame, cases: pd.DataFrame, cost_long: pd.DataFrame,
+def ablation_table(runs: pd.DataFrame, paired_long: pd.DataFrame, cost_long: pd.DataFrame,
                    tables_dir: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Each variant's Dice next to its base (same dataset, backbone, fraction) with the
-    difference, its paired 95% CI, and the variant's pretraining s/step relative to the base's."""
+    difference, its paired 95% CI (the variant-vs-base row of ``paired_long``, paired_table's
+    frame), and the variant's pretraining s/step relative to the base's."""
     cell = ["dataset", "backbone", "fraction"]
     summary = summarise(runs, ["test_dice_mean"], [*cell, "init"])
     base = summary[[*cell, "init", "mean", "std", "n", "run_ids"]].rename(
         columns=lambda c: c if c in cell else "base" if c == "init" else f"base_{c}")
+    paired = paired_long.rename(columns={"a": "init", "b": "base", "note": "ci_note"})
+    paired = paired[[*cell, "init", "base", "ci_low", "ci_high", "ci_note"]].astype(
+        {"ci_low": float, "ci_high": float})  # object columns when there is no pair at all
     # The variants in order of appearance, each cell of a variant beside its base's same cell.
-    long = _variant_columns(runs).merge(summary, on="init").merge(base, on=[*cell, "base"])
-    paired = [paired_difference(runs.loc[(runs[cell] == row[cell]).all(axis=1)], cases,
-                                row["init"], row["base"]) or {} for _, row in long.iterrows()]
+    long = (_variant_columns(runs).merge(summary, on="init").merge(base, on=[*cell, "base"])
+            .merge(paired, on=[*cell, "init", "base"], how="left"))
     steps = cost_long.loc[cost_long["metric"] == "cost/median_step_s"]
     corpus_of = _corpus_by_run(runs)
     costs = [_cost_ratio(row, steps, corpus_of.get((row["dataset"], row["init"])))
              for _, row in long.iterrows()]
     long = long.assign(
         metric="test_dice_mean", scale=100.0, diff=long["mean"] - long["base_mean"],
-        ci_low=[p.get("ci_low", math.nan) for p in paired],
-        ci_high=[p.get("ci_high", math.nan) for p in paired],
-        ci_note=[p.get("note", "no paired cases") for p in paired],
+        ci_note=long["ci_note"].fillna("no paired cases"),
         cost_ratio=[ratio for ratio, _ in costs], cost_run_ids=[ids for _, ids in costs],
         cell=[f"{d} / {b} / frac {f:g} / {i}" for d, b, f, i in
               zip(long["dataset"], long["backbone"], long["fraction"], long["init"])],
