@@ -51,9 +51,6 @@ def _intervals(long: pd.DataFrame) -> list[str]:
             for lo, hi in zip(long["ci_low"], long["ci_high"])]
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-case Dice from MLflow and the paired bootstrap
-# ---------------------------------------------------------------------------------------------
 def per_case_dice(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
     """(run_id, case, dice): each evaluate run's per-case Dice (mean over the case's classes,
     undefined classes skipped), read from the run's ``per_case.csv`` artifact in MLflow."""
@@ -137,9 +134,6 @@ def comparisons(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
     return pairs
 
 
-# ---------------------------------------------------------------------------------------------
-# Paired differences
-# ---------------------------------------------------------------------------------------------
 def paired_table(runs: pd.DataFrame, cases: pd.DataFrame, tables_dir: Path
                  ) -> tuple[pd.DataFrame, dict[str, Path]]:
     rows = []
@@ -187,9 +181,6 @@ def paired_table(runs: pd.DataFrame, cases: pd.DataFrame, tables_dir: Path
                              "Pretrained vs scratch and variant vs base: paired bootstrap", note)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pretraining cost
-# ---------------------------------------------------------------------------------------------
 def pretrain_cost_long(pretrain_runs: pd.DataFrame | None) -> pd.DataFrame:
     """One row per (pretraining run, cost metric), plus its median s/step ratio to the SimMIM-style
     run on the same backbone, corpus and device."""
@@ -250,9 +241,6 @@ def pretrain_cost_table(pretrain_runs: pd.DataFrame | None, tables_dir: Path
                              "Pretraining cost per method", note)
 
 
-# ---------------------------------------------------------------------------------------------
-# Ablations
-# ---------------------------------------------------------------------------------------------
 def ablation_table(runs: pd.DataFrame, paired_long: pd.DataFrame, cost_long: pd.DataFrame,
                    tables_dir: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Each variant's Dice next to its base (same dataset, backbone, fraction) with the
@@ -264,7 +252,7 @@ def ablation_table(runs: pd.DataFrame, paired_long: pd.DataFrame, cost_long: pd.
         columns=lambda c: c if c in cell else "base" if c == "init" else f"base_{c}")
     paired = paired_long.rename(columns={"a": "init", "b": "base", "note": "ci_note"})
     paired = paired[[*cell, "init", "base", "ci_low", "ci_high", "ci_note"]].astype(
-        {"ci_low": float, "ci_high": float})  # object columns when there is no pair at all
+        {"fraction": float, "ci_low": float, "ci_high": float})  # object when there is no pair
     # The variants in order of appearance, each cell of a variant beside its base's same cell.
     long = (_variant_columns(runs).merge(summary, on="init").merge(base, on=[*cell, "base"])
             .merge(paired, on=[*cell, "init", "base"], how="left"))
@@ -326,9 +314,6 @@ def _corpus_by_run(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
     return dict(zip(zip(named["dataset"], named["init"]), named["params.variant.corpus"]))
 
 
-# ---------------------------------------------------------------------------------------------
-# Label efficiency
-# ---------------------------------------------------------------------------------------------
 def label_efficiency_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that make label-efficiency curves: inits run at ≥ 2 label fractions on their
     dataset × backbone (an ablation at one fraction is no curve)."""
@@ -352,7 +337,3 @@ def label_efficiency_table(runs: pd.DataFrame, tables_dir: Path
             "fractions; columns are the encoder initialisations.")
     return long, write_table(long, views, tables_dir / "label_efficiency",
                              "Label efficiency", note)
-
-
-__all__ = ["ablation_table", "label_efficiency_table", "paired_table", "per_case_dice",
-           "pretrain_cost_table", "pretrain_cost_long", "paired_bootstrap"]
