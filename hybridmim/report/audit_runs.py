@@ -18,12 +18,11 @@ import subprocess
 from pathlib import Path, PurePath
 from typing import Any
 
-import yaml
-
 from hybridmim.hashing import sha256_file, tree_hash
 from hybridmim.report.audit_checks import check
 from hybridmim.report.collect import metric_disagreements
 from hybridmim.report.recompute import DEFAULT_SAMPLE, check_predictions
+from hybridmim.tracking.provenance import data_hash, dvc_lock_stages
 
 # The order of the results folders (results/<stage>/<dataset>/<backbone>/...), for labels.
 _WILDCARD_ORDER = ("dataset", "backbone", "method", "corpus", "init", "fraction", "seed")
@@ -54,7 +53,6 @@ class RunAuditor:
         self.tree = functools.cache(tree_hash)
         self.model_meta = functools.cache(_model_meta)
 
-    # ----------------------------------------------------------------------------- lookups
     @functools.lru_cache(maxsize=None)
     def run(self, run_id: str) -> Any | None:
         try:
@@ -81,7 +79,6 @@ class RunAuditor:
         path = Path(recorded)
         return path if path.is_absolute() else self.project_root / path
 
-    # ----------------------------------------------------------------------------- checks
     def check_runs(self, run_ids: set[str]) -> list[dict[str, Any]]:
         """Check the runs and, breadth first, the runs upstream of them; every check lists the
         table numbers that rest on its run (``affects``)."""
@@ -184,8 +181,6 @@ class RunAuditor:
         return self.project_root / "data" / "processed" / name
 
     def _check_data(self, who: str, run: Any) -> list[dict[str, str]]:
-        from hybridmim.tracking.provenance import data_hash
-
         tags, run_id = run.data.tags, run.info.run_id
         names = sorted(k.removeprefix("data_hash.") for k in tags if k.startswith("data_hash."))
         if not names:
@@ -279,8 +274,7 @@ class DvcData:
 
     @functools.cached_property
     def _lock(self) -> dict:
-        path = self.root / "dvc.lock"
-        return (yaml.safe_load(path.read_text()) or {}).get("stages") or {} if path.exists() else {}
+        return dvc_lock_stages(self.root / "dvc.lock")
 
     def stage_of(self, folder: str) -> tuple[str, list[str]] | None:
         """The dvc.lock stage that outputs ``folder`` (relative path) and that stage's inputs."""

@@ -40,16 +40,11 @@ def _git_state_at(folder: str) -> tuple[tuple[str, str], ...]:
     return (("git_commit", commit), ("git_dirty", str(bool(status.strip())).lower()))
 
 
-def _dvc_lock_hashes(lock_path: Path) -> dict[str, str]:
+def dvc_lock_stages(lock_path: Path) -> dict[str, dict[str, Any]]:
+    """{stage name: its entry (deps, outs with their md5)} of a dvc.lock; {} without one."""
     if not lock_path.exists():
         return {}
-    lock = yaml.safe_load(lock_path.read_text()) or {}
-    hashes: dict[str, str] = {}
-    for stage in (lock.get("stages") or {}).values():
-        for out in stage.get("outs", []) or []:
-            if "md5" in out:
-                hashes[os.path.normpath(out["path"])] = out["md5"]
-    return hashes
+    return (yaml.safe_load(lock_path.read_text()) or {}).get("stages") or {}
 
 
 # Stages of datasets declared only in a config live in this folder's dvc.yaml (data/versioning.py).
@@ -69,9 +64,10 @@ def data_hash(folder: str | os.PathLike, project_root: str | os.PathLike = ".") 
         rel = None
     if rel is not None:
         for lock in (root / "dvc.lock", root / CONFIG_STAGES_DIR / "dvc.lock"):
-            hit = _dvc_lock_hashes(lock).get(rel)
-            if hit:
-                return {"hash": hit, "source": "dvc.lock"}
+            for stage in dvc_lock_stages(lock).values():
+                for out in stage.get("outs") or []:
+                    if os.path.normpath(out["path"]) == rel and out.get("md5"):
+                        return {"hash": out["md5"], "source": "dvc.lock"}
     return {"hash": tree_hash(folder), "source": "sha256-tree"}
 
 
