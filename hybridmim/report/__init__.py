@@ -16,7 +16,6 @@ from hybridmim.resources import PAPER_RESULTS
 log = logging.getLogger(__name__)
 
 REPORT_INPUTS = "report_inputs.json"
-DEFAULT_PAPER_RESULTS = PAPER_RESULTS  # config/paper_results.yaml, shipped inside the package
 
 
 def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
@@ -42,9 +41,12 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     from hybridmim.report.tables import (comparison_table, load_paper_results, paper_table,
                                          per_class_tables, safe_name)
 
+    from hybridmim.atomic import write_json
+
     out_dir, metrics_files = Path(out_dir), list(metrics_files)
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
-    paper = load_paper_results(paper_results or DEFAULT_PAPER_RESULTS)
+    paper_results = paper_results or PAPER_RESULTS  # shipped inside the package
+    paper = load_paper_results(paper_results)
     runs = collect_runs(tracking_uri, metrics_files)
     log.info("report: %d evaluate runs from %s", len(runs), tracking_uri)
     pretrain_files = list(pretrain_metrics_files)
@@ -83,25 +85,15 @@ def build_report(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     for dataset in sorted(runs["dataset"].unique()):
         written[f"gallery_{dataset}"] = plot_gallery(
             tracking_uri, runs, dataset, figures_dir / f"gallery_{safe_name(dataset)}.png")
-    written["report_inputs"] = write_report_inputs(
-        out_dir, tracking_uri, metrics_files, pretrain_files,
-        paper_results or DEFAULT_PAPER_RESULTS)
+    # Paths as given, i.e. relative to the working dir (the audit resolves them the same way).
+    written["report_inputs"] = out_dir / REPORT_INPUTS
+    write_json(written["report_inputs"], {
+        "tracking_uri": tracking_uri, "metrics_files": [str(p) for p in metrics_files],
+        "pretrain_metrics_files": [str(p) for p in pretrain_files],
+        "paper_results": str(paper_results)})
     for name, path in written.items():
         log.info("report: wrote %s (%s)", path, name)
     return written
-
-
-def write_report_inputs(out_dir: Path, tracking_uri: str, metrics_files: list,
-                        pretrain_files: list, paper_results: str | os.PathLike) -> Path:
-    """Record what a report was built from (paths as given, i.e. relative to the working dir)."""
-    from hybridmim.atomic import write_json
-
-    path = out_dir / REPORT_INPUTS
-    write_json(path, {"tracking_uri": tracking_uri,
-                      "metrics_files": [str(p) for p in metrics_files],
-                      "pretrain_metrics_files": [str(p) for p in pretrain_files],
-                      "paper_results": str(paper_results)})
-    return path
 
 
 __all__ = ["ReportInputError", "build_report", "collect_runs"]

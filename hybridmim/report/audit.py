@@ -1,23 +1,13 @@
-"""Re-verify every reported number and the provenance chain behind it (docs/audit.md).
+"""Re-verify every reported number and the provenance chain behind it (docs/audit.md lists
+every check and why).
 
-Every file a reader sees — each table in every format, each figure's data, the HTML report's
-embedded tables — is compared cell by cell with the report re-built from the live MLflow runs
-(audit_files). For every row of every CSV table under ``<results>/tables`` with run ids the
-number is also re-derived from the MLflow runs the row names. Every run behind a table or figure
-is then checked, and so is each run upstream of it (evaluate → finetune → pretrain, through the
-``upstream.*`` tags; audit_runs):
-
-- it exists, is not deleted and FINISHED; its metrics.json (found under ``<results>``) agrees
-  with MLflow, and its spec hash with the run's ``config_hash`` tag;
-- provenance tags are present; the git commit is recorded (a dirty tree is a warning, a failure
-  with ``strict``);
-- every ``data_hash.<dataset>`` tag equals the current dvc.lock entry and DVC finds the files on
-  disk unchanged, or the recomputed tree hash when the run recorded one
-  (``data_hash_source`` = sha256-tree);
-- the upstream checkpoint on disk still has the recorded sha256 and its ``meta.mlflow_run_id``
-  is the recorded upstream run, which exists in the store;
-- an evaluate run's saved predictions have their sha256 and its per-case Dice/HD95 re-compute
-  from them (recompute: a seeded sample of cases, or all).
+Every file a reader sees (each table in every format, each figure's data, the HTML report's
+embedded tables) is compared cell by cell with the report re-built from the live MLflow runs
+(audit_files). Every CSV table row with run ids is also re-derived here from the runs it names.
+Every run behind a table or figure, and each run upstream of it (evaluate → finetune → pretrain,
+through the ``upstream.*`` tags), is checked: state, provenance tags, metrics.json, git commit
+(a dirty tree warns; fails with ``strict``), data hash against dvc.lock and DVC's own status,
+upstream checkpoint, saved predictions and a per-case re-computation (audit_runs, recompute).
 
 Each check is ``{"check", "number", "source", "status": pass|fail|warn|skip, "reason"}`` (run
 checks add ``affects``: the table numbers resting on that run, through the chain); the results go
