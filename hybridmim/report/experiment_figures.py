@@ -18,7 +18,6 @@ from hybridmim.report.figures import (_seed_stats, grouped_bars, metric_historie
 from hybridmim.report.tables import RUN_ID_SEPARATOR, fraction_text, order_inits
 
 
-# ---------------------------------------------------------------------------------------------
 def plot_ablations(ablation_long: pd.DataFrame, path: str | Path) -> Path:
     """Per dataset × backbone: each variant's Dice difference to its base with the paired CI."""
     columns = ["dataset", "backbone", "fraction", "init", "base", "metric", "diff", "ci_low",
@@ -47,7 +46,6 @@ def plot_ablations(ablation_long: pd.DataFrame, path: str | Path) -> Path:
     return save_figure(fig, path, data[columns])
 
 
-# ---------------------------------------------------------------------------------------------
 def plot_time_to_quality(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
                          path: str | Path) -> Path:
     """Validation reconstruction loss against cumulative training time, one line per
@@ -87,7 +85,6 @@ def plot_time_to_quality(tracking_uri: str, pretrain_runs: pd.DataFrame | None,
     return save_figure(fig, path, data[columns])
 
 
-# ---------------------------------------------------------------------------------------------
 def plot_finetune_curves(tracking_uri: str, runs: pd.DataFrame, path: str | Path) -> Path:
     """Validation Dice against step during fine-tuning (mean over seeds), scratch vs each
     pretrained init, at the largest label fraction; one panel per dataset × backbone."""
@@ -129,7 +126,6 @@ def plot_finetune_curves(tracking_uri: str, runs: pd.DataFrame, path: str | Path
     return save_figure(fig, path, data[columns])
 
 
-# ---------------------------------------------------------------------------------------------
 def plot_per_class(runs: pd.DataFrame, path: str | Path) -> Path:
     """Per-class test Dice bars per init for the multi-class tasks (largest label fraction)."""
     import json
@@ -167,7 +163,6 @@ def plot_per_class(runs: pd.DataFrame, path: str | Path) -> Path:
     return save_figure(fig, path, data[columns])
 
 
-# ---------------------------------------------------------------------------------------------
 def plot_gallery(tracking_uri: str, runs: pd.DataFrame, dataset: str, path: str | Path) -> Path:
     """The evaluate runs' overlay figures of one dataset stacked by init (largest label
     fraction, lowest seed): the same test cases and slices in every row (evaluate/overlays.py

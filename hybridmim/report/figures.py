@@ -65,20 +65,16 @@ def placeholder(path: str | Path, message: str, columns: list[str]) -> Path:
     return save_figure(fig, path, pd.DataFrame(columns=columns))
 
 
-def panel_grid(count: int, width: float = 4.4, height: float = 3.4) -> tuple[Figure, list[Axes]]:
-    """A figure of ``count`` panels, at most three a row."""
-    cols = max(1, min(3, count))
-    rows = max(1, -(-count // cols))
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    return fig, [fig.add_subplot(rows, cols, k + 1) for k in range(count)]
-
-
-def panels(data: pd.DataFrame, keys: list[str], **size: float
+def panels(data: pd.DataFrame, keys: list[str], width: float = 4.4, height: float = 3.4
            ) -> tuple[Figure, list[tuple[tuple, Axes, pd.DataFrame]]]:
-    """One panel per group of ``data`` by ``keys``, in first-seen order: (key, axes, rows)."""
+    """One panel per group of ``data`` by ``keys``, in first-seen order, at most three a row:
+    (key, axes, rows)."""
     groups = list(data.groupby(keys, sort=False, dropna=False))
-    fig, axes = panel_grid(len(groups), **size)
-    return fig, [(key, ax, part) for (key, part), ax in zip(groups, axes)]
+    cols = max(1, min(3, len(groups)))
+    rows = max(1, -(-len(groups) // cols))
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    return fig, [(key, fig.add_subplot(rows, cols, k + 1), part)
+                 for k, (key, part) in enumerate(groups)]
 
 
 def style_panel(ax: Axes, heading: str, grid: str = "both", **legend: str) -> None:

@@ -74,18 +74,14 @@ def summarise(runs: pd.DataFrame, metrics: Sequence[str], by: Sequence[str]) -> 
                          "mean": mean * scale, "std": std * scale, "n": n,
                          "seeds": RUN_ID_SEPARATOR.join(str(s) for s in sorted(with_value["seed"])),
                          "run_ids": RUN_ID_SEPARATOR.join(with_value.sort_values("seed")["run_id"]),
-                         "cell": " / ".join(_ident_text(k, v) for k, v in ident.items())
-                                 + f" / {metric}"})
+                         "cell": " / ".join(f"frac {v:g}" if k == "fraction" else str(v)
+                                            for k, v in ident.items()) + f" / {metric}"})
     return pd.DataFrame.from_records(rows, columns=[*by, "metric", "unit", "scale", "mean", "std",
                                                     "n", "seeds", "run_ids", "cell"])
 
 
 def fraction_text(fraction: float) -> str:
     return f"{fraction * 100:.3g}%"
-
-
-def _ident_text(key: str, value: Any) -> str:
-    return f"frac {value:g}" if key == "fraction" else str(value)
 
 
 def format_cell(mean: float, std: float, n: int) -> str:
@@ -199,9 +195,6 @@ def _classes_in_order(runs: pd.DataFrame) -> dict[str, str]:
     return classes
 
 
-# ---------------------------------------------------------------------------------------------
-# Paper vs ours
-# ---------------------------------------------------------------------------------------------
 def load_paper_results(path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
     """Read and validate config/paper_results.yaml (see the file's header for the format)."""
     path = Path(path)
