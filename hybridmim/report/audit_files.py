@@ -43,17 +43,14 @@ def rebuild_report(results_dir: Path, project_root: Path, tracking_uri: str, int
         raise ReportInputError(f"{manifest} does not exist: the report's inputs are unknown; "
                                "re-run the report (hybridmim report) with this version")
     inputs = json.loads(manifest.read_text())
-
-    def resolved(path: str) -> Path:
-        return Path(path) if Path(path).is_absolute() else project_root / path
-
+    # The recorded paths are relative to the project root or absolute (``/`` keeps those as-is).
     paper = inputs.get("paper_results")
-    if not paper or not resolved(paper).is_file():
+    if not paper or not (project_root / paper).is_file():
         paper = project_root / "config" / "paper_results.yaml"
     with data_only():  # the images are not compared, only the numbers they plot
-        build_report(tracking_uri, [resolved(p) for p in inputs.get("metrics_files", [])],
-                     [resolved(p) for p in inputs.get("pretrain_metrics_files", [])], into,
-                     paper_results=resolved(str(paper)))
+        build_report(tracking_uri, [project_root / p for p in inputs.get("metrics_files", [])],
+                     [project_root / p for p in inputs.get("pretrain_metrics_files", [])], into,
+                     paper_results=project_root / paper)
 
 
 def compare_file(kind: str, label: str, source: str, shown_text: str | None,
@@ -135,7 +132,7 @@ def audit_html(html: Path, results_dir: Path, project_root: Path,
     checks, others = [], 0
     results_abs = results_dir.resolve()
     for name, payload in sorted(embedded.items()):
-        path = Path(name) if Path(name).is_absolute() else project_root / name
+        path = project_root / name  # an absolute name stays as it is
         try:
             rel = path.resolve().relative_to(results_abs).as_posix()
         except ValueError:

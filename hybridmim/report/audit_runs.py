@@ -75,9 +75,9 @@ class RunAuditor:
         return index
 
     def on_disk(self, recorded: str) -> Path:
-        """A path recorded by a job (relative to the workflow's working dir = project root)."""
-        path = Path(recorded)
-        return path if path.is_absolute() else self.project_root / path
+        """A path recorded by a job: absolute, or relative to the workflow's working dir = project
+        root (``/`` keeps an absolute one as it is)."""
+        return self.project_root / recorded
 
     def check_runs(self, run_ids: set[str]) -> list[dict[str, Any]]:
         """Check the runs and, breadth first, the runs upstream of them; every check lists the
