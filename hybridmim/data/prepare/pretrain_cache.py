@@ -16,19 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from hybridmim.atomic import write_json
-from hybridmim.dataset_catalog import DatasetSpec
-
-PRETRAIN_SUBDIR = "pretrain"
-
-
-def native_spec(spec: DatasetSpec) -> DatasetSpec:
-    """The dataset with the native pretraining recipe: RAS, native spacing, whole volumes."""
-    recipe = dataclasses.replace(spec.preprocess, spacing=None, crop_foreground=False)
-    return dataclasses.replace(spec, preprocess=recipe)
-
-
-def pretrain_cache_dir(name: str, data_root: str | os.PathLike = "data") -> Path:
-    return Path(data_root) / PRETRAIN_SUBDIR / name
 
 
 def build_native_cache(config: dict[str, Any], name: str,
@@ -50,7 +37,9 @@ def build_native_cache(config: dict[str, Any], name: str,
             raise FileNotFoundError(f"{needed} is missing: run `hybridmim data {step} --dataset "
                                     f"{name}` first (the native pretraining cache reads the raw "
                                     f"data and the fine-tuning cache's split)")
-    out_dir = pretrain_cache_dir(name, data_root)
-    preprocess_dataset(raw_dir, out_dir, native_spec(dataset_spec(config, name)))
+    spec = dataset_spec(config, name)
+    native = dataclasses.replace(spec.preprocess, spacing=None, crop_foreground=False)
+    out_dir = Path(data_root) / "pretrain" / name
+    preprocess_dataset(raw_dir, out_dir, dataclasses.replace(spec, preprocess=native))
     write_json(out_dir / "splits.json", json.loads(splits_file.read_text()))
     return out_dir / "splits.json"

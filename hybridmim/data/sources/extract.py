@@ -17,12 +17,11 @@ import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from hybridmim.data.layout import read_json_or_none
+from hybridmim.data.layout import atomic_directory, read_json_or_none
 from hybridmim.data.sources.download import check_free_space
 
 log = logging.getLogger("hybridmim.data.sources.extract")
@@ -137,12 +136,10 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
         raise ArchiveError(f"{archive} is neither a tar nor a zip archive (or it is truncated "
                            "before its first member). Delete it and download it again.")
     check_free_space(target.parent, needed, f"extracting {archive.name}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of an attempt that was killed (SIGKILL, power loss) before its cleanup ran.
-    for stale in target.parent.glob(f".{target.name}.extracting-*"):
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extracting-", dir=target.parent))
-    try:
+    with atomic_directory(target) as temp:
         log.info("Extracting %s into %s", archive, target)
         try:
             count = extractor(archive, temp)
@@ -157,14 +154,8 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
                 "extracted. Delete it and download it again (a manual download may have been "
                 "interrupted).") from None
         (temp / COMPLETE_MARKER).write_text(json.dumps(record))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(temp, target)
-        log.info("Extracted %d files from %s", count, archive.name)
-        return target
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
+    log.info("Extracted %d files from %s", count, archive.name)
+    return target
 
 
 def _looks_like_corruption(err: OSError) -> bool:
