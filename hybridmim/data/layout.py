@@ -145,6 +145,19 @@ def read_json_or_none(path: Path):
         return None
 
 
+def read_processed_index(processed_dir, missing_ok: bool = False) -> dict | None:
+    """The dataset.json of a preprocessed cache (data/processed/<dataset>); None when there is
+    none and ``missing_ok``."""
+    path = Path(processed_dir) / "dataset.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"{path}: no preprocessed dataset here; run the preprocess step "
+                                f"(`hybridmim data preprocess`) first") from None
+
+
 def make_index(*, name: str, description: str, reference: str, licence: str,
                channels: tuple[str, ...], labels: dict[int, str], training: list[dict],
                test: list[str]) -> dict:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hybridmim.data.intensity import apply_window, resolve_window
-from hybridmim.data.prepare.preprocess import read_processed_index
+from hybridmim.data.layout import read_processed_index
 from hybridmim.data.prepare.splits import load_splits
 from hybridmim.dataset_catalog import validate_window
 

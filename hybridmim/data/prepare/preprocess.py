@@ -13,7 +13,6 @@ code version or the raw files changed; otherwise the call does nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -98,15 +97,6 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
                             "cases": records})
         write_json(temp / "dataset.json", description)
     return out_dir
-
-
-def read_processed_index(processed_dir) -> dict:
-    path = Path(processed_dir) / "dataset.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no preprocessed dataset here; run the preprocess step "
-                                f"(`hybridmim data preprocess`) first") from None
 
 
 def raw_fingerprint(raw_dir: Path, cases: list[CaseFiles]) -> str:

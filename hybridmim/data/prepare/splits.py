@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hybridmim.atomic import write_json
-from hybridmim.data.prepare.preprocess import read_processed_index
+from hybridmim.data.layout import read_processed_index
 from hybridmim.dataset_catalog import DatasetSpec, SplitRecipe
 
 SPLITS_FILE = "splits.json"
