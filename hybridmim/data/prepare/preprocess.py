@@ -63,7 +63,6 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
         log.info("%s: preprocessed cache %s is up to date (recipe %s)", spec.name, out_dir,
                  wanted_hash)
         return out_dir
-    _check_channels(raw_dir, index, spec)
     transforms = _CaseTransforms(spec)
     foreground = transforms.foreground = ForegroundSampler()
     records = []
@@ -127,15 +126,6 @@ def _up_to_date(out_dir: Path, wanted_hash: str, fingerprint: str) -> bool:
         return False
     files = [c["image"] for c in index["cases"]] + [c["label"] for c in index["cases"] if c["label"]]
     return all((out_dir / f).is_file() for f in files)
-
-
-def _check_channels(raw_dir: Path, index: dict, spec: DatasetSpec) -> None:
-    declared = index.get("modality", {})
-    if len(declared) != spec.num_channels:
-        raise LayoutError(f"{raw_dir / 'dataset.json'}: declares {len(declared)} channel(s) "
-                          f"{list(declared.values())} but dataset {spec.name!r} expects "
-                          f"{list(spec.channels)}; fix the registry entry / config block or the "
-                          f"conversion")
 
 
 class _CaseTransforms:
