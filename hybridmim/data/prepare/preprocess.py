@@ -42,10 +42,6 @@ def preprocessing_recipe(spec: DatasetSpec) -> dict:
             "code_version": PREPROCESS_VERSION}
 
 
-# The cache's identity is hashed like any job spec (the same function, one canonical JSON form).
-recipe_hash = spec_hash
-
-
 def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
     """Build ``out_dir`` (data/processed/<dataset>) from ``raw_dir`` (canonical layout).
     Returns ``out_dir``. Raises LayoutError / PreprocessError, leaving ``out_dir`` untouched."""
@@ -58,7 +54,7 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
     # A "median" target spacing (user datasets' default) is resolved from the files' headers.
     spec, data_fingerprint = resolve_spacing(spec, [case.images[0] for case in cases])
     recipe = preprocessing_recipe(spec)
-    wanted_hash = recipe_hash(recipe)
+    wanted_hash = spec_hash(recipe)  # hashed like a job spec: one canonical JSON form
     if _up_to_date(out_dir, wanted_hash, fingerprint):
         log.info("%s: preprocessed cache %s is up to date (recipe %s)", spec.name, out_dir,
                  wanted_hash)
