@@ -128,15 +128,12 @@ def _folder_identity(folder: Path) -> dict:
 
 
 def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.PathLike,
-            manual_paths: Mapping[str, str | os.PathLike] | None = None, *,
-            keep_extracted: bool = False, progress: bool = True, workers: int = 1,
-            converter_options: Mapping[str, Any] | None = None,
+            manual_paths: Mapping[str, str | os.PathLike] | None = None, *, progress: bool = True,
+            workers: int = 1, converter_options: Mapping[str, Any] | None = None,
             environ: Mapping[str, str] | None = None) -> Path:
     """Make ``raw_root/<name>`` hold the dataset of registry entry ``spec``; return its path.
 
     ``manual_paths`` maps dataset names to a manually downloaded archive or extracted folder.
-    ``keep_extracted`` keeps ``downloads_dir/extracted/<name>`` after conversion (the raw folder
-    hard-links the files, so deleting it frees no space on the same file system, but clutter).
     ``converter_options`` go to the converter (e.g. ``expect_all_cases=False`` for a subset);
     ``workers``: processes for BraTS channel stacking. ``environ`` (default ``os.environ``) is
     where ``SYNAPSE_AUTH_TOKEN`` (and, for a private mirror, ``SYNAPSE_REPO_ENDPOINT``) are read.
@@ -197,7 +194,7 @@ def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.Path
         (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
     located.convert(located.folder, raw_dir, verify=verify)
-    if located.extracted is not None and not keep_extracted:
+    if located.extracted is not None:  # the raw folder holds (hard links to) what it needs
         shutil.rmtree(located.extracted, ignore_errors=True)
     return raw_dir
 

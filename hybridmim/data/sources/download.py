@@ -238,7 +238,7 @@ def _synapse_json(url: str, token: str, timeout: float):
 
 def synapse_download(entity_id: str, dest: str | os.PathLike, token: str,
                      endpoint: str = SYNAPSE_REPO_ENDPOINT, progress: bool = True,
-                     timeout: float = 60.0, retries: int = 5, backoff_s: float = 2.0) -> Path:
+                     timeout: float = 60.0) -> Path:
     """Download the file of Synapse entity ``entity_id`` with a personal access token.
 
     Uses the Synapse REST API: the entity's file handle gives the expected md5 and size, and
@@ -263,4 +263,4 @@ def synapse_download(entity_id: str, dest: str | os.PathLike, token: str,
                             f"{err.reason}. Accept the dataset's terms of use on synapse.org with "
                             "this account, then run again.") from None
     return download(presigned, dest, md5=md5, size=int(size) if size is not None else None,
-                    progress=progress, timeout=timeout, retries=retries, backoff_s=backoff_s)
+                    progress=progress, timeout=timeout)
