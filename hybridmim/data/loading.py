@@ -44,17 +44,14 @@ def _records(processed_dir: Path, index: dict, ids: Sequence[str]) -> list[dict]
     return [by_case[case] for case in ids]
 
 
-def labels_to_regions(label, regions: Mapping[str, Sequence[int]]):
+def labels_to_regions(label: torch.Tensor, regions: Mapping[str, Sequence[int]]) -> torch.Tensor:
     """Overlapping binary channels from a label map: channel r is 1 where the label is one of
     ``regions[r]`` (BraTS: TC = {1, 4}, WT = {1, 2, 4}, ET = {4}). ``label`` is (X, Y, Z) or
-    (1, X, Y, Z), numpy or torch; the result is float32 (R, X, Y, Z) of the same kind."""
+    (1, X, Y, Z); the result is float32 (R, X, Y, Z)."""
     if label.ndim == 4:
         label = label[0]
-    if isinstance(label, torch.Tensor):
-        return torch.stack([torch.isin(label, torch.as_tensor(list(values), dtype=label.dtype))
-                            for values in regions.values()]).to(torch.float32)
-    return np.stack([np.isin(label, list(values)) for values in regions.values()]).astype(
-        np.float32)
+    return torch.stack([torch.isin(label, torch.as_tensor(list(values), dtype=label.dtype))
+                        for values in regions.values()]).to(torch.float32)
 
 
 class PretrainCropDataset(Dataset):
