@@ -249,7 +249,7 @@ def _corpus_spacing(datasets: list[dict[str, Any]]) -> list[float] | None:
     """The recipe spacing shared by the corpus' datasets (None if they differ or keep native)."""
     spacings = set()
     for ds in datasets:
-        recipe = (read_processed_index(ds["processed_dir"], missing_ok=True) or {}).get("recipe", {})
-        spacing = recipe.get("spacing")
+        index = read_processed_index(ds["processed_dir"], missing_ok=True) or {}
+        spacing = index.get("recipe", {}).get("spacing")
         spacings.add(tuple(spacing) if spacing else None)
     return list(next(iter(spacings))) if len(spacings) == 1 and None not in spacings else None
