@@ -46,15 +46,14 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def open_url(url: str, headers: dict[str, str] | None = None, timeout: float = 30.0,
-             data: bytes | None = None, method: str | None = None):
+def open_url(url: str, headers: dict[str, str], timeout: float):
     """Open a URL, following redirects; raises urllib errors unchanged.
 
     urllib copies every header to a redirect target except the "unredirected" ones, so the
     Authorization header is added as one: a bearer token must not leak to, say, the cloud bucket a
     pre-signed URL points at (which would also reject the second auth mechanism)."""
-    request = urllib.request.Request(url, data=data, method=method)
-    for key, value in (headers or {}).items():
+    request = urllib.request.Request(url)
+    for key, value in headers.items():
         if key.lower() == "authorization":
             request.add_unredirected_header(key, value)
         else:
