@@ -56,15 +56,14 @@ def find_dirs(root: Path, accept: Callable[[Path], bool], max_depth: int = 5) ->
     return found
 
 
-def publish(out_dir: Path, build: Callable[[Path], None], verify: Verify | None) -> Path:
+def publish(out_dir: Path, build: Callable[[Path], None], verify: Verify) -> Path:
     """Run ``build(temp)`` on a temporary folder holding the empty layout folders, then
     ``verify(temp)``; only then rename ``temp`` onto ``out_dir``."""
     with atomic_directory(Path(out_dir)) as temp:
         for sub in LAYOUT_DIRS:
             (temp / sub).mkdir()
         build(temp)
-        if verify is not None:
-            verify(temp)
+        verify(temp)
     return Path(out_dir)
 
 
