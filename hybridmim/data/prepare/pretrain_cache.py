@@ -20,11 +20,8 @@ from hybridmim.atomic import write_json
 
 def build_native_cache(config: dict[str, Any], name: str,
                        data_root: str | os.PathLike = "data") -> Path:
-    """Build data/pretrain/<name> from data/raw/<name>; returns its splits.json.
-
-    Needs the fine-tuning cache's splits (data/processed/<name>/splits.json): they are copied,
-    never redrawn, so both caches hold one split.
-    """
+    """Build data/pretrain/<name> from data/raw/<name> and the fine-tuning cache's splits.json,
+    copied (never redrawn: both caches hold one split); returns its splits.json."""
     import json
 
     from hybridmim.config import dataset_spec

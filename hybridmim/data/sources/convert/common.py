@@ -1,6 +1,5 @@
-"""What every converter shares: junk-file filtering, hard-link-or-copy, folder search, and the
-build-in-a-temporary-folder-then-rename publication (a failed or interrupted conversion never
-leaves a dataset under its final name)."""
+"""What every converter shares: junk-file filtering, hard-link-or-copy, folder search and the
+atomic publication (the package docstring says why)."""
 from __future__ import annotations
 
 import errno
