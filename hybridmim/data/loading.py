@@ -28,13 +28,6 @@ from hybridmim.data.prepare.splits import load_splits
 from hybridmim.dataset_catalog import validate_window
 
 
-def _cube(size) -> tuple[int, int, int]:
-    size = tuple(int(s) for s in (size if isinstance(size, Sequence) else (size,) * 3))
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"crop must be an int or three positive ints, got {size}")
-    return size
-
-
 def _records(processed_dir: Path, index: dict, ids: Sequence[str]) -> list[dict]:
     by_case = {record["case"]: record for record in index["cases"]}
     missing = [case for case in ids if case not in by_case]
@@ -64,9 +57,9 @@ class PretrainCropDataset(Dataset):
     name read from each dataset's splits.json (default "train", the only one a pretraining corpus
     may use), or ``{processed_dir: [ids]}``."""
 
-    def __init__(self, datasets: Sequence[Mapping], split_ids="train", crop=96,
+    def __init__(self, datasets: Sequence[Mapping], split_ids="train", crop: int = 96,
                  crops_per_volume: int = 2):
-        self.crop = _cube(crop)
+        self.crop = (int(crop),) * 3
         self.crops_per_volume = int(crops_per_volume)
         self.items: list[tuple[Path, dict, dict]] = []  # (processed_dir, case record, window)
         channel_counts: dict[str, int] = {}
@@ -131,7 +124,7 @@ class SegmentationDataset(Dataset):
     dataset's label map (BraTS 4 → 3); with ``regions`` the label becomes R overlapping binary
     channels (``labels_to_regions``)."""
 
-    def __init__(self, processed_dir, ids: Sequence[str], window: Mapping, crop=96,
+    def __init__(self, processed_dir, ids: Sequence[str], window: Mapping, crop: int = 96,
                  num_samples: int = 2, train: bool = True,
                  regions: Mapping[str, Sequence[int]] | None = None):
         self.processed_dir = Path(processed_dir)
@@ -142,7 +135,7 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"{self.processed_dir}: cases {unlabelled[:5]} have no label")
         self.window = validate_window(resolve_window(dict(window), index),
                                       f"{self.processed_dir} window")
-        self.crop, self.num_samples, self.train = _cube(crop), int(num_samples), bool(train)
+        self.crop, self.num_samples, self.train = (int(crop),) * 3, int(num_samples), bool(train)
         self.regions = dict(regions) if regions else None
         values = sorted(int(v) for v in index["labels"])
         self.class_of_value = np.zeros(256, np.uint8)  # label value -> class index lookup
