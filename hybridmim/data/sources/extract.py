@@ -87,10 +87,9 @@ def _extract_tar(archive: Path, into: Path) -> int:
 def _extract_zip(archive: Path, into: Path) -> int:
     count = 0
     with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        # The central directory lists everything up front: refuse before writing anything.
-        for info in infos:
-            _safe_relative(info.filename, archive)
+        # like tar members, each is checked before its bytes are written into the temporary folder
+        for info in zf.infolist():
+            rel = _safe_relative(info.filename, archive)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic "
@@ -98,8 +97,6 @@ def _extract_zip(archive: Path, into: Path) -> int:
             if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) and stat.S_IFMT(mode):
                 raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a special file "
                                          "(device/FIFO); refusing to extract it.")
-        for info in infos:
-            rel = _safe_relative(info.filename, archive)
             if info.is_dir():
                 (into / rel).mkdir(parents=True, exist_ok=True)
                 continue
