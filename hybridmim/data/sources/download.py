@@ -187,8 +187,6 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, sha256: 
         try:
             _fetch_into_part(url, part, headers or {}, timeout, size, progress, name)
             break
-        except DownloadError:
-            raise
         except urllib.error.HTTPError as err:
             if err.code not in RETRYABLE_HTTP_STATUS or attempt >= retries:
                 hint = (" — the credentials were refused or the terms of use not accepted"
