@@ -140,8 +140,6 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
         log.info("Extracting %s into %s", archive, target)
         try:
             count = extractor(archive, temp)
-        except UnsafeArchiveError:
-            raise
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError,
                 OSError) as err:
             if isinstance(err, OSError) and not _looks_like_corruption(err):
