@@ -60,7 +60,6 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
                  wanted_hash)
         return out_dir
     transforms = _CaseTransforms(spec)
-    foreground = transforms.foreground = ForegroundSampler()
     records = []
     with atomic_directory(out_dir) as temp:
         (temp / "cases").mkdir()
@@ -83,7 +82,7 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
             shutil.copy2(out_dir / "splits.json", temp / "splits.json")
         description = {key: value for key, value in index.items()
                        if key not in ("training", "test")}
-        data_fingerprint.update(foreground.summary())
+        data_fingerprint.update(transforms.foreground.summary())
         log.info("%s", describe_recipe(spec.name, recipe, data_fingerprint))
         description.update({"dataset": spec.name, "labels": recipe["labels"],
                             "channels": list(spec.channels), "recipe": recipe,
@@ -132,7 +131,7 @@ class _CaseTransforms:
                                       Orientationd, Spacingd)
         recipe = spec.preprocess
         self.spec = spec
-        self.foreground: ForegroundSampler | None = None
+        self.foreground = ForegroundSampler()
         self.threshold = threshold = recipe.foreground_threshold
         self.loader = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")
 
@@ -190,7 +189,7 @@ class _CaseTransforms:
         resample, crop = self.stages[labelled]
         data = resample(data)
         labelled_voxels = int((data["label"] > 0).sum()) if labelled else 0
-        if labelled and self.foreground is not None:
+        if labelled:
             self.foreground.add(data["image"].numpy(), data["label"].numpy())
         out = crop(data)
         affine = np.asarray(out["image"].affine, dtype=float)
