@@ -48,16 +48,14 @@ def write_config_stages(name: str, block: Mapping[str, Any], project_root: Path)
     document = yaml.safe_load(path.read_text()) if path.exists() else None
     datasets = dict(((document or {}).get("vars") or [{}])[0].get("datasets") or {})
     arg = shlex.quote(json.dumps(dict(block), sort_keys=True))
-    datasets[name] = {
-        "acquire": f"hybridmim data acquire --dataset {name} --dataset-json {arg}",
-        "preprocess": f"hybridmim data preprocess --dataset {name} --dataset-json {arg}"}
-    stage = {"acquire": {"deps": [], "outs": ["data/raw/${key}"]},
-             "preprocess": {"deps": ["data/raw/${key}"], "outs": ["data/processed/${key}"]}}
+    datasets[name] = {stage: f"hybridmim data {stage} --dataset {name} --dataset-json {arg}"
+                      for stage in STAGES}
     document = {"vars": [{"datasets": dict(sorted(datasets.items()))}], "stages": {
-        kind: {"foreach": "${datasets}", "do": {
-            "wdir": "..", "cmd": f"${{item.{kind}}}",
-            **({"deps": stage[kind]["deps"]} if stage[kind]["deps"] else {}),
-            "outs": stage[kind]["outs"]}} for kind in STAGES}}
+        "acquire": {"foreach": "${datasets}", "do": {
+            "wdir": "..", "cmd": "${item.acquire}", "outs": ["data/raw/${key}"]}},
+        "preprocess": {"foreach": "${datasets}", "do": {
+            "wdir": "..", "cmd": "${item.preprocess}", "deps": ["data/raw/${key}"],
+            "outs": ["data/processed/${key}"]}}}}
     write_text(path, _HEADER + yaml.safe_dump(document, sort_keys=False, width=1000))
     return path
 
