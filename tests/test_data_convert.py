@@ -16,7 +16,7 @@ from hybridmim.data.layout import make_index, write_json
 from hybridmim.data.sources.acquire import ManualDownloadRequired, acquire
 from hybridmim.data.sources.convert import ConversionError
 from hybridmim.data.sources.convert.brats import CHANNEL_ORDER
-from hybridmim.dataset_catalog import get_dataset
+from hybridmim.dataset_catalog import DatasetSpec, dataset_from_config, get_dataset
 
 AFFINE = np.array([[-1.0, 0, 0, 90], [0, -1.0, 0, 120], [0, 0, 1.0, -70], [0, 0, 0, 1]])
 SHAPE = (9, 8, 6)
@@ -204,9 +204,9 @@ def _user_folder(root: Path, n: int = 3) -> Path:
     return root
 
 
-def _folder_spec(folder: Path) -> dict:
-    return {"name": "mine", "labels": {0: "background", 1: "spleen"}, "channels": ("CT",),
-            "source": {"kind": "folder", "path": str(folder)}}
+def _folder_spec(folder: Path) -> DatasetSpec:
+    return dataset_from_config("mine", {"modality": "CT", "labels": {0: "background", 1: "spleen"},
+                                        "folder": str(folder)})
 
 
 def test_user_folder_is_checked_linked_and_idempotent(tmp_path):

@@ -385,10 +385,8 @@ def test_acquire_msd_downloads_resumes_extracts_converts_and_is_idempotent(serve
     server.files["/Task09_Spleen.tar"] = archive
     server.drop_after["/Task09_Spleen.tar"] = len(archive) // 2
     registry_spec = get_dataset("msd_spleen")
-    spec = {"name": "msd_spleen", "labels": registry_spec.labels,
-            "channels": registry_spec.channels,
-            "source": {**registry_spec.source, "url": server.url("/Task09_Spleen.tar"),
-                       "md5": _md5(archive)}}
+    spec = dataclasses.replace(registry_spec, source={
+        **registry_spec.source, "url": server.url("/Task09_Spleen.tar"), "md5": _md5(archive)})
     raw = acquire(spec, tmp_path / "raw", tmp_path / "downloads", progress=False)
     assert raw == tmp_path / "raw" / "msd_spleen"
     assert sorted(p.name for p in (raw / "imagesTr").iterdir()) == [

@@ -198,7 +198,7 @@ def test_segmentation_validation_returns_whole_volumes(cache):
 
 def test_brats_regions_and_class_indices(cache):
     label = np.array([0, 1, 2, 4], np.uint8).reshape(1, 1, 1, 4)
-    regions = labels_to_regions(label, BRATS_REGIONS)
+    regions = labels_to_regions(torch.from_numpy(label), BRATS_REGIONS)
     assert regions.shape == (3, 1, 1, 4)  # TC, WT, ET
     assert regions[:, 0, 0].tolist() == [[0, 1, 0, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
     assert torch.equal(labels_to_regions(torch.from_numpy(label[0]), {"TC": [1, 4]}),

@@ -12,9 +12,10 @@ import pytest
 from hybridmim.data.demo import generate_demo
 from hybridmim.data.layout import make_index, save_nifti, write_json
 from hybridmim.data.prepare.preprocess import (PreprocessError, preprocess_dataset,
-                                               preprocessing_recipe, recipe_hash)
+                                               preprocessing_recipe)
 from hybridmim.data.prepare.splits import SplitError, load_splits, make_splits
 from hybridmim.dataset_catalog import REGISTRY, DatasetConfigError, dataset_from_config, get_dataset
+from hybridmim.hashing import spec_hash
 
 from conftest import REAL_CT  # noqa: E402
 
@@ -121,7 +122,7 @@ def _index(folder: Path) -> dict:
 def test_demo_preprocessing_output_format(processed, kind):
     _, out, spec = processed[kind]
     index = _index(out)
-    assert index["recipe_hash"] == recipe_hash(preprocessing_recipe(spec))
+    assert index["recipe_hash"] == spec_hash(preprocessing_recipe(spec))
     assert index["recipe"]["spacing"] == list(spec.preprocess.spacing)
     assert index["name"] == f"demo_{kind}" and index["channels"] == list(spec.channels)
     assert len(index["cases"]) == 4  # imagesTs is not cached unless asked
@@ -167,8 +168,8 @@ def test_idempotent_and_recipe_or_raw_change_rebuilds(tmp_path):
     preprocess_dataset(raw, out, coarse)
     assert load_splits(out) == splits  # a rebuild keeps the splits
     index = _index(out)
-    assert index["recipe_hash"] == recipe_hash(preprocessing_recipe(coarse))
-    assert index["recipe_hash"] != recipe_hash(preprocessing_recipe(spec))
+    assert index["recipe_hash"] == spec_hash(preprocessing_recipe(coarse))
+    assert index["recipe_hash"] != spec_hash(preprocessing_recipe(spec))
     assert np.allclose(index["cases"][0]["spacing"], [3, 3, 4])
     assert max(index["cases"][0]["shape"][1:]) <= 32
 

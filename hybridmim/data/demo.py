@@ -17,9 +17,10 @@ flipped), so preprocessing's reorientation to RAS is exercised on every run.
 - ``spleen``: the same abdomen, spleen (1) only.
 
 The phantoms are scaled-down bodies whose structures are large relative to the field of view (the
-spleen ~2.5 % of the foreground-cropped volume, the liver ~8 %, the whole BraTS tumour ~5 %), so
-that the demo's CPU-sized fine-tuning (tens of seconds per job) learns them; the small BTCV organs
-stay hard, as in the real data. Raw volumes are 27–74 voxels per axis; after resampling to the
+spleen ~2.5 % of the foreground-cropped volume instead of a patient's ~0.5 %, the liver ~8 %, the
+whole BraTS tumour ~5 %), so that the demo's CPU-sized fine-tuning (tens of seconds per job)
+learns them; the small BTCV organs (adrenals, esophagus, veins, pancreas) stay hard, as in the
+real data. Raw volumes are 27–74 voxels per axis; after resampling to the
 recipe spacing and cropping to the foreground they are ~43 x 34 x 32 (CT, 1.5 x 1.5 x 2 mm) and
 ~42 x 44 x 36 (MRI, 1 mm). Output bytes depend only on the arguments.
 """
@@ -32,14 +33,10 @@ import numpy as np
 
 from hybridmim.data.layout import (LAYOUT_DIRS, atomic_directory, listed_files, make_index,
                                    read_json_or_none, save_nifti, write_json)
-from hybridmim.dataset_catalog import (BRATS_LABELS, BTCV_LABELS, LIVER_LABELS, SPLEEN_LABELS)
+from hybridmim.dataset_catalog import get_dataset
 
 DEMO_KINDS = ("brats", "btcv", "liver", "spleen")
 GENERATOR_VERSION = 2  # bump when the phantoms change, so existing demo folders are rebuilt
-_LABELS = {"brats": BRATS_LABELS, "btcv": BTCV_LABELS, "liver": LIVER_LABELS,
-           "spleen": SPLEEN_LABELS}
-_CHANNELS = {"brats": ("t1", "t1ce", "t2", "flair"), "btcv": ("CT",), "liver": ("CT",),
-             "spleen": ("CT",)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,12 +111,8 @@ def _lps_storage(volume: np.ndarray, grid: _Grid) -> tuple[np.ndarray, np.ndarra
 # Organ: label, centre and radii as fractions of the body's half-axes (x: right, y: anterior,
 # z: half the field of view), mean HU (portal-venous phase, as in BTCV and MSD: the spleen a little
 # brighter than the liver, neither separable from the other, the pancreas or the IVC by intensity
-# alone under the noise). Painted in this order: later organs win overlaps.
-# The phantom abdomen is a scaled-down one (a ~66 x 50 mm trunk, 64 mm of it along z) whose organs
-# are larger relative to the body than in a patient: the spleen is ~2.5 % of the foreground-cropped
-# volume instead of ~0.5 %, the liver ~8 %. A CPU-sized network then learns them within the
-# demo's fine-tuning budget, while the small organs (adrenals, esophagus, veins, pancreas) stay
-# hard, as they are in BTCV.
+# alone under the noise). Painted in this order: later organs win overlaps. The trunk is ~66 x 50
+# mm, 64 mm along z, its organs scaled up relative to it (module docstring).
 _ORGANS = [
     ("liver", 6, (0.40, 0.05, 0.20), (0.45, 0.62, 0.62), 100),
     ("stomach", 7, (-0.32, 0.32, 0.30), (0.30, 0.32, 0.40), 30),
@@ -284,11 +277,12 @@ def generate_demo(kind: str, out_dir, num_cases: int = 10, num_test: int = 2,
             else:
                 save_nifti(image, affine, temp / "imagesTs" / name)
                 test.append(f"./imagesTs/{name}")
+        catalogued = get_dataset(f"demo_{kind}")  # the channels and labels drawn above
         index = make_index(
             name=f"demo_{kind}", description=f"Generated {kind}-like phantoms for the embedded "
             f"demo of hybridmim (not real patients).",
-            reference="hybridmim.data.demo", licence="CC0-1.0", channels=_CHANNELS[kind],
-            labels=_LABELS[kind], training=training, test=test)
+            reference="hybridmim.data.demo", licence="CC0-1.0", channels=catalogued.channels,
+            labels=catalogued.labels, training=training, test=test)
         index["generator"] = parameters
         write_json(temp / "dataset.json", index)
     return out_dir

@@ -127,13 +127,13 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
 
 
 def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Iterable[int],
-                  channels: Sequence[str] | int, workers: int = 2,
+                  channels: Sequence[str], workers: int = 2,
                   declared_by: str = "the registry entry") -> list[str]:
     """Every problem of the dataset at ``raw_dir``, each prefixed by its case (or dataset.json).
     ``declared_by`` says where the expected labels/channels come from, for the messages."""
     raw_dir = Path(raw_dir)
     label_values = {int(k) for k in label_map}
-    num_channels = channels if isinstance(channels, int) else len(channels)
+    num_channels = len(channels)
     index_path = raw_dir / "dataset.json"
     try:
         index = json.loads(index_path.read_text())
@@ -179,14 +179,12 @@ def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Ite
 
 
 def assert_dataset_ok(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Iterable[int],
-                      channels: Sequence[str] | int, workers: int = 2, *,
-                      shown_as: str | os.PathLike | None = None,
+                      channels: Sequence[str], *, shown_as: str | os.PathLike | None = None,
                       declared_by: str = "the registry entry") -> None:
     """Raise one DatasetIntegrityError listing EVERY problem, or return quietly. ``shown_as``
     names the folder in the message when ``raw_dir`` is a temporary copy the user never saw (the
     problems' relative paths then point into the user's own folder)."""
-    problems = check_dataset(raw_dir, label_map, channels, workers=workers,
-                             declared_by=declared_by)
+    problems = check_dataset(raw_dir, label_map, channels, declared_by=declared_by)
     if problems:
         raise DatasetIntegrityError(shown_as or Path(raw_dir), problems)
     log.info("%s passed the integrity check", raw_dir)

@@ -5,10 +5,11 @@
 ``dataset.json`` holds name, description, reference, licence, tensorImageSize, modality
 ({"0": channel name, ...}), labels ({"0": "background", ...}), numTraining, numTest, training
 ([{"image": ..., "label": ...}]) and test ([image, ...]). Only ``modality``, ``labels`` and
-``training`` are required (the code reads nothing else); the others are checked when present. A multi-channel image is either one 4D
-NIfTI (channels last, as MSD stores BraTS) or a list of 3D files, one per channel, in channel
-order. An entry may carry an explicit ``"case"`` id; otherwise the id is the image file name
-without ``.nii.gz`` (for a list of channel files: the label's file name).
+``training`` are required (the code reads nothing else); the others are checked when present.
+A multi-channel image is either one 4D NIfTI (channels last, as MSD stores BraTS) or a list of
+3D files, one per channel, in channel order. An entry may carry an explicit ``"case"`` id;
+otherwise the id is the image file name without ``.nii.gz`` (for a list of channel files: the
+label's file name).
 
 Every producer of this layout (demo generator, converters, extraction) publishes it through
 ``atomic_directory`` so that a half-written dataset never exists under its final name.
@@ -143,6 +144,19 @@ def read_json_or_none(path: Path):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_processed_index(processed_dir, missing_ok: bool = False) -> dict | None:
+    """The dataset.json of a preprocessed cache (data/processed/<dataset>); None when there is
+    none and ``missing_ok``."""
+    path = Path(processed_dir) / "dataset.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"{path}: no preprocessed dataset here; run the preprocess step "
+                                f"(`hybridmim data preprocess`) first") from None
 
 
 def make_index(*, name: str, description: str, reference: str, licence: str,

@@ -23,16 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from hybridmim.data.intensity import apply_window, resolve_window
-from hybridmim.data.prepare.preprocess import read_processed_index
+from hybridmim.data.layout import read_processed_index
 from hybridmim.data.prepare.splits import load_splits
 from hybridmim.dataset_catalog import validate_window
-
-
-def _cube(size) -> tuple[int, int, int]:
-    size = tuple(int(s) for s in (size if isinstance(size, Sequence) else (size,) * 3))
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"crop must be an int or three positive ints, got {size}")
-    return size
 
 
 def _records(processed_dir: Path, index: dict, ids: Sequence[str]) -> list[dict]:
@@ -44,17 +37,14 @@ def _records(processed_dir: Path, index: dict, ids: Sequence[str]) -> list[dict]
     return [by_case[case] for case in ids]
 
 
-def labels_to_regions(label, regions: Mapping[str, Sequence[int]]):
+def labels_to_regions(label: torch.Tensor, regions: Mapping[str, Sequence[int]]) -> torch.Tensor:
     """Overlapping binary channels from a label map: channel r is 1 where the label is one of
     ``regions[r]`` (BraTS: TC = {1, 4}, WT = {1, 2, 4}, ET = {4}). ``label`` is (X, Y, Z) or
-    (1, X, Y, Z), numpy or torch; the result is float32 (R, X, Y, Z) of the same kind."""
+    (1, X, Y, Z); the result is float32 (R, X, Y, Z)."""
     if label.ndim == 4:
         label = label[0]
-    if isinstance(label, torch.Tensor):
-        return torch.stack([torch.isin(label, torch.as_tensor(list(values), dtype=label.dtype))
-                            for values in regions.values()]).to(torch.float32)
-    return np.stack([np.isin(label, list(values)) for values in regions.values()]).astype(
-        np.float32)
+    return torch.stack([torch.isin(label, torch.as_tensor(list(values), dtype=label.dtype))
+                        for values in regions.values()]).to(torch.float32)
 
 
 class PretrainCropDataset(Dataset):
@@ -67,9 +57,9 @@ class PretrainCropDataset(Dataset):
     name read from each dataset's splits.json (default "train", the only one a pretraining corpus
     may use), or ``{processed_dir: [ids]}``."""
 
-    def __init__(self, datasets: Sequence[Mapping], split_ids="train", crop=96,
+    def __init__(self, datasets: Sequence[Mapping], split_ids="train", crop: int = 96,
                  crops_per_volume: int = 2):
-        self.crop = _cube(crop)
+        self.crop = (int(crop),) * 3
         self.crops_per_volume = int(crops_per_volume)
         self.items: list[tuple[Path, dict, dict]] = []  # (processed_dir, case record, window)
         channel_counts: dict[str, int] = {}
@@ -134,7 +124,7 @@ class SegmentationDataset(Dataset):
     dataset's label map (BraTS 4 → 3); with ``regions`` the label becomes R overlapping binary
     channels (``labels_to_regions``)."""
 
-    def __init__(self, processed_dir, ids: Sequence[str], window: Mapping, crop=96,
+    def __init__(self, processed_dir, ids: Sequence[str], window: Mapping, crop: int = 96,
                  num_samples: int = 2, train: bool = True,
                  regions: Mapping[str, Sequence[int]] | None = None):
         self.processed_dir = Path(processed_dir)
@@ -145,7 +135,7 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"{self.processed_dir}: cases {unlabelled[:5]} have no label")
         self.window = validate_window(resolve_window(dict(window), index),
                                       f"{self.processed_dir} window")
-        self.crop, self.num_samples, self.train = _cube(crop), int(num_samples), bool(train)
+        self.crop, self.num_samples, self.train = (int(crop),) * 3, int(num_samples), bool(train)
         self.regions = dict(regions) if regions else None
         values = sorted(int(v) for v in index["labels"])
         self.class_of_value = np.zeros(256, np.uint8)  # label value -> class index lookup

@@ -48,30 +48,31 @@ def write_config_stages(name: str, block: Mapping[str, Any], project_root: Path)
     document = yaml.safe_load(path.read_text()) if path.exists() else None
     datasets = dict(((document or {}).get("vars") or [{}])[0].get("datasets") or {})
     arg = shlex.quote(json.dumps(dict(block), sort_keys=True))
-    datasets[name] = {
-        "acquire": f"hybridmim data acquire --dataset {name} --dataset-json {arg}",
-        "preprocess": f"hybridmim data preprocess --dataset {name} --dataset-json {arg}"}
-    stage = {"acquire": {"deps": [], "outs": ["data/raw/${key}"]},
-             "preprocess": {"deps": ["data/raw/${key}"], "outs": ["data/processed/${key}"]}}
+    datasets[name] = {stage: f"hybridmim data {stage} --dataset {name} --dataset-json {arg}"
+                      for stage in STAGES}
     document = {"vars": [{"datasets": dict(sorted(datasets.items()))}], "stages": {
-        kind: {"foreach": "${datasets}", "do": {
-            "wdir": "..", "cmd": f"${{item.{kind}}}",
-            **({"deps": stage[kind]["deps"]} if stage[kind]["deps"] else {}),
-            "outs": stage[kind]["outs"]}} for kind in STAGES}}
+        "acquire": {"foreach": "${datasets}", "do": {
+            "wdir": "..", "cmd": "${item.acquire}", "outs": ["data/raw/${key}"]}},
+        "preprocess": {"foreach": "${datasets}", "do": {
+            "wdir": "..", "cmd": "${item.preprocess}", "deps": ["data/raw/${key}"],
+            "outs": ["data/processed/${key}"]}}}}
     write_text(path, _HEADER + yaml.safe_dump(document, sort_keys=False, width=1000))
     return path
 
 
-def _commit(root: Path, stages: list[str], outputs: dict[str, Path]) -> dict[str, Any]:
-    """`dvc commit` ``stages``; the hash dvc.lock now holds for each of ``outputs``."""
+def _commit(root: Path, name: str, stages: list[str], outputs: dict[str, Path],
+            out: str | os.PathLike) -> dict[str, Any]:
+    """`dvc commit` ``stages``; write to ``out`` (and return) the hash dvc.lock now holds for
+    each of ``outputs``."""
     _dvc(["commit", "--force", *stages], root)
-    hashes = {}
+    result = {"dataset": name, "stages": stages}
     for kind, folder in outputs.items():
-        hashes[kind] = data_hash(folder, root)
-        if hashes[kind]["source"] != "dvc.lock":
+        result[kind] = data_hash(folder, root)
+        if result[kind]["source"] != "dvc.lock":
             raise RuntimeError(f"dvc commit did not record {folder.relative_to(root).as_posix()} "
                                "in dvc.lock")
-    return hashes
+    write_json(out, result)
+    return result
 
 
 def version_dataset(name: str, out: str | os.PathLike, project_root: str = ".",
@@ -91,11 +92,8 @@ def version_dataset(name: str, out: str | os.PathLike, project_root: str = ".",
     if missing:
         stage_file = write_config_stages(name, block, root).relative_to(root).as_posix()
         stages = [f"{stage_file}:{stage}" for stage in stages]
-    result = {"dataset": name, "stages": stages,
-              **_commit(root, stages, {kind: root / "data" / kind / name
-                                       for kind in ("raw", "processed")})}
-    write_json(out, result)
-    return result
+    return _commit(root, name, stages, {kind: root / "data" / kind / name
+                                        for kind in ("raw", "processed")}, out)
 
 
 PRETRAIN_STAGE = "preprocess_pretrain"
@@ -110,7 +108,4 @@ def version_pretrain_cache(name: str, out: str | os.PathLike, project_root: str 
         raise RuntimeError(f"dvc.yaml has no stage {stage!r}: add dataset {name!r} to the "
                            f"`datasets` list under vars: in dvc.yaml, or set "
                            f"data_versioning.dvc: false in the config")
-    result = {"dataset": name, "stages": [stage],
-              **_commit(root, [stage], {"pretrain": root / "data" / "pretrain" / name})}
-    write_json(out, result)
-    return result
+    return _commit(root, name, [stage], {"pretrain": root / "data" / "pretrain" / name}, out)

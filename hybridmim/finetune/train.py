@@ -23,6 +23,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from hybridmim import checkpoints, runtime
+from hybridmim.data.layout import read_processed_index
 from hybridmim.evaluate.metrics import (check_class_indices, class_names, foreground_masks,
                                         ground_truth_masks, metric_key, nanmean)
 from hybridmim.hashing import spec_hash as compute_spec_hash
@@ -46,11 +47,7 @@ def check_finetune_spec(spec: dict[str, Any]) -> None:
 def dataset_spacing(processed_dir: str | Path) -> list[float] | None:
     """Voxel spacing of the preprocessed data (the recipe's target spacing, else the first
     case's), recorded in model.pt so inference knows the resolution the model expects."""
-    path = Path(processed_dir) / "dataset.json"
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {path} ({exc}); run the preprocess step first") from exc
+    info = read_processed_index(processed_dir)
     spacing = (info.get("recipe") or {}).get("spacing")
     if spacing is None and info.get("cases"):
         spacing = info["cases"][0].get("spacing")

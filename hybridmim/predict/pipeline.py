@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from hybridmim.data.intensity import apply_window
+from hybridmim.data.layout import read_processed_index
 from hybridmim.dataset_catalog import validate_window
 from hybridmim.predict.inference import predict_volume
 
@@ -43,11 +44,9 @@ def check_preprocess(recipe: Mapping[str, Any] | None, where: str) -> dict[str, 
 
 def recorded_preprocess(processed_dir: str | Path) -> dict[str, Any] | None:
     """The recipe a preprocessed cache was built with (its dataset.json), as a model records it."""
-    import json
-
-    path = Path(processed_dir) / "dataset.json"
     try:
-        return check_preprocess(json.loads(path.read_text()).get("recipe"), str(path))
+        return check_preprocess(read_processed_index(processed_dir).get("recipe"),
+                                f"{processed_dir}/dataset.json")
     except (OSError, ValueError):  # no cache, or one without a complete recipe
         return None
 

@@ -27,7 +27,6 @@ the MLflow run come from hybridmim/training_loop.py, shared with fine-tuning.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from hybridmim import checkpoints, runtime
+from hybridmim.data.layout import read_processed_index
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.jobguard import guarded_job
 from hybridmim.pretrain.cost import CostMeter
@@ -249,8 +249,7 @@ def _corpus_spacing(datasets: list[dict[str, Any]]) -> list[float] | None:
     """The recipe spacing shared by the corpus' datasets (None if they differ or keep native)."""
     spacings = set()
     for ds in datasets:
-        path = Path(ds["processed_dir"]) / "dataset.json"
-        recipe = json.loads(path.read_text()).get("recipe", {}) if path.exists() else {}
-        spacing = recipe.get("spacing")
+        index = read_processed_index(ds["processed_dir"], missing_ok=True) or {}
+        spacing = index.get("recipe", {}).get("spacing")
         spacings.add(tuple(spacing) if spacing else None)
     return list(next(iter(spacings))) if len(spacings) == 1 and None not in spacings else None

@@ -13,7 +13,6 @@ code version or the raw files changed; otherwise the call does nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -43,10 +42,6 @@ def preprocessing_recipe(spec: DatasetSpec) -> dict:
             "code_version": PREPROCESS_VERSION}
 
 
-# The cache's identity is hashed like any job spec (the same function, one canonical JSON form).
-recipe_hash = spec_hash
-
-
 def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
     """Build ``out_dir`` (data/processed/<dataset>) from ``raw_dir`` (canonical layout).
     Returns ``out_dir``. Raises LayoutError / PreprocessError, leaving ``out_dir`` untouched."""
@@ -59,14 +54,12 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
     # A "median" target spacing (user datasets' default) is resolved from the files' headers.
     spec, data_fingerprint = resolve_spacing(spec, [case.images[0] for case in cases])
     recipe = preprocessing_recipe(spec)
-    wanted_hash = recipe_hash(recipe)
+    wanted_hash = spec_hash(recipe)  # hashed like a job spec: one canonical JSON form
     if _up_to_date(out_dir, wanted_hash, fingerprint):
         log.info("%s: preprocessed cache %s is up to date (recipe %s)", spec.name, out_dir,
                  wanted_hash)
         return out_dir
-    _check_channels(raw_dir, index, spec)
     transforms = _CaseTransforms(spec)
-    foreground = transforms.foreground = ForegroundSampler()
     records = []
     with atomic_directory(out_dir) as temp:
         (temp / "cases").mkdir()
@@ -89,7 +82,7 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
             shutil.copy2(out_dir / "splits.json", temp / "splits.json")
         description = {key: value for key, value in index.items()
                        if key not in ("training", "test")}
-        data_fingerprint.update(foreground.summary())
+        data_fingerprint.update(transforms.foreground.summary())
         log.info("%s", describe_recipe(spec.name, recipe, data_fingerprint))
         description.update({"dataset": spec.name, "labels": recipe["labels"],
                             "channels": list(spec.channels), "recipe": recipe,
@@ -98,15 +91,6 @@ def preprocess_dataset(raw_dir, out_dir, spec: DatasetSpec) -> Path:
                             "cases": records})
         write_json(temp / "dataset.json", description)
     return out_dir
-
-
-def read_processed_index(processed_dir) -> dict:
-    path = Path(processed_dir) / "dataset.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no preprocessed dataset here; run the preprocess step "
-                                f"(`hybridmim data preprocess`) first") from None
 
 
 def raw_fingerprint(raw_dir: Path, cases: list[CaseFiles]) -> str:
@@ -139,15 +123,6 @@ def _up_to_date(out_dir: Path, wanted_hash: str, fingerprint: str) -> bool:
     return all((out_dir / f).is_file() for f in files)
 
 
-def _check_channels(raw_dir: Path, index: dict, spec: DatasetSpec) -> None:
-    declared = index.get("modality", {})
-    if len(declared) != spec.num_channels:
-        raise LayoutError(f"{raw_dir / 'dataset.json'}: declares {len(declared)} channel(s) "
-                          f"{list(declared.values())} but dataset {spec.name!r} expects "
-                          f"{list(spec.channels)}; fix the registry entry / config block or the "
-                          f"conversion")
-
-
 class _CaseTransforms:
     """Load + check + MONAI spatial/intensity transforms for one case."""
 
@@ -156,7 +131,7 @@ class _CaseTransforms:
                                       Orientationd, Spacingd)
         recipe = spec.preprocess
         self.spec = spec
-        self.foreground: ForegroundSampler | None = None
+        self.foreground = ForegroundSampler()
         self.threshold = threshold = recipe.foreground_threshold
         self.loader = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")
 
@@ -214,7 +189,7 @@ class _CaseTransforms:
         resample, crop = self.stages[labelled]
         data = resample(data)
         labelled_voxels = int((data["label"] > 0).sum()) if labelled else 0
-        if labelled and self.foreground is not None:
+        if labelled:
             self.foreground.add(data["image"].numpy(), data["label"].numpy())
         out = crop(data)
         affine = np.asarray(out["image"].affine, dtype=float)

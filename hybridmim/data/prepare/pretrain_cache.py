@@ -16,28 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from hybridmim.atomic import write_json
-from hybridmim.dataset_catalog import DatasetSpec
-
-PRETRAIN_SUBDIR = "pretrain"
-
-
-def native_spec(spec: DatasetSpec) -> DatasetSpec:
-    """The dataset with the native pretraining recipe: RAS, native spacing, whole volumes."""
-    recipe = dataclasses.replace(spec.preprocess, spacing=None, crop_foreground=False)
-    return dataclasses.replace(spec, preprocess=recipe)
-
-
-def pretrain_cache_dir(name: str, data_root: str | os.PathLike = "data") -> Path:
-    return Path(data_root) / PRETRAIN_SUBDIR / name
 
 
 def build_native_cache(config: dict[str, Any], name: str,
                        data_root: str | os.PathLike = "data") -> Path:
-    """Build data/pretrain/<name> from data/raw/<name>; returns its splits.json.
-
-    Needs the fine-tuning cache's splits (data/processed/<name>/splits.json): they are copied,
-    never redrawn, so both caches hold one split.
-    """
+    """Build data/pretrain/<name> from data/raw/<name> and the fine-tuning cache's splits.json,
+    copied (never redrawn: both caches hold one split); returns its splits.json."""
     import json
 
     from hybridmim.config import dataset_spec
@@ -50,7 +34,9 @@ def build_native_cache(config: dict[str, Any], name: str,
             raise FileNotFoundError(f"{needed} is missing: run `hybridmim data {step} --dataset "
                                     f"{name}` first (the native pretraining cache reads the raw "
                                     f"data and the fine-tuning cache's split)")
-    out_dir = pretrain_cache_dir(name, data_root)
-    preprocess_dataset(raw_dir, out_dir, native_spec(dataset_spec(config, name)))
+    spec = dataset_spec(config, name)
+    native = dataclasses.replace(spec.preprocess, spacing=None, crop_foreground=False)
+    out_dir = Path(data_root) / "pretrain" / name
+    preprocess_dataset(raw_dir, out_dir, dataclasses.replace(spec, preprocess=native))
     write_json(out_dir / "splits.json", json.loads(splits_file.read_text()))
     return out_dir / "splits.json"

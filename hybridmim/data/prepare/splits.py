@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hybridmim.atomic import write_json
-from hybridmim.data.prepare.preprocess import read_processed_index
+from hybridmim.data.layout import read_processed_index
 from hybridmim.dataset_catalog import DatasetSpec, SplitRecipe
 
 SPLITS_FILE = "splits.json"
@@ -34,7 +34,7 @@ def make_splits(processed_dir, spec: DatasetSpec, seed: int | None = None) -> di
     labelled = sorted(c["case"] for c in index["cases"] if c["label"] is not None)
     recipe = spec.split
     seed = recipe.seed if seed is None else int(seed)
-    cases_sha256 = _case_set_hash(labelled)
+    cases_sha256 = hashlib.sha256("\n".join(labelled).encode()).hexdigest()
     path = processed_dir / SPLITS_FILE
     if path.exists():
         existing = load_splits(processed_dir)
@@ -94,10 +94,6 @@ def label_fraction_subset(ids, fraction: float, seed: int) -> list[str]:
     permutation = np.random.default_rng(seed).permutation(len(ordered))
     keep = max(1, int(round(fraction * len(ordered))))
     return sorted(ordered[i] for i in permutation[:keep])
-
-
-def _case_set_hash(cases: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(cases)).encode()).hexdigest()
 
 
 def _assign(cases: list[str], recipe: SplitRecipe, seed: int, where: Path) -> dict:

@@ -30,6 +30,7 @@ from hybridmim.data.layout import read_json_or_none
 from hybridmim.data.sources.convert import convert_folder, convert_msd, get_converter
 from hybridmim.data.sources.download import SYNAPSE_REPO_ENDPOINT, download, synapse_download
 from hybridmim.data.sources.extract import safe_extract
+from hybridmim.dataset_catalog import DatasetSpec
 from hybridmim.hashing import md5_file
 
 log = logging.getLogger("hybridmim.data.sources.acquire")
@@ -92,10 +93,6 @@ MANUAL_SOURCES: dict[str, ManualSource] = {
 }
 
 
-def _get(spec: Any, key: str) -> Any:
-    return spec[key] if isinstance(spec, Mapping) else getattr(spec, key)
-
-
 def _manual_error(name: str, info: ManualSource, downloads_dir: Path) -> ManualDownloadRequired:
     places = "\n".join(f"      {downloads_dir / n}" for n in info.archive_names)
     return ManualDownloadRequired(
@@ -127,23 +124,19 @@ def _folder_identity(folder: Path) -> dict:
     return {"folder": str(folder.resolve()), "listing_sha256": digest.hexdigest()}
 
 
-def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.PathLike,
-            manual_paths: Mapping[str, str | os.PathLike] | None = None, *,
-            keep_extracted: bool = False, progress: bool = True, workers: int = 1,
-            converter_options: Mapping[str, Any] | None = None,
+def acquire(spec: DatasetSpec, raw_root: str | os.PathLike, downloads_dir: str | os.PathLike,
+            manual_paths: Mapping[str, str | os.PathLike] | None = None, *, progress: bool = True,
+            workers: int = 1, converter_options: Mapping[str, Any] | None = None,
             environ: Mapping[str, str] | None = None) -> Path:
     """Make ``raw_root/<name>`` hold the dataset of registry entry ``spec``; return its path.
 
     ``manual_paths`` maps dataset names to a manually downloaded archive or extracted folder.
-    ``keep_extracted`` keeps ``downloads_dir/extracted/<name>`` after conversion (the raw folder
-    hard-links the files, so deleting it frees no space on the same file system, but clutter).
     ``converter_options`` go to the converter (e.g. ``expect_all_cases=False`` for a subset);
     ``workers``: processes for BraTS channel stacking. ``environ`` (default ``os.environ``) is
     where ``SYNAPSE_AUTH_TOKEN`` (and, for a private mirror, ``SYNAPSE_REPO_ENDPOINT``) are read.
     """
-    name = _get(spec, "name")
-    source = dict(_get(spec, "source") or {})
-    labels, channels = _get(spec, "labels"), _get(spec, "channels")
+    name, labels, channels = spec.name, spec.labels, spec.channels
+    source = dict(spec.source or {})
     raw_dir = Path(raw_root) / name
     downloads = Path(downloads_dir)
     manual = Path(manual_paths[name]) if manual_paths and name in manual_paths else None
@@ -197,7 +190,7 @@ def acquire(spec: Any, raw_root: str | os.PathLike, downloads_dir: str | os.Path
         (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
     located.convert(located.folder, raw_dir, verify=verify)
-    if located.extracted is not None and not keep_extracted:
+    if located.extracted is not None:  # the raw folder holds (hard links to) what it needs
         shutil.rmtree(located.extracted, ignore_errors=True)
     return raw_dir
 

@@ -46,15 +46,14 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def open_url(url: str, headers: dict[str, str] | None = None, timeout: float = 30.0,
-             data: bytes | None = None, method: str | None = None):
+def open_url(url: str, headers: dict[str, str], timeout: float):
     """Open a URL, following redirects; raises urllib errors unchanged.
 
     urllib copies every header to a redirect target except the "unredirected" ones, so the
     Authorization header is added as one: a bearer token must not leak to, say, the cloud bucket a
     pre-signed URL points at (which would also reject the second auth mechanism)."""
-    request = urllib.request.Request(url, data=data, method=method)
-    for key, value in (headers or {}).items():
+    request = urllib.request.Request(url)
+    for key, value in headers.items():
         if key.lower() == "authorization":
             request.add_unredirected_header(key, value)
         else:
@@ -188,8 +187,6 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, sha256: 
         try:
             _fetch_into_part(url, part, headers or {}, timeout, size, progress, name)
             break
-        except DownloadError:
-            raise
         except urllib.error.HTTPError as err:
             if err.code not in RETRYABLE_HTTP_STATUS or attempt >= retries:
                 hint = (" — the credentials were refused or the terms of use not accepted"
@@ -238,7 +235,7 @@ def _synapse_json(url: str, token: str, timeout: float):
 
 def synapse_download(entity_id: str, dest: str | os.PathLike, token: str,
                      endpoint: str = SYNAPSE_REPO_ENDPOINT, progress: bool = True,
-                     timeout: float = 60.0, retries: int = 5, backoff_s: float = 2.0) -> Path:
+                     timeout: float = 60.0) -> Path:
     """Download the file of Synapse entity ``entity_id`` with a personal access token.
 
     Uses the Synapse REST API: the entity's file handle gives the expected md5 and size, and
@@ -263,4 +260,4 @@ def synapse_download(entity_id: str, dest: str | os.PathLike, token: str,
                             f"{err.reason}. Accept the dataset's terms of use on synapse.org with "
                             "this account, then run again.") from None
     return download(presigned, dest, md5=md5, size=int(size) if size is not None else None,
-                    progress=progress, timeout=timeout, retries=retries, backoff_s=backoff_s)
+                    progress=progress, timeout=timeout)

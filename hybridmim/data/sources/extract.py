@@ -17,12 +17,11 @@ import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from hybridmim.data.layout import read_json_or_none
+from hybridmim.data.layout import atomic_directory, read_json_or_none
 from hybridmim.data.sources.download import check_free_space
 
 log = logging.getLogger("hybridmim.data.sources.extract")
@@ -88,10 +87,9 @@ def _extract_tar(archive: Path, into: Path) -> int:
 def _extract_zip(archive: Path, into: Path) -> int:
     count = 0
     with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        # The central directory lists everything up front: refuse before writing anything.
-        for info in infos:
-            _safe_relative(info.filename, archive)
+        # like tar members, each is checked before its bytes are written into the temporary folder
+        for info in zf.infolist():
+            rel = _safe_relative(info.filename, archive)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic "
@@ -99,8 +97,6 @@ def _extract_zip(archive: Path, into: Path) -> int:
             if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) and stat.S_IFMT(mode):
                 raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a special file "
                                          "(device/FIFO); refusing to extract it.")
-        for info in infos:
-            rel = _safe_relative(info.filename, archive)
             if info.is_dir():
                 (into / rel).mkdir(parents=True, exist_ok=True)
                 continue
@@ -137,17 +133,13 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
         raise ArchiveError(f"{archive} is neither a tar nor a zip archive (or it is truncated "
                            "before its first member). Delete it and download it again.")
     check_free_space(target.parent, needed, f"extracting {archive.name}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of an attempt that was killed (SIGKILL, power loss) before its cleanup ran.
-    for stale in target.parent.glob(f".{target.name}.extracting-*"):
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extracting-", dir=target.parent))
-    try:
+    with atomic_directory(target) as temp:
         log.info("Extracting %s into %s", archive, target)
         try:
             count = extractor(archive, temp)
-        except UnsafeArchiveError:
-            raise
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError,
                 OSError) as err:
             if isinstance(err, OSError) and not _looks_like_corruption(err):
@@ -157,14 +149,8 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
                 "extracted. Delete it and download it again (a manual download may have been "
                 "interrupted).") from None
         (temp / COMPLETE_MARKER).write_text(json.dumps(record))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(temp, target)
-        log.info("Extracted %d files from %s", count, archive.name)
-        return target
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
+    log.info("Extracted %d files from %s", count, archive.name)
+    return target
 
 
 def _looks_like_corruption(err: OSError) -> bool:

@@ -4,7 +4,7 @@ One converter per source kind, named by the catalogue's ``converter`` key: ``msd
 (msd.py), ``btcv`` (btcv.py), ``brats2020`` (brats.py); common.py holds what they share.
 
 Every converter builds the dataset in a temporary sibling of ``out_dir`` and renames it into
-place only after the optional ``verify`` callback (acquire passes the integrity check) accepted the
+place only after the ``verify`` callback (acquire passes the integrity check) accepted the
 temporary folder. Unchanged NIfTI files are hard-linked from the extracted source instead of
 copied (MSD Liver is ~28 GB), with a copy as fallback across file systems.
 """

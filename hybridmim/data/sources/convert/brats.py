@@ -103,7 +103,7 @@ def find_brats_cases(source: Path) -> list[Path]:
     return sorted(folders, key=lambda f: f.name)
 
 
-def convert_brats(source: Path, out_dir: Path, verify: Verify | None = None,
+def convert_brats(source: Path, out_dir: Path, verify: Verify,
                   expect_all_cases: bool = True, workers: int = 1) -> Path:
     """A folder holding the BraTS20_Training_XXX case folders (at any depth) → ``out_dir``.
 

@@ -39,7 +39,7 @@ def find_btcv_root(source: Path) -> Path:
     return roots[0]
 
 
-def convert_btcv(source: Path, out_dir: Path, verify: Verify | None = None,
+def convert_btcv(source: Path, out_dir: Path, verify: Verify,
                  expect_all_cases: bool = True) -> Path:
     """Extracted ``RawData.zip`` (or a folder holding ``RawData/``) → ``out_dir``.
 

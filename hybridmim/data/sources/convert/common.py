@@ -1,6 +1,5 @@
-"""What every converter shares: junk-file filtering, hard-link-or-copy, folder search, and the
-build-in-a-temporary-folder-then-rename publication (a failed or interrupted conversion never
-leaves a dataset under its final name)."""
+"""What every converter shares: junk-file filtering, hard-link-or-copy, folder search and the
+atomic publication (the package docstring says why)."""
 from __future__ import annotations
 
 import errno
@@ -56,15 +55,14 @@ def find_dirs(root: Path, accept: Callable[[Path], bool], max_depth: int = 5) ->
     return found
 
 
-def publish(out_dir: Path, build: Callable[[Path], None], verify: Verify | None) -> Path:
+def publish(out_dir: Path, build: Callable[[Path], None], verify: Verify) -> Path:
     """Run ``build(temp)`` on a temporary folder holding the empty layout folders, then
     ``verify(temp)``; only then rename ``temp`` onto ``out_dir``."""
     with atomic_directory(Path(out_dir)) as temp:
         for sub in LAYOUT_DIRS:
             (temp / sub).mkdir()
         build(temp)
-        if verify is not None:
-            verify(temp)
+        verify(temp)
     return Path(out_dir)
 
 

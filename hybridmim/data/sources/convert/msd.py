@@ -35,7 +35,7 @@ def find_msd_root(extracted: Path, archive_root: str | None = None) -> Path:
 
 
 def convert_msd(source: Path, out_dir: Path, archive_root: str | None = None,
-                verify: Verify | None = None) -> Path:
+                *, verify: Verify) -> Path:
     """An extracted Decathlon task → canonical layout. The task is already in this layout, so this
     keeps exactly the files its dataset.json lists (which drops the macOS ``._*`` resource forks
     some copies of the tars carry) and fails, naming them, if listed files are missing."""
@@ -78,10 +78,9 @@ def convert_msd(source: Path, out_dir: Path, archive_root: str | None = None,
 
 # ---------------------------------------------------------------------------------------------
 # A user's own folder, already canonical
-def convert_folder(folder: Path, out_dir: Path, verify: Verify | None = None) -> Path:
+def convert_folder(folder: Path, out_dir: Path, verify: Verify) -> Path:
     """A folder that already has the canonical layout → ``out_dir`` (hard links). When ``folder``
-    is ``out_dir`` itself it is only checked. Without ``verify`` a listed file that is missing is
-    an error here; with it, the check reports it along with every other problem."""
+    is ``out_dir`` itself it is only checked."""
     folder, out_dir = Path(folder), Path(out_dir)
     try:
         index = read_index(folder)
@@ -94,13 +93,8 @@ def convert_folder(folder: Path, out_dir: Path, verify: Verify | None = None) ->
     if absolute:
         raise ConversionError(f"{folder / 'dataset.json'}: paths must be relative to the folder "
                               f"and stay inside it; offending entries: {absolute[:5]}")
-    missing = [p for p in files if not (folder / p).is_file()]
-    if missing and verify is None:
-        raise ConversionError(f"{folder / 'dataset.json'}: {len(missing)} listed file(s) are "
-                              f"missing: {missing}; fix the folder or dataset.json.")
     if folder.resolve() == out_dir.resolve():
-        if verify is not None:
-            verify(folder)
+        verify(folder)
         return out_dir
 
     def build(temp: Path) -> None:
