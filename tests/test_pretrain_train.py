@@ -270,6 +270,15 @@ def test_bad_specs_name_the_key(workspace):
     with pytest.raises(PretrainSpecError, match="needs at least 2 crops"):
         validate_pretrain_spec(_spec(workspace, "bad", data__volumes_per_step=1,
                                      data__crops_per_volume=1))
+    weights = {"pr": 1.0, "num": 0.0, "loc": 0.0, "con": 0.0, "cl": 0.0}
+    with pytest.raises(PretrainSpecError, match=r"loss_weights: Additional properties.*'rot'"):
+        validate_pretrain_spec(_spec(workspace, "bad", method__loss_weights={**weights, "rot": 1}))
+    with pytest.raises(PretrainSpecError, match="loss_weights.num: -1 is less than the minimum"):
+        validate_pretrain_spec(_spec(workspace, "bad", method__loss_weights={**weights, "num": -1}))
+    with pytest.raises(PretrainSpecError, match=r"loss_weights is missing \['num', 'loc'"):
+        validate_pretrain_spec(_spec(workspace, "bad", method__loss_weights={"pr": 1.0}))
+    with pytest.raises(PretrainSpecError, match="loss_weights are all 0"):
+        validate_pretrain_spec(_spec(workspace, "bad", method__loss_weights={**weights, "pr": 0}))
     with pytest.raises(PretrainSpecError, match=r"method.name: 'mae' is not one of"):
         validate_pretrain_spec(_spec(workspace, "bad", method={"name": "mae"}))
     with pytest.raises(PretrainSpecError, match="optim.steps: 0 is less than the minimum of 1"):

@@ -88,13 +88,22 @@ def validate_pretrain_spec(spec: dict[str, Any]) -> None:
         raise PretrainSpecError(f"pretrain spec: optim.warmup_steps ({optim['warmup_steps']}) "
                                 f"exceeds optim.steps ({optim['steps']})")
     method = resolve_method(spec["method"])
+    # The schema checks each weight; the loss needs all five and one of them on.
+    weights = method["loss_weights"]
+    missing = [t for t in LOSS_TERMS if t not in weights]
+    if missing:
+        raise PretrainSpecError(f"pretrain spec: method.loss_weights is missing {missing}; give "
+                                f"every term a weight (0 switches a term off)")
+    if not any(weights.values()):
+        raise PretrainSpecError("pretrain spec: method.loss_weights are all 0: at least one term "
+                                "must be on")
     try:
         check_contrastive_views(spec["backbone"], method)
     except PretrainSpecError as exc:
         # A config with this is refused at parse time (hybridmim.config); a hand-written spec may
         # still do it on purpose (the DDP equivalence test needs dropout-free passes).
         log.warning("%s", exc)
-    if method["loss_weights"].get("cl", 0) > 0:
+    if weights["cl"] > 0:
         crops = data["crops_per_volume"]
         val_batch = min(data.get("val_volumes", 0), data["volumes_per_step"]) * crops
         if data["volumes_per_step"] * crops < 2 or 0 < val_batch < 2:
