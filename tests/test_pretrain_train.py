@@ -267,6 +267,10 @@ def test_bad_specs_name_the_key(workspace):
         validate_pretrain_spec(_spec(workspace, "bad", method={"name": "simmim", "box": "partial"}))
     with pytest.raises(PretrainSpecError, match="multiple of geometry.patch"):
         validate_pretrain_spec(_spec(workspace, "bad", geometry__patch=6))
+    with pytest.raises(PretrainSpecError, match="geometry.patch: 0 is less than the minimum of 1"):
+        validate_pretrain_spec(_spec(workspace, "bad", geometry__patch=0))
+    with pytest.raises(PretrainSpecError, match=r"missing \['geometry.region'\]"):
+        validate_pretrain_spec(_spec(workspace, "bad", geometry={"crop": 32, "patch": 8}))
     with pytest.raises(PretrainSpecError, match="needs at least 2 crops"):
         validate_pretrain_spec(_spec(workspace, "bad", data__volumes_per_step=1,
                                      data__crops_per_volume=1))
@@ -279,6 +283,12 @@ def test_bad_specs_name_the_key(workspace):
         validate_pretrain_spec(_spec(workspace, "bad", method__loss_weights={"pr": 1.0}))
     with pytest.raises(PretrainSpecError, match="loss_weights are all 0"):
         validate_pretrain_spec(_spec(workspace, "bad", method__loss_weights={**weights, "pr": 0}))
+    with pytest.raises(PretrainSpecError, match="mask_ratio: 1.5 is greater than or equal to"):
+        validate_pretrain_spec(_spec(workspace, "bad", method__mask_ratio=1.5))
+    with pytest.raises(PretrainSpecError, match="method.masking: 'blocks' is not one of"):
+        validate_pretrain_spec(_spec(workspace, "bad", method__masking="blocks"))
+    with pytest.raises(PretrainSpecError, match="method.region_grouping: 'zorder' is not one of"):
+        validate_pretrain_spec(_spec(workspace, "bad", method__region_grouping="zorder"))
     with pytest.raises(PretrainSpecError, match=r"method.name: 'mae' is not one of"):
         validate_pretrain_spec(_spec(workspace, "bad", method={"name": "mae"}))
     with pytest.raises(PretrainSpecError, match="optim.steps: 0 is less than the minimum of 1"):
