@@ -285,6 +285,8 @@ def test_bad_specs_name_the_key(workspace):
         validate_pretrain_spec(_spec(workspace, "bad", method__loss_weights={**weights, "pr": 0}))
     with pytest.raises(PretrainSpecError, match="mask_ratio: 1.5 is greater than or equal to"):
         validate_pretrain_spec(_spec(workspace, "bad", method__mask_ratio=1.5))
+    with pytest.raises(PretrainSpecError, match="method.box: 'center' is not one of"):
+        validate_pretrain_spec(_spec(workspace, "bad", method__box="center"))
     with pytest.raises(PretrainSpecError, match="method.masking: 'blocks' is not one of"):
         validate_pretrain_spec(_spec(workspace, "bad", method__masking="blocks"))
     with pytest.raises(PretrainSpecError, match="method.region_grouping: 'zorder' is not one of"):

@@ -53,9 +53,8 @@ class EncoderFeatures:
 
 
 def box_slice(t: torch.Tensor, start: int, stride: int) -> torch.Tensor:
-    """The part of a (B, C, X, Y, Z) map at `stride` covering voxels [start, end) on each axis."""
-    if start % stride:
-        raise ValueError(f"box start {start} is not aligned to feature stride {stride}")
+    """The part of a (B, C, X, Y, Z) map at `stride` covering voxels [start, end) on each axis;
+    `start` is a multiple of `stride` (see the module docstring)."""
     s = start // stride
     return t[:, :, s:, s:, s:] if s else t
 
@@ -107,11 +106,8 @@ def decode_swinunetr(net: SwinUNETR, feats: EncoderFeatures, start: int,
     enc3 = net.encoder4(feats.boxed("stage2", start))
     if slice_bottleneck == "before_encoder10":
         dec4 = net.encoder10(feats.boxed("tokens", start))
-    elif slice_bottleneck == "after_encoder10":
+    else:  # after_encoder10 (a spec schema enum)
         dec4 = box_slice(net.encoder10(feats.tokens), start, feats.token_stride)
-    else:
-        raise ValueError(f"method.swin_bottleneck_slice must be before_encoder10 or "
-                         f"after_encoder10, got {slice_bottleneck!r}")
     dec3 = net.decoder5(dec4, feats.boxed("stage3", start))
     dec2 = net.decoder4(dec3, enc3)
     dec1 = net.decoder3(dec2, enc2)
