@@ -57,8 +57,8 @@ def ungroup_patches(grouped: torch.Tensor, geometry: MaskGeometry) -> torch.Tens
 
 
 def sample_patch_mask(batch: int, geometry: MaskGeometry | Mapping[str, Any], ratio: float,
-                      mode: str = "uniform", generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None) -> torch.Tensor:
+                      mode: str = "uniform", generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
     """Boolean patch mask (B, G, G, G); True = masked. Both modes mask exactly ceil(ratio·N).
 
     ``uniform`` (authors' code, default): the K = ceil(ratio·N) patches are a uniformly random
@@ -76,11 +76,10 @@ def sample_patch_mask(batch: int, geometry: MaskGeometry | Mapping[str, Any], ra
     The total is therefore exactly K, the same as ``uniform``, but masked patches cluster in
     fewer regions, with a wide spread of counts per region.
 
-    ``generator`` must live on ``device`` (default: the generator's device, else CPU).
+    The mask is drawn on the device of ``generator`` (CPU without one).
     """
     geometry = MaskGeometry.coerce(geometry)
-    if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
+    device = generator.device if generator is not None else "cpu"
     n = geometry.num_patches
     k = masked_patch_count(n, ratio)
 
