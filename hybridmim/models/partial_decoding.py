@@ -26,7 +26,8 @@ never a single voxel in a normalised layer (InstanceNorm refuses that in trainin
 from __future__ import annotations
 
 import dataclasses
-import math
+import itertools
+import operator
 
 import torch
 from monai.networks.nets import UNETR, DynUNet, SwinUNETR
@@ -61,15 +62,10 @@ def box_slice(t: torch.Tensor, start: int, stride: int) -> torch.Tensor:
 
 # --- DynUNet ------------------------------------------------------------------------------------
 
-def _dynunet_level_strides(net: DynUNet) -> list[int]:
-    """Cumulative stride after the input block, each downsample and the bottleneck (isotropic)."""
-    steps = [s if isinstance(s, int) else max(s) for s in net.strides]
-    return [math.prod(steps[: i + 1]) for i in range(len(steps))]
-
-
 def encode_dynunet(net: DynUNet, x: torch.Tensor) -> EncoderFeatures:
-    # build_segmentation_network makes DynUNets without deep supervision: one output block.
-    strides = _dynunet_level_strides(net)
+    # build_segmentation_network makes DynUNets without deep supervision (one output block) and
+    # with isotropic int strides: the stride after the input block, each downsample, bottleneck.
+    strides = list(itertools.accumulate(net.strides, operator.mul))
     maps = {}
     h = net.input_block(x)
     maps["skip0"] = (h, strides[0])

@@ -110,12 +110,7 @@ def _gather_across_ranks(z: torch.Tensor) -> tuple[torch.Tensor, int]:
         return z, 0
     from torch.distributed.nn.functional import all_gather
 
-    if z.requires_grad:
-        parts = all_gather(z.contiguous())
-    else:
-        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, z.contiguous())
-    return torch.cat(parts, dim=0), dist.get_rank() * z.shape[0]
+    return torch.cat(all_gather(z), dim=0), dist.get_rank() * z.shape[0]
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
