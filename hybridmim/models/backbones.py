@@ -38,10 +38,6 @@ UNET_STRIDES = [1, 2, 2, 2, 1]
 _ENCODER_STRIDE = {"unet": math.prod(UNET_STRIDES), "swinunetr": 32, "unetr": 16}
 
 
-def backbone_names() -> list[str]:
-    return sorted(_DEFAULTS)
-
-
 def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults and check every key and width; returns a new dict (name, in_channels, ...).
 
