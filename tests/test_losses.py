@@ -115,8 +115,6 @@ def test_contrastive_matches_monai_nt_xent_with_detached_second_view():
     # Identical views of well-separated samples → low loss; swapped pairs → high loss.
     basis = torch.eye(4, 8) * 10
     assert nt_xent_loss(basis, basis, 0.5) < nt_xent_loss(basis, basis.roll(1, 0), 0.5)
-    with pytest.raises(ValueError, match="at least 2 samples"):
-        nt_xent_loss(z1[:1], z2[:1])
 
 
 def test_consistency_has_no_gradient_through_its_target():
@@ -173,17 +171,3 @@ def test_switched_off_terms_need_no_inputs():
     total, terms = loss({"recon": outputs["recon"], "box": BOX}, target, voxel_mask)
     total.backward()
     assert set(terms) == {"pr", "pr_weighted", "total"}
-    with pytest.raises(ValueError, match="'proj_second' was not given"):
-        HybridMIMLoss()(_outputs(), target, voxel_mask,
-                        count=torch.zeros(3, 8, dtype=torch.long), location=torch.zeros(3, 8, 8))
-
-
-def test_weight_validation_names_the_key():
-    with pytest.raises(ValueError, match=r"unknown term\(s\) \['rot'\]"):
-        HybridMIMLoss({"pr": 1, "num": 0, "loc": 0, "con": 0, "cl": 0, "rot": 1})
-    with pytest.raises(ValueError, match="missing"):
-        HybridMIMLoss({"pr": 1})
-    with pytest.raises(ValueError, match="loss_weights.num must be a number >= 0"):
-        HybridMIMLoss({"pr": 1, "num": -1, "loc": 0, "con": 0, "cl": 0})
-    with pytest.raises(ValueError, match="all 0"):
-        HybridMIMLoss({"pr": 0, "num": 0, "loc": 0, "con": 0, "cl": 0})

@@ -184,7 +184,6 @@ def test_segmentation_network_kwargs_rebuild_the_same_network(name):
     ({"name": "unet"}, {"patch": 12}, {},
      "geometry.region (32) must be a multiple of geometry.patch (12)"),
     ({"name": "swinunetr"}, {"region": 16, "patch": 8}, {}, "encoder stride 32"),
-    ({"name": "unet"}, {}, {"box": "center"}, "method.box"),
     ({"name": "unet"}, {"crop": 32}, {}, "at least 2 regions"),
 ])
 def test_bad_configuration_is_refused_with_the_key_named(backbone, geometry, method, message):

@@ -63,8 +63,7 @@ def initialise_network(network: torch.nn.Module, init: dict[str, Any]) -> dict[s
     from hybridmim.models.transfer import load_into
 
     result = load_into(network, checkpoint, reinit_first_layer=init.get("first_layer") == "reinit")
-    keys = {name: sorted(result.get(name, [])) for name in ("loaded", "missing", "unexpected",
-                                                             "shape_mismatched", "reinitialised")}
+    keys = {name: sorted(value) for name, value in result.items()}
     counts = {name: len(value) for name, value in keys.items()}
     if counts["loaded"] == 0:
         raise ValueError(f"init.checkpoint {checkpoint}: no tensor matched the fine-tuning "
@@ -140,11 +139,7 @@ class FinetuneJob:
 
     def target(self, label: torch.Tensor) -> torch.Tensor:
         """The loss target: class indices (N, 1, ...) or region channels (N, R, ...), as float."""
-        if self.regions:
-            if label.shape[1] != len(self.regions):
-                raise ValueError(f"expected {len(self.regions)} region channels "
-                                 f"({list(self.regions)}), got label shape {tuple(label.shape)}")
-        else:
+        if not self.regions:  # region channels come one per region (labels_to_regions)
             check_class_indices(label, self.out_channels)
         return label.float()
 

@@ -1,12 +1,8 @@
 """Backbones (stock MONAI networks), the HybridMIM pretraining model and weight transfer."""
-from hybridmim.models.backbones import (backbone_names, build_segmentation_network, check_crop,
-                                        encoder_stride, network_kwargs, resolve_backbone)
+from hybridmim.models.backbones import build_segmentation_network, encoder_stride
 from hybridmim.models.heads import HybridMIMHeads
-from hybridmim.models.hybridmim_model import HybridMIMModel, build_pretrain_model, check_geometry
+from hybridmim.models.hybridmim_model import build_pretrain_model
 from hybridmim.models.transfer import load_into
 
-__all__ = [
-    "HybridMIMHeads", "HybridMIMModel", "backbone_names", "build_pretrain_model",
-    "build_segmentation_network", "check_crop", "check_geometry", "encoder_stride", "load_into",
-    "network_kwargs", "resolve_backbone",
-]
+__all__ = ["HybridMIMHeads", "build_pretrain_model", "build_segmentation_network",
+           "encoder_stride", "load_into"]

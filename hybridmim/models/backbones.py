@@ -38,10 +38,6 @@ UNET_STRIDES = [1, 2, 2, 2, 1]
 _ENCODER_STRIDE = {"unet": math.prod(UNET_STRIDES), "swinunetr": 32, "unetr": 16}
 
 
-def backbone_names() -> list[str]:
-    return sorted(_DEFAULTS)
-
-
 def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults and check every key and width; returns a new dict (name, in_channels, ...).
 
@@ -74,24 +70,19 @@ def encoder_stride(backbone: dict[str, Any]) -> int:
     return _ENCODER_STRIDE[resolve_backbone(backbone)["name"]]
 
 
-def check_crop(backbone: dict[str, Any], crop: int) -> None:
-    """A crop must tile into encoder tokens, with at least 2 per axis: InstanceNorm layers at the
-    bottleneck refuse a single spatial element in training mode."""
-    stride = encoder_stride(backbone)
-    if not isinstance(crop, int) or isinstance(crop, bool) or crop <= 0:
-        raise ValueError(f"crop must be a positive int, got {crop!r}")
-    if crop % stride or crop < 2 * stride:
-        raise ValueError(f"crop {crop} does not fit backbone {backbone['name']!r}: it must be a "
-                         f"multiple of the encoder stride {stride} and at least {2 * stride}")
-
-
 def network_kwargs(backbone: dict[str, Any], out_channels: int, crop: int) -> tuple[str, dict]:
-    """(class path, JSON-serialisable kwargs) of the stock MONAI network for this backbone."""
+    """(class path, JSON-serialisable kwargs) of the stock MONAI network for this backbone.
+
+    ``out_channels`` and ``crop`` are positive integers (the job spec schemas). The crop must tile
+    into encoder tokens, with at least 2 per axis: InstanceNorm layers at the bottleneck refuse a
+    single spatial element in training mode.
+    """
     spec = resolve_backbone(backbone)
-    if not isinstance(out_channels, int) or out_channels <= 0:
-        raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
-    check_crop(spec, crop)
     name = spec["name"]
+    stride = _ENCODER_STRIDE[name]
+    if crop % stride or crop < 2 * stride:
+        raise ValueError(f"crop {crop} does not fit backbone {name!r}: it must be a "
+                         f"multiple of the encoder stride {stride} and at least {2 * stride}")
     common = {"spatial_dims": 3, "in_channels": spec["in_channels"], "out_channels": out_channels}
     if name == "unet":
         kwargs = {

@@ -17,14 +17,10 @@ from monai.networks.blocks import ADN
 from monai.networks.nets import DynUNet
 
 
-def keeps_dropout(name: str) -> bool:
-    """Whether the DynUNet submodule `name` is one of the method's dropout places."""
-    return name.startswith("input_block.") or (name.startswith("upsamples.")
-                                               and ".conv_block." in name)
-
-
 def place_unet_dropout(network: DynUNet) -> None:
     """Remove DynUNet's dropout layers outside the method's places."""
     for name, module in list(network.named_modules()):
-        if isinstance(module, ADN) and "D" in module._modules and not keeps_dropout(name):
+        method_place = name.startswith("input_block.") or (name.startswith("upsamples.")
+                                                           and ".conv_block." in name)
+        if isinstance(module, ADN) and "D" in module._modules and not method_place:
             del module.D

@@ -33,13 +33,11 @@ from hybridmim.models.geometry import MaskGeometry
 from hybridmim.models.heads import HybridMIMHeads
 from hybridmim.models.partial_decoding import ADAPTERS, EncoderFeatures
 
-BOX_MODES = ("partial", "full")
-
 
 def check_geometry(backbone: dict[str, Any], geometry: dict[str, Any], box: str,
                    swin_bottleneck_slice: str = "before_encoder10") -> None:
     """Validate crop/region/patch against each other (MaskGeometry), the encoder stride and the
-    box mode."""
+    box mode (``partial`` or ``full``, a spec schema enum)."""
     checked = MaskGeometry.coerce(geometry)
     crop, region = checked.crop, checked.region
     stride = encoder_stride(backbone)
@@ -48,8 +46,6 @@ def check_geometry(backbone: dict[str, Any], geometry: dict[str, Any], box: str,
     if region % stride:
         raise ValueError(f"geometry: region {region} must be a multiple of the "
                          f"{backbone['name']} encoder stride {stride} (one token per region)")
-    if box not in BOX_MODES:
-        raise ValueError(f"method.box must be one of {list(BOX_MODES)}, got {box!r}")
     if box == "partial" and crop // region < 2:
         raise ValueError(f"method.box 'partial' needs at least 2 regions per axis (the box starts "
                          f"at region 1); crop {crop} / region {region} = {crop // region}")
@@ -118,9 +114,7 @@ class HybridMIMModel(nn.Module):
 def build_pretrain_model(backbone: dict[str, Any], geometry: dict[str, Any],
                          method: dict[str, Any]) -> HybridMIMModel:
     """Build from the pretrain spec's `backbone`, `geometry` and `method` (uses box, proj_dim)."""
-    proj_dim = method.get("proj_dim", 384)
-    if not isinstance(proj_dim, int) or proj_dim <= 0:
-        raise ValueError(f"method.proj_dim must be a positive int, got {proj_dim!r}")
-    return HybridMIMModel(backbone, geometry, box=method.get("box", "partial"), proj_dim=proj_dim,
+    return HybridMIMModel(backbone, geometry, box=method.get("box", "partial"),
+                          proj_dim=method.get("proj_dim", 384),
                           swin_bottleneck_slice=method.get("swin_bottleneck_slice",
                                                            "before_encoder10"))

@@ -26,7 +26,8 @@ never a single voxel in a normalised layer (InstanceNorm refuses that in trainin
 from __future__ import annotations
 
 import dataclasses
-import math
+import itertools
+import operator
 
 import torch
 from monai.networks.nets import UNETR, DynUNet, SwinUNETR
@@ -53,24 +54,18 @@ class EncoderFeatures:
 
 
 def box_slice(t: torch.Tensor, start: int, stride: int) -> torch.Tensor:
-    """The part of a (B, C, X, Y, Z) map at `stride` covering voxels [start, end) on each axis."""
-    if start % stride:
-        raise ValueError(f"box start {start} is not aligned to feature stride {stride}")
+    """The part of a (B, C, X, Y, Z) map at `stride` covering voxels [start, end) on each axis;
+    `start` is a multiple of `stride` (see the module docstring)."""
     s = start // stride
     return t[:, :, s:, s:, s:] if s else t
 
 
 # --- DynUNet ------------------------------------------------------------------------------------
 
-def _dynunet_level_strides(net: DynUNet) -> list[int]:
-    """Cumulative stride after the input block, each downsample and the bottleneck (isotropic)."""
-    steps = [s if isinstance(s, int) else max(s) for s in net.strides]
-    return [math.prod(steps[: i + 1]) for i in range(len(steps))]
-
-
 def encode_dynunet(net: DynUNet, x: torch.Tensor) -> EncoderFeatures:
-    # build_segmentation_network makes DynUNets without deep supervision: one output block.
-    strides = _dynunet_level_strides(net)
+    # build_segmentation_network makes DynUNets without deep supervision (one output block) and
+    # with isotropic int strides: the stride after the input block, each downsample, bottleneck.
+    strides = list(itertools.accumulate(net.strides, operator.mul))
     maps = {}
     h = net.input_block(x)
     maps["skip0"] = (h, strides[0])
@@ -107,11 +102,8 @@ def decode_swinunetr(net: SwinUNETR, feats: EncoderFeatures, start: int,
     enc3 = net.encoder4(feats.boxed("stage2", start))
     if slice_bottleneck == "before_encoder10":
         dec4 = net.encoder10(feats.boxed("tokens", start))
-    elif slice_bottleneck == "after_encoder10":
+    else:  # after_encoder10 (a spec schema enum)
         dec4 = box_slice(net.encoder10(feats.tokens), start, feats.token_stride)
-    else:
-        raise ValueError(f"method.swin_bottleneck_slice must be before_encoder10 or "
-                         f"after_encoder10, got {slice_bottleneck!r}")
     dec3 = net.decoder5(dec4, feats.boxed("stage3", start))
     dec2 = net.decoder4(dec3, enc3)
     dec1 = net.decoder3(dec2, enc2)

@@ -50,9 +50,8 @@ def load_into(network: nn.Module, model_file: str | os.PathLike | dict[str, Any]
     loaded, missing (in network, not in file), unexpected (in file, not in network),
     shape_mismatched (output head, left at init) and reinitialised (first layer, if asked)."""
     source = str(model_file) if not isinstance(model_file, dict) else "<model dict>"
+    # load_model_file refuses a file that is not a published model.
     blob = model_file if isinstance(model_file, dict) else load_model_file(model_file)
-    if "state_dict" not in blob or "network" not in blob:
-        raise ValueError(f"{source}: not a published model (needs 'network' and 'state_dict')")
     target_class = canonical_class(network_class_path(network))
     source_class = canonical_class(blob["network"]["class"])
     if target_class != source_class:

@@ -8,17 +8,3 @@
   ``step`` (one optimisation step, validation); the LR schedule and optimiser step are
   ``hybridmim.training_loop``'s, shared with fine-tuning.
 """
-from hybridmim.pretrain.losses import HybridMIMLoss
-from hybridmim.pretrain.masking import (MaskGeometry, apply_mask, expand_to_voxels, region_labels,
-                                        sample_patch_mask)
-
-
-def run_pretraining(spec: dict) -> dict:
-    """See ``hybridmim.pretrain.train.run_pretraining`` (imported on use: it pulls in MONAI)."""
-    from hybridmim.pretrain.train import run_pretraining as _run
-
-    return _run(spec)
-
-
-__all__ = ["HybridMIMLoss", "MaskGeometry", "apply_mask", "expand_to_voxels", "region_labels",
-           "run_pretraining", "sample_patch_mask"]

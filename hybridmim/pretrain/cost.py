@@ -31,10 +31,6 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 class CostMeter:
     """Collects step times and the memory peak of one pretraining process."""
 
@@ -67,7 +63,8 @@ class CostMeter:
     def peak_mem_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return max(0.0, _peak_rss_mb() - self.baseline_rss_mb)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return max(0.0, peak_mb - self.baseline_rss_mb)
 
     def summary(self) -> dict[str, float]:
         metrics = {"cost/total_s": self.total_s(), "cost/peak_mem_mb": self.peak_mem_mb(),

@@ -21,17 +21,12 @@ import torch
 
 from hybridmim.models.geometry import MaskGeometry
 
-MASKING_MODES = ("uniform", "hierarchical")
-REGION_GROUPINGS = ("spatial", "raster")
-
 
 def masked_patch_count(num_patches: int, ratio: float) -> int:
     """Patches masked per sample: ceil(ratio·N), the SimMIM/authors' convention (0.4·216 → 87).
 
     A tiny tolerance keeps float noise (0.6·5 = 3.0000000000000004) from adding a patch.
     """
-    if not 0.0 <= float(ratio) <= 1.0:
-        raise ValueError(f"method.mask_ratio must be in [0, 1], got {ratio!r}")
     return min(num_patches, math.ceil(float(ratio) * num_patches - 1e-9))
 
 
@@ -45,14 +40,12 @@ def group_patches(grid: torch.Tensor, geometry: MaskGeometry, grouping: str = "s
     """(B, G, G, G) patch grid → (B, Nr, P_r) patches grouped per region."""
     b = grid.shape[0]
     g, p = geometry.region_grid, geometry.patches_per_region_axis
-    if grouping == "spatial":
-        blocks = grid.reshape(b, g, p, g, p, g, p).permute(0, 1, 3, 5, 2, 4, 6)
-        return blocks.reshape(b, geometry.num_regions, geometry.patches_per_region)
     if grouping == "raster":
         # Authors' code: consecutive runs of P_r patches in the flattened raster order. Such a run
         # is a strip along the last axis, not the sub-volume whose token carries the label.
         return grid.reshape(b, geometry.num_regions, geometry.patches_per_region)
-    raise ValueError(f"method.region_grouping must be one of {REGION_GROUPINGS}, got {grouping!r}")
+    blocks = grid.reshape(b, g, p, g, p, g, p).permute(0, 1, 3, 5, 2, 4, 6)
+    return blocks.reshape(b, geometry.num_regions, geometry.patches_per_region)
 
 
 def ungroup_patches(grouped: torch.Tensor, geometry: MaskGeometry) -> torch.Tensor:
@@ -64,8 +57,8 @@ def ungroup_patches(grouped: torch.Tensor, geometry: MaskGeometry) -> torch.Tens
 
 
 def sample_patch_mask(batch: int, geometry: MaskGeometry | Mapping[str, Any], ratio: float,
-                      mode: str = "uniform", generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None) -> torch.Tensor:
+                      mode: str = "uniform", generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
     """Boolean patch mask (B, G, G, G); True = masked. Both modes mask exactly ceil(ratio·N).
 
     ``uniform`` (authors' code, default): the K = ceil(ratio·N) patches are a uniformly random
@@ -83,13 +76,10 @@ def sample_patch_mask(batch: int, geometry: MaskGeometry | Mapping[str, Any], ra
     The total is therefore exactly K, the same as ``uniform``, but masked patches cluster in
     fewer regions, with a wide spread of counts per region.
 
-    ``generator`` must live on ``device`` (default: the generator's device, else CPU).
+    The mask is drawn on the device of ``generator`` (CPU without one).
     """
     geometry = MaskGeometry.coerce(geometry)
-    if mode not in MASKING_MODES:
-        raise ValueError(f"method.masking must be one of {MASKING_MODES}, got {mode!r}")
-    if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
+    device = generator.device if generator is not None else "cpu"
     n = geometry.num_patches
     k = masked_patch_count(n, ratio)
 
@@ -125,19 +115,12 @@ def region_labels(mask: torch.Tensor, geometry: MaskGeometry | Mapping[str, Any]
     ``raster`` groups runs of P_r consecutive patches in raster order (authors' code, kept only
     for bug-compatible reproduction).
     """
-    geometry = MaskGeometry.coerce(geometry)
-    g = geometry.patch_grid
-    if mask.dim() != 4 or tuple(mask.shape[1:]) != (g, g, g):
-        raise ValueError(f"patch mask must have shape (B, {g}, {g}, {g}) for crop "
-                         f"{geometry.crop} and patch {geometry.patch}, got {tuple(mask.shape)}")
-    location = group_patches(mask.bool(), geometry, grouping)
+    location = group_patches(mask.bool(), MaskGeometry.coerce(geometry), grouping)
     return location.sum(-1), location.float()
 
 
 def expand_to_voxels(mask: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, G, G, G) patch mask → (B, 1, G·patch, G·patch, G·patch) voxel mask (a view, no copy)."""
-    if mask.dim() != 4:
-        raise ValueError(f"patch mask must have shape (B, G, G, G), got {tuple(mask.shape)}")
     b, gx, gy, gz = mask.shape
     view = mask.bool()[:, None, :, None, :, None, :, None]
     return view.expand(b, 1, gx, patch, gy, patch, gz, patch).reshape(
@@ -146,8 +129,4 @@ def expand_to_voxels(mask: torch.Tensor, patch: int) -> torch.Tensor:
 
 def apply_mask(x: torch.Tensor, voxel_mask: torch.Tensor) -> torch.Tensor:
     """Return ``x`` with masked voxels set to 0 (all channels); no learnable mask token."""
-    if voxel_mask.dim() != x.dim() or voxel_mask.shape[0] != x.shape[0] \
-            or voxel_mask.shape[2:] != x.shape[2:]:
-        raise ValueError(f"voxel mask {tuple(voxel_mask.shape)} does not match input "
-                         f"{tuple(x.shape)}; expected (B, 1, *spatial) of the same crop")
     return x.masked_fill(voxel_mask, 0)

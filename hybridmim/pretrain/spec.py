@@ -16,7 +16,6 @@ from hybridmim.spec_schemas import SpecError, check_spec, config_defaults
 
 log = logging.getLogger(__name__)
 
-METHOD_KINDS = ("hybridmim", "simmim")
 SIMMIM_WEIGHTS = {"pr": 1.0, "num": 0.0, "loc": 0.0, "con": 0.0, "cl": 0.0}
 
 
@@ -29,14 +28,11 @@ def resolve_method(method: dict[str, Any]) -> dict[str, Any]:
 
     The defaults are the config schema's (definitions.method), so a spec's absent key means what
     it means in a config. ``kind`` falls back to ``name`` (a config may name an ablation e.g.
-    ``hybridmim_no_cl`` and set ``kind: hybridmim``). SimMIM is defined, not configured: full box
-    and L_PR only; a spec asking for anything else under that kind is refused rather than silently
-    changed.
+    ``hybridmim_no_cl`` and set ``kind: hybridmim``); the spec schema makes one of them hybridmim or
+    simmim. SimMIM is defined, not configured: full box and L_PR only; a spec asking for anything
+    else under that kind is refused rather than silently changed.
     """
     kind = method.get("kind") or method.get("name")
-    if kind not in METHOD_KINDS:
-        raise PretrainSpecError(f"pretrain spec: method.kind (or method.name) must be one of "
-                                f"{list(METHOD_KINDS)}, got {kind!r}")
     resolved = {**config_defaults("method"), **copy.deepcopy(method), "kind": kind}
     if kind == "simmim":
         if method.get("box", "full") != "full":
@@ -88,13 +84,22 @@ def validate_pretrain_spec(spec: dict[str, Any]) -> None:
         raise PretrainSpecError(f"pretrain spec: optim.warmup_steps ({optim['warmup_steps']}) "
                                 f"exceeds optim.steps ({optim['steps']})")
     method = resolve_method(spec["method"])
+    # The schema checks each weight; the loss needs all five and one of them on.
+    weights = method["loss_weights"]
+    missing = [t for t in LOSS_TERMS if t not in weights]
+    if missing:
+        raise PretrainSpecError(f"pretrain spec: method.loss_weights is missing {missing}; give "
+                                f"every term a weight (0 switches a term off)")
+    if not any(weights.values()):
+        raise PretrainSpecError("pretrain spec: method.loss_weights are all 0: at least one term "
+                                "must be on")
     try:
         check_contrastive_views(spec["backbone"], method)
     except PretrainSpecError as exc:
         # A config with this is refused at parse time (hybridmim.config); a hand-written spec may
         # still do it on purpose (the DDP equivalence test needs dropout-free passes).
         log.warning("%s", exc)
-    if method["loss_weights"].get("cl", 0) > 0:
+    if weights["cl"] > 0:
         crops = data["crops_per_volume"]
         val_batch = min(data.get("val_volumes", 0), data["volumes_per_step"]) * crops
         if data["volumes_per_step"] * crops < 2 or 0 < val_batch < 2:

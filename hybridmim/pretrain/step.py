@@ -60,7 +60,7 @@ class PretrainStep:
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         patch_mask = sample_patch_mask(global_batch or images.shape[0], self.geometry,
                                        self.method["mask_ratio"], self.method["masking"],
-                                       generator=generator, device=self.device)
+                                       generator=generator)
         if rows is not None:  # the feed's batches always hold the rows' crops (StepFeed)
             patch_mask = patch_mask[rows]
         voxel_mask = expand_to_voxels(patch_mask, self.geometry.patch)

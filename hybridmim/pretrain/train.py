@@ -147,21 +147,17 @@ class _PretrainJob:
                         "continues correctly, but not bit-identically)", len(rng),
                         self.dist.world_size)
 
-    def _gather(self, obj: Any) -> list[Any]:
-        if not self.dist.enabled:
-            return [obj]
-        import torch.distributed as torch_dist
-
-        gathered: list[Any] = [None] * self.dist.world_size
-        torch_dist.all_gather_object(gathered, obj)
-        return gathered
-
     def _state_extras(self) -> dict[str, Any]:
         # Every rank contributes its RNG streams (a collective), rank 0 writes. The mask
         # generator is identical on all ranks: rank 0's state is the state.
-        return {"rng": self._gather(runtime.rng_state()),
-                "mask_rng": self.mask_generator.get_state().cpu(), "history": self.history,
-                "cost": self.cost.state()}
+        rng: list[Any] = [runtime.rng_state()]
+        if self.dist.enabled:
+            import torch.distributed as torch_dist
+
+            rng = [None] * self.dist.world_size
+            torch_dist.all_gather_object(rng, runtime.rng_state())
+        return {"rng": rng, "mask_rng": self.mask_generator.get_state().cpu(),
+                "history": self.history, "cost": self.cost.state()}
 
     # ------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
