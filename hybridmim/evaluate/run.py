@@ -24,14 +24,12 @@ import torch
 
 from hybridmim import runtime
 from hybridmim.atomic import atomic_path, write_json
-from hybridmim.checkpoints import build_network, load_model_file
+from hybridmim.checkpoints import LoadedModel
 from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, json_number,
                                         metric_key)
 from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
 from hybridmim.hashing import sha256_file, spec_hash as compute_spec_hash
-from hybridmim.models.backbones import backbone_of_class
-from hybridmim.runtime import prepare_network
-from hybridmim.predict.inference import probabilities_to_masks
+from hybridmim.predict.inference import prepare_for_inference, probabilities_to_masks
 from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
                                         recorded_preprocess, save_label_map)
 from hybridmim.progress import StepProgress
@@ -65,8 +63,8 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     dataset = spec["dataset"]
     processed_dir = dataset["processed_dir"]
     model_path = str(spec["model"])
-    blob = load_model_file(model_path)
-    meta = blob.get("meta") or {}
+    loaded = LoadedModel.from_file(model_path)
+    meta = loaded.meta
     if meta.get("stage") != "finetune" or "crop" not in meta:
         raise ValueError(f"{model_path} is a {meta.get('stage')!r} model, not a fine-tuned "
                          "segmentation model; evaluate the model.pt of a finetune job")
@@ -78,12 +76,8 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     if len(set(keys)) != len(keys):
         raise ValueError(f"class names {names} collide as metric names {keys}; rename labels")
     window = meta.get("window") or dataset.get("window")
-    device = runtime.select_device()
-    precision_choice = runtime.precision_choice(spec.get("precision", "auto"), device,
-                                                backbone_of_class(blob["network"]["class"]))
-    precision = precision_choice.precision
-    network = build_network(blob).to(device).eval()
-    forward = prepare_network(network, device, precision, spec)
+    forward, device, precision_choice = prepare_for_inference(
+        loaded, spec.get("precision", "auto"), spec)
 
     split = spec["split"]
     splits = load_splits(processed_dir)
@@ -98,7 +92,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     predictor = CasePredictor(forward, {**meta, "window": window, "labels": labels,
                                         "channels": channels}, recipe,
                               overlap=float(spec["sw_overlap"]), device=device,
-                              precision=precision)
+                              precision=precision_choice.precision)
     upstream_run_id = spec.get("upstream_run_id") or meta.get("mlflow_run_id") or ""
     out = Path(spec["out"])
     csv_path, figure_path = out.parent / "per_case.csv", out.parent / "overlays.png"

@@ -171,7 +171,6 @@ def masks_from_label_values(label: torch.Tensor, labels: Mapping[str, str],
 @dataclass
 class Prediction:
     label: np.ndarray  # uint8 (X, Y, Z) on the input grid, dataset label values
-    affine: np.ndarray  # the input's affine
     resampled_probs: torch.Tensor  # (K, ...) on the preprocessed grid
     resampled_image: torch.Tensor  # (C, ...) the network input (windowed)
     resampled_label: torch.Tensor | None  # the label through the same transforms, if given
@@ -184,7 +183,7 @@ class CasePredictor:
     def __init__(self, network: torch.nn.Module, meta: Mapping[str, Any],
                  recipe: Mapping[str, Any], overlap: float = 0.5,
                  device: torch.device | str = "cpu", precision: str = "fp32"):
-        self.network, self.meta = network, meta
+        self.network = network
         self.recipe = check_preprocess(recipe, "model")
         self.window = validate_window(meta["window"], "model window")
         self.crop = int(meta["crop"])
@@ -206,7 +205,7 @@ class CasePredictor:
         data = transforms(data)
         network_input = apply_window(data["image"].as_tensor(), self.window)
         probs = predict_volume(self.network, network_input, self.crop, overlap=self.overlap,
-                               mode="gaussian", device=self.device, precision=self.precision,
+                               device=self.device, precision=self.precision,
                                regions=bool(self.regions))
         affine = np.asarray(data["image"].affine, dtype=float)
         spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
@@ -223,9 +222,8 @@ class CasePredictor:
         resampled_label = None
         if label_path is not None:
             resampled_label = torch.round(data["label"].as_tensor()[0]).to(torch.uint8)
-        return Prediction(label=label.numpy(), affine=np.asarray(image.meta["original_affine"]),
-                          resampled_probs=probs, resampled_image=network_input,
-                          resampled_label=resampled_label,
+        return Prediction(label=label.numpy(), resampled_probs=probs,
+                          resampled_image=network_input, resampled_label=resampled_label,
                           resampled_spacing=spacing)
 
     def to_label_values(self, probs: torch.Tensor) -> torch.Tensor:
