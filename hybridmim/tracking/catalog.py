@@ -32,14 +32,6 @@ TRAINING_STAGES = ("pretrain", "finetune")
 DIGEST_LENGTH = 36
 
 
-def describe_experiment(client: Any, experiment_id: str, stage: str) -> None:
-    """The description the MLflow UI shows on the experiment page (set once, if missing)."""
-    text = EXPERIMENT_DESCRIPTIONS.get(stage)
-    experiment = client.get_experiment(experiment_id)
-    if text and not experiment.tags.get("mlflow.note.content"):
-        client.set_experiment_tag(experiment_id, "mlflow.note.content", text)
-
-
 def source_tags(spec: dict[str, Any], stage: str, git: dict[str, str]) -> dict[str, str]:
     """MLflow's own source tags: the UI's "Source" column and the commit link."""
     rule = (spec.get("provenance") or {}).get("rule")

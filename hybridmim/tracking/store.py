@@ -221,12 +221,12 @@ def get_or_create_experiment(name: str,
                     log.warning("restoring deleted MLflow experiment %r", name)
                     client.restore_experiment(experiment.experiment_id)
                 return experiment.experiment_id
-            location = artifact_location(artifact_root, name)
-            experiment_id = client.create_experiment(name, artifact_location=location)
-            from hybridmim.tracking.catalog import describe_experiment
+            from hybridmim.tracking.catalog import EXPERIMENT_DESCRIPTIONS
 
-            describe_experiment(client, experiment_id, name)
-            return experiment_id
+            note = EXPERIMENT_DESCRIPTIONS.get(name)  # shown on the UI's experiment page
+            return client.create_experiment(
+                name, artifact_location=artifact_location(artifact_root, name),
+                tags={"mlflow.note.content": note} if note else None)
         except MlflowException as err:
             if err.error_code == "RESOURCE_ALREADY_EXISTS":
                 continue  # someone else won the race: read theirs on the next pass
