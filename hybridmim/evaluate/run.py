@@ -122,9 +122,9 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
                 pred, truth, spacing = (pred_resampled, truth_resampled,
                                         result.resampled_spacing)
             per_case.append(case_metrics(pred, truth, spacing, names))
-            files.append({"prediction": _relative(prediction_path, project_root),
+            files.append({"prediction": os.path.relpath(prediction_path, project_root),
                           "prediction_sha256": sha256_file(prediction_path),
-                          "label": _relative(case.label, project_root)})
+                          "label": os.path.relpath(case.label, project_root)})
             if len(overlay_rows) < OVERLAY_CASES:
                 overlay_rows.append(overlay_slice(result.resampled_image, truth_resampled,
                                                   pred_resampled, case_id))
@@ -148,8 +148,8 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
             "upstream_run_id": upstream_run_id, "spec_hash": compute_spec_hash(spec),
             "cases": len(per_case),
             "metrics": {k: json_number(v) for k, v in metrics.items()},
-            "per_class": {"dice": {n: json_number(summary["dice"][n]) for n in names},
-                          "hd95": {n: json_number(summary["hd95"][n]) for n in names}},
+            "per_class": {metric: {n: json_number(summary[metric][n]) for n in names}
+                          for metric in ("dice", "hd95")},
             "excluded": summary["excluded"],
             "grid": grid,
             "per_case": [{"case": cid, **f, **{n: {"dice": json_number(c[n]["dice"]),
@@ -207,10 +207,6 @@ def read_label_file(path: str | Path) -> tuple[torch.Tensor, list[float]]:
     values = np.rint(np.asarray(image.dataobj)).astype(np.int64)
     spacing = [float(s) for s in np.linalg.norm(image.affine[:3, :3], axis=0)]
     return torch.from_numpy(values.reshape(values.shape[:3])), spacing
-
-
-def _relative(path: str | Path, root: Path) -> str:
-    return os.path.relpath(Path(path).absolute(), root.absolute())
 
 
 def write_per_case_csv(path: Path, case_ids: list[str], per_case: list[dict],
