@@ -34,16 +34,15 @@ def group_inputs(source: str | Path, channel_names: list[str] | None,
         return [(strip_nifti_suffix(p.name), [p]) for p in files]
     suffixes = {f"_{name.lower()}": index for index, name in enumerate(channel_names)}
     grouped: dict[str, dict[int, Path]] = {}
-    whole: list[tuple[str, list[Path]]] = []
+    cases: list[tuple[str, list[Path]]] = []
     for path in files:
         stem = strip_nifti_suffix(path.name)
         match = next((s for s in sorted(suffixes, key=len, reverse=True)
                       if stem.lower().endswith(s)), None)
         if match is None:
-            whole.append((stem, [path]))  # a 4D file holding every channel
+            cases.append((stem, [path]))  # a 4D file holding every channel
         else:
             grouped.setdefault(stem[: -len(match)], {})[suffixes[match]] = path
-    cases = list(whole)
     for case, found in grouped.items():
         missing = [channel_names[i] for i in range(channels) if i not in found]
         if missing:
