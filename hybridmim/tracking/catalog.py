@@ -149,7 +149,7 @@ def log_network_model(run: Any, model_path: str | os.PathLike,
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs, -1, -1, -1), "logits")]))
     experiment_id = run.client.get_run(run.run_id).info.experiment_id
-    with using_tracking_uri(run.tracking_uri):
+    with using_tracking_uri(run.client.tracking_uri):
         # Created in the run's experiment (Model.log alone would use the default experiment,
         # where the UI's runs list does not look for a run's models).
         logged = mlflow.initialize_logged_model(name="model", source_run_id=run.run_id,

@@ -8,14 +8,6 @@ The store is a tracking URI plus an artifact root:
   ``MLFLOW_TRACKING_URI=http://host:port`` in the jobs' environment. SQLite on NFS with writers on
   several nodes is unsafe (file locks over NFS are unreliable), see docs/slurm.md.
 
-Precedence of the URI: ``$MLFLOW_TRACKING_URI`` > the config's ``tracking.uri`` > the default.
-Relative SQLite paths are made absolute against the current working directory, so a job that
-changes directory (or runs on a node with another cwd) still writes to the same file.
-
-Creating a fresh SQLite DB runs MLflow's alembic migrations; two processes doing that at the same
-time fail ("table ... already exists"). ``prepare_sqlite`` therefore holds an exclusive ``flock``
-on ``<db>.lock`` while it creates the tables.
-
 SQLite tuning (measured on a VM disk with ~7 ms per fsync: 100 single ``log_metric`` calls took
 4.3 s in the default rollback-journal mode, 1.4 s in WAL, 0.8 s in WAL + synchronous=NORMAL):
 the DB is switched to WAL once (persistent, in the file) unless ``HYBRIDMIM_SQLITE_JOURNAL`` says
@@ -71,9 +63,10 @@ def _tune_sqlite_connection(dbapi_connection, _record) -> None:
 
 # --------------------------------------------------------------------------------------- URIs
 def resolve_tracking_uri(configured: str | None = None) -> str:
-    """The tracking URI to use: env ``MLFLOW_TRACKING_URI`` > ``configured`` > the default.
+    """``$MLFLOW_TRACKING_URI`` > the config's ``tracking.uri`` (``configured``) > the default.
 
-    ``sqlite:///relative/path.db`` becomes ``sqlite:////<cwd>/relative/path.db``.
+    A relative SQLite path is made absolute against the current working directory, so a job that
+    changes directory (or runs on a node with another cwd) still writes to the same file.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
     uri = uri.strip()
@@ -239,10 +232,7 @@ def get_or_create_experiment(name: str,
 
 # --------------------------------------------------------------------------------------- server
 def wait_for_server(uri: str, timeout_s: float = 60.0) -> None:
-    """Block until ``<uri>/health`` answers 200, or raise StoreError after ``timeout_s``.
-
-    Non-HTTP URIs return at once (there is no server to wait for).
-    """
+    """Block until ``<uri>/health`` answers 200, or raise StoreError after ``timeout_s``."""
     if not is_server_uri(uri):
         return
     parts = urlsplit(uri)
