@@ -213,25 +213,20 @@ class CasePredictor:
         data["pred"].applied_operations = list(data["image"].applied_operations)
         inverted = Invertd(keys="pred", transform=transforms, orig_keys="image",
                            nearest_interp=False)(data)["pred"]
-        original = torch.as_tensor(inverted.as_tensor() if hasattr(inverted, "as_tensor")
-                                   else inverted).float()
+        original = inverted.as_tensor().float()
         if tuple(original.shape[1:]) != tuple(image.shape[1:]):
             raise RuntimeError(f"inverted prediction {tuple(original.shape[1:])} does not match "
                                f"the input grid {tuple(image.shape[1:])}")
-        label = self.to_label_values(original)
-        resampled_label = None
-        if label_path is not None:
-            resampled_label = torch.round(data["label"].as_tensor()[0]).to(torch.uint8)
+        if self.regions:
+            label = regions_to_label_values(original > 0.5, self.labels, self.regions)
+        else:
+            lookup = torch.as_tensor(label_values(self.labels), dtype=torch.uint8)
+            label = lookup[original.argmax(dim=0)]
+        resampled_label = (torch.round(data["label"].as_tensor()[0]).to(torch.uint8)
+                           if label_path is not None else None)
         return Prediction(label=label.numpy(), resampled_probs=probs,
                           resampled_image=network_input, resampled_label=resampled_label,
                           resampled_spacing=spacing)
-
-    def to_label_values(self, probs: torch.Tensor) -> torch.Tensor:
-        """Probabilities (K, X, Y, Z) → uint8 map of dataset label values."""
-        if self.regions:
-            return regions_to_label_values(probs > 0.5, self.labels, self.regions)
-        lookup = torch.as_tensor(label_values(self.labels), dtype=torch.uint8)
-        return lookup[probs.argmax(dim=0)]
 
 
 def save_label_map(label: np.ndarray, reference: str | Path, path: str | Path) -> None:
