@@ -74,7 +74,6 @@ def system_metrics(run_id: str, tracking_uri: str, interval: float) -> Iterator[
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = None
     try:
         monitor = SystemMetricsMonitor(run_id, sampling_interval=float(interval),
                                        tracking_uri=tracking_uri)
