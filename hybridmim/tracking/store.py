@@ -68,8 +68,7 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     A relative SQLite path is made absolute against the current working directory, so a job that
     changes directory (or runs on a node with another cwd) still writes to the same file.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
-    uri = uri.strip()
+    uri = (os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI).strip()
     if uri.startswith(_SQLITE_PREFIX):
         path, sep, query = uri[len(_SQLITE_PREFIX):].partition("?")
         if path and not path.startswith("/") and not path.startswith(":memory:"):
@@ -92,10 +91,6 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path)
 
 
-def is_server_uri(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
 def artifact_location(artifact_root: str | os.PathLike[str], experiment: str = "") -> str:
     """``file://`` URI of ``<artifact_root>/<experiment>`` (absolute); remote roots pass through."""
     root = str(artifact_root)
@@ -105,9 +100,6 @@ def artifact_location(artifact_root: str | os.PathLike[str], experiment: str = "
 
 
 # --------------------------------------------------------------------------------------- store
-_INITIALISED: set[tuple[str, str]] = set()
-
-
 def init_store(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
                experiments: Iterable[str] = STAGES, timeout_s: float = 120.0) -> dict[str, str]:
     """Create the store (SQLite: DB file + tables) and the stage experiments, once.
@@ -117,7 +109,7 @@ def init_store(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFAC
     the experiments are created (after waiting up to ``timeout_s`` for the server).
     """
     uri = resolve_tracking_uri(uri)
-    if is_server_uri(uri):
+    if uri.startswith(("http://", "https://")):
         wait_for_server(uri, timeout_s)
     elif sqlite_path(uri) is not None:
         prepare_sqlite(uri, artifact_root, timeout_s)
@@ -143,8 +135,6 @@ def prepare_sqlite(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ART
     db = sqlite_path(uri)
     if db is None:
         raise StoreError(f"{uri} is not a sqlite:/// file URI")
-    if (uri, str(artifact_root)) in _INITIALISED:
-        return db
     db.parent.mkdir(parents=True, exist_ok=True)
     lock_path = db.with_name(db.name + ".lock")
     try:
@@ -156,7 +146,6 @@ def prepare_sqlite(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ART
     except Timeout:
         raise StoreError(f"could not lock {lock_path} within {timeout_s:.0f} s: another process "
                          "is initialising the MLflow store (or hangs holding the lock)") from None
-    _INITIALISED.add((uri, str(artifact_root)))
     return db
 
 
@@ -233,8 +222,6 @@ def get_or_create_experiment(name: str,
 # --------------------------------------------------------------------------------------- server
 def wait_for_server(uri: str, timeout_s: float = 60.0) -> None:
     """Block until ``<uri>/health`` answers 200, or raise StoreError after ``timeout_s``."""
-    if not is_server_uri(uri):
-        return
     parts = urlsplit(uri)
     health = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/health"
     deadline = time.monotonic() + timeout_s
