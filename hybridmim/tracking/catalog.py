@@ -98,10 +98,8 @@ def system_metrics(run_id: str, tracking_uri: str, interval: float) -> Iterator[
 def registered_name(spec: dict[str, Any]) -> str:
     """One registry entry per dataset × backbone × init (fractions and seeds are versions)."""
     wildcards = (spec.get("provenance") or {}).get("wildcards") or {}
-    dataset = wildcards.get("dataset") or spec["dataset"]["name"]
-    backbone = wildcards.get("backbone") or spec["backbone"]["name"]
-    init = wildcards.get("init") or spec["init"]["name"]
-    return f"{dataset}-{backbone}-{init}"
+    return "-".join(wildcards.get(key) or spec[key]["name"]
+                    for key in ("dataset", "backbone", "init"))
 
 
 @contextlib.contextmanager
