@@ -142,9 +142,8 @@ def regions_to_label_values(masks: torch.Tensor, labels: Mapping[str, str],
     A value is written where every region containing it is on; values in more regions win,
     so for BraTS WT → 2, TC ∧ WT → 1, ET ∧ TC ∧ WT → 4 (the inverse of
     ``labels_to_regions``)."""
-    names = list(regions)
     out = torch.zeros(masks.shape[1:], dtype=torch.uint8)
-    members = {v: [i for i, n in enumerate(names) if v in [int(x) for x in regions[n]]]
+    members = {v: [i for i, values in enumerate(regions.values()) if v in [int(x) for x in values]]
                for v in label_values(labels) if v != 0}
     for value, inside in sorted(members.items(), key=lambda item: len(item[1])):
         if inside:
