@@ -7,8 +7,7 @@ map is written to ``predictions/<case>.nii.gz`` beside metrics.json. Dice and HD
 (evaluate/metrics.py for the empty-class conventions) are computed against the raw label file on
 that original grid — the Decathlon / nnU-Net protocol — or, with ``grid: resampled``, on the
 preprocessed grid as MONAI's tutorials report them; metrics.json and the run's ``grid`` tag say
-which. Then:
-MLflow metrics ``test_dice_<class>``, ``test_hd95_<class>``, ``test_dice_mean``,
+which. Outputs: MLflow metrics ``test_dice_<class>``, ``test_hd95_<class>``, ``test_dice_mean``,
 ``test_hd95_mean`` in the ``evaluate`` experiment; ``metrics.json`` (undefined values as null),
 ``per_case.csv`` and ``overlays.png`` beside it, also logged as artifacts.
 """

@@ -102,12 +102,9 @@ def artifact_location(artifact_root: str | os.PathLike[str], experiment: str = "
 # --------------------------------------------------------------------------------------- store
 def init_store(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
                experiments: Iterable[str] = STAGES, timeout_s: float = 120.0) -> dict[str, str]:
-    """Create the store (SQLite: DB file + tables) and the stage experiments, once.
-
-    Safe to call from many processes at the same time and idempotent; returns
-    ``{experiment name: experiment id}``. For http(s) URIs the server owns the database, so only
-    the experiments are created (after waiting up to ``timeout_s`` for the server).
-    """
+    """Create the store (SQLite: DB file + tables) and the stage experiments; idempotent and safe
+    from many processes at once. Returns ``{experiment name: experiment id}``. A server (http(s))
+    owns its database: only the experiments are created, after waiting up to ``timeout_s``."""
     uri = resolve_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         wait_for_server(uri, timeout_s)
@@ -172,11 +169,9 @@ def _set_journal_mode(db: Path) -> None:
 
 
 def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
-    """Open the SQL store once; MLflow creates/migrates the tables on first open.
-
-    The store is opened directly (not through MlflowClient) so that MLflow's "Default"
-    experiment also gets its artifacts under ``artifact_root`` instead of ``./mlruns``.
-    """
+    """Open the SQL store once, which creates/migrates the tables: directly, not through
+    MlflowClient, so that MLflow's "Default" experiment also gets its artifacts under
+    ``artifact_root`` instead of ``./mlruns``."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     SqlAlchemyStore(uri, artifact_location(artifact_root)).engine.dispose()
@@ -185,12 +180,9 @@ def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
 def get_or_create_experiment(name: str,
                              artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
                              tracking_uri: str | None = None, attempts: int = 5) -> str:
-    """Id of experiment ``name``, creating it (artifacts under ``artifact_root/name``) if needed.
-
-    Race-safe: when another process creates it first, the RESOURCE_ALREADY_EXISTS error is caught
-    and the experiment re-read. A deleted experiment of that name is restored. Transient
-    "database is locked" errors are retried ``attempts`` times.
-    """
+    """Id of experiment ``name``, created if needed (artifacts under ``artifact_root/name``) and
+    restored if deleted. Race-safe (another process may create it first); transient "database is
+    locked" errors are retried ``attempts`` times."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
