@@ -59,3 +59,25 @@ def test_auto_keeps_fp32_on_cpu_for_backbones_slower_in_bf16():
     assert swin.precision == "fp32" and "swinunetr" in swin.reason
     # An explicit request is obeyed.
     assert choose_precision("bf16", CPU, flags=flags, backbone="swinunetr").precision == "bf16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU choice is under test")
+def test_predict_and_evaluate_set_up_a_model_file_alike(monkeypatch):
+    """`hybridmim predict` and the evaluation share prepare_for_inference: the backbone's CPU
+    exception holds for both (predict once ran SwinUNETR in bf16), and bf16 gets the guard."""
+    from hybridmim.checkpoints import LoadedModel
+    from hybridmim.models import build_segmentation_network
+    from hybridmim.predict.inference import prepare_for_inference
+    from test_models import TINY
+
+    monkeypatch.setenv(CPU_FLAGS_ENV, "avx512_bf16")
+    chosen = {}
+    for name in ("unet", "swinunetr"):
+        network, class_path, kwargs = build_segmentation_network(TINY[name], 2, crop=64)
+        loaded = LoadedModel(network.train(), {}, name, {"class": class_path, "kwargs": kwargs})
+        forward, device, choice = prepare_for_inference(loaded, "auto")
+        assert forward is network and not network.training and device == CPU
+        chosen[name] = choice.precision
+        guarded = [m for m in network.modules() if "forward" in vars(m)]
+        assert bool(guarded) == (choice.precision == "bf16")
+    assert chosen == {"unet": "bf16", "swinunetr": "fp32"}

@@ -7,8 +7,7 @@ map is written to ``predictions/<case>.nii.gz`` beside metrics.json. Dice and HD
 (evaluate/metrics.py for the empty-class conventions) are computed against the raw label file on
 that original grid — the Decathlon / nnU-Net protocol — or, with ``grid: resampled``, on the
 preprocessed grid as MONAI's tutorials report them; metrics.json and the run's ``grid`` tag say
-which. Then:
-MLflow metrics ``test_dice_<class>``, ``test_hd95_<class>``, ``test_dice_mean``,
+which. Outputs: MLflow metrics ``test_dice_<class>``, ``test_hd95_<class>``, ``test_dice_mean``,
 ``test_hd95_mean`` in the ``evaluate`` experiment; ``metrics.json`` (undefined values as null),
 ``per_case.csv`` and ``overlays.png`` beside it, also logged as artifacts.
 """
@@ -24,14 +23,12 @@ import torch
 
 from hybridmim import runtime
 from hybridmim.atomic import atomic_path, write_json
-from hybridmim.checkpoints import build_network, load_model_file
+from hybridmim.checkpoints import LoadedModel
 from hybridmim.evaluate.metrics import (aggregate, case_metrics, class_names, json_number,
                                         metric_key)
 from hybridmim.evaluate.overlays import overlay_slice, save_overlay_figure
 from hybridmim.hashing import sha256_file, spec_hash as compute_spec_hash
-from hybridmim.models.backbones import backbone_of_class
-from hybridmim.runtime import prepare_network
-from hybridmim.predict.inference import probabilities_to_masks
+from hybridmim.predict.inference import prepare_for_inference, probabilities_to_masks
 from hybridmim.predict.pipeline import (CasePredictor, check_preprocess, masks_from_label_values,
                                         recorded_preprocess, save_label_map)
 from hybridmim.progress import StepProgress
@@ -65,8 +62,8 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     dataset = spec["dataset"]
     processed_dir = dataset["processed_dir"]
     model_path = str(spec["model"])
-    blob = load_model_file(model_path)
-    meta = blob.get("meta") or {}
+    loaded = LoadedModel.from_file(model_path)
+    meta = loaded.meta
     if meta.get("stage") != "finetune" or "crop" not in meta:
         raise ValueError(f"{model_path} is a {meta.get('stage')!r} model, not a fine-tuned "
                          "segmentation model; evaluate the model.pt of a finetune job")
@@ -78,12 +75,8 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     if len(set(keys)) != len(keys):
         raise ValueError(f"class names {names} collide as metric names {keys}; rename labels")
     window = meta.get("window") or dataset.get("window")
-    device = runtime.select_device()
-    precision_choice = runtime.precision_choice(spec.get("precision", "auto"), device,
-                                                backbone_of_class(blob["network"]["class"]))
-    precision = precision_choice.precision
-    network = build_network(blob).to(device).eval()
-    forward = prepare_network(network, device, precision, spec)
+    forward, device, precision_choice = prepare_for_inference(
+        loaded, spec.get("precision", "auto"), spec)
 
     split = spec["split"]
     splits = load_splits(processed_dir)
@@ -98,7 +91,7 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
     predictor = CasePredictor(forward, {**meta, "window": window, "labels": labels,
                                         "channels": channels}, recipe,
                               overlap=float(spec["sw_overlap"]), device=device,
-                              precision=precision)
+                              precision=precision_choice.precision)
     upstream_run_id = spec.get("upstream_run_id") or meta.get("mlflow_run_id") or ""
     out = Path(spec["out"])
     csv_path, figure_path = out.parent / "per_case.csv", out.parent / "overlays.png"
@@ -128,9 +121,9 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
                 pred, truth, spacing = (pred_resampled, truth_resampled,
                                         result.resampled_spacing)
             per_case.append(case_metrics(pred, truth, spacing, names))
-            files.append({"prediction": _relative(prediction_path, project_root),
+            files.append({"prediction": os.path.relpath(prediction_path, project_root),
                           "prediction_sha256": sha256_file(prediction_path),
-                          "label": _relative(case.label, project_root)})
+                          "label": os.path.relpath(case.label, project_root)})
             if len(overlay_rows) < OVERLAY_CASES:
                 overlay_rows.append(overlay_slice(result.resampled_image, truth_resampled,
                                                   pred_resampled, case_id))
@@ -154,8 +147,8 @@ def run_evaluation(spec: dict[str, Any]) -> dict[str, Any]:
             "upstream_run_id": upstream_run_id, "spec_hash": compute_spec_hash(spec),
             "cases": len(per_case),
             "metrics": {k: json_number(v) for k, v in metrics.items()},
-            "per_class": {"dice": {n: json_number(summary["dice"][n]) for n in names},
-                          "hd95": {n: json_number(summary["hd95"][n]) for n in names}},
+            "per_class": {metric: {n: json_number(summary[metric][n]) for n in names}
+                          for metric in ("dice", "hd95")},
             "excluded": summary["excluded"],
             "grid": grid,
             "per_case": [{"case": cid, **f, **{n: {"dice": json_number(c[n]["dice"]),
@@ -213,10 +206,6 @@ def read_label_file(path: str | Path) -> tuple[torch.Tensor, list[float]]:
     values = np.rint(np.asarray(image.dataobj)).astype(np.int64)
     spacing = [float(s) for s in np.linalg.norm(image.affine[:3, :3], axis=0)]
     return torch.from_numpy(values.reshape(values.shape[:3])), spacing
-
-
-def _relative(path: str | Path, root: Path) -> str:
-    return os.path.relpath(Path(path).absolute(), root.absolute())
 
 
 def write_per_case_csv(path: Path, case_ids: list[str], per_case: list[dict],

@@ -41,8 +41,7 @@ def preprocessing(meta: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     if window["kind"] == "ct":
         steps.append({"_target_": "ScaleIntensityRanged", "keys": "image",
-                      "a_min": window["a_min"], "a_max": window["a_max"],
-                      "b_min": window["b_min"], "b_max": window["b_max"],
+                      **{key: window[key] for key in ("a_min", "a_max", "b_min", "b_max")},
                       "clip": bool(window["clip"])})
     elif window["kind"] == "mri_pretrain":  # z-scores clipped and mapped; exact zeros stay b_min
         steps.append({"_target_": "Lambdad", "keys": "image", "func":

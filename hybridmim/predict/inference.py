@@ -2,16 +2,34 @@
 blending), shared by validation during fine-tuning and by the test-set evaluation."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.utils import one_hot
 
-from hybridmim.runtime import autocast
+from hybridmim import runtime
+from hybridmim.checkpoints import LoadedModel
+from hybridmim.models.backbones import backbone_of_class
+from hybridmim.precision import PrecisionChoice
+
+
+def prepare_for_inference(loaded: LoadedModel, precision: str, spec: dict[str, Any] | None = None
+                          ) -> tuple[torch.nn.Module, torch.device, PrecisionChoice]:
+    """A trained network on this machine's device in eval mode: the module to call, the device
+    and the precision choice. `hybridmim predict` and the evaluation share it so that one model
+    gets the same precision (``auto`` honours the backbone's CPU-bf16 exception) and the same
+    forward pass (``runtime.prepare_network``) in both."""
+    device = runtime.select_device()
+    choice = runtime.precision_choice(precision, device,
+                                      backbone_of_class(loaded.network_record.get("class", "")))
+    network = loaded.network.to(device).eval()
+    return runtime.prepare_network(network, device, choice.precision, spec), device, choice
 
 
 @torch.no_grad()
 def predict_volume(network: torch.nn.Module, image: torch.Tensor, crop: int,
-                   overlap: float = 0.5, mode: str = "gaussian", sw_batch_size: int = 4,
+                   overlap: float = 0.5, sw_batch_size: int = 4,
                    device: torch.device | str = "cpu", precision: str = "fp32",
                    regions: bool = False) -> torch.Tensor:
     """Class probabilities (K, X, Y, Z) on the CPU for one image (C, X, Y, Z).
@@ -28,10 +46,10 @@ def predict_volume(network: torch.nn.Module, image: torch.Tensor, crop: int,
         raise ValueError(f"sliding-window overlap must be in [0, 1), got {overlap}")
     device = torch.device(device)
     inputs = image.unsqueeze(0).to(device=device, dtype=torch.float32)
-    with autocast(device, precision):
+    with runtime.autocast(device, precision):
         logits = sliding_window_inference(inputs, roi_size=(crop,) * 3,
                                           sw_batch_size=sw_batch_size, predictor=network,
-                                          overlap=overlap, mode=mode, sw_device=device,
+                                          overlap=overlap, mode="gaussian", sw_device=device,
                                           device=device)
     # Blending under autocast may leave half precision; probabilities are computed in fp32.
     logits = torch.as_tensor(logits).float()[0]

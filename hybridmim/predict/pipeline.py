@@ -141,9 +141,8 @@ def regions_to_label_values(masks: torch.Tensor, labels: Mapping[str, str],
     A value is written where every region containing it is on; values in more regions win,
     so for BraTS WT → 2, TC ∧ WT → 1, ET ∧ TC ∧ WT → 4 (the inverse of
     ``labels_to_regions``)."""
-    names = list(regions)
     out = torch.zeros(masks.shape[1:], dtype=torch.uint8)
-    members = {v: [i for i, n in enumerate(names) if v in [int(x) for x in regions[n]]]
+    members = {v: [i for i, values in enumerate(regions.values()) if v in [int(x) for x in values]]
                for v in label_values(labels) if v != 0}
     for value, inside in sorted(members.items(), key=lambda item: len(item[1])):
         if inside:
@@ -170,7 +169,6 @@ def masks_from_label_values(label: torch.Tensor, labels: Mapping[str, str],
 @dataclass
 class Prediction:
     label: np.ndarray  # uint8 (X, Y, Z) on the input grid, dataset label values
-    affine: np.ndarray  # the input's affine
     resampled_probs: torch.Tensor  # (K, ...) on the preprocessed grid
     resampled_image: torch.Tensor  # (C, ...) the network input (windowed)
     resampled_label: torch.Tensor | None  # the label through the same transforms, if given
@@ -183,7 +181,7 @@ class CasePredictor:
     def __init__(self, network: torch.nn.Module, meta: Mapping[str, Any],
                  recipe: Mapping[str, Any], overlap: float = 0.5,
                  device: torch.device | str = "cpu", precision: str = "fp32"):
-        self.network, self.meta = network, meta
+        self.network = network
         self.recipe = check_preprocess(recipe, "model")
         self.window = validate_window(meta["window"], "model window")
         self.crop = int(meta["crop"])
@@ -205,7 +203,7 @@ class CasePredictor:
         data = transforms(data)
         network_input = apply_window(data["image"].as_tensor(), self.window)
         probs = predict_volume(self.network, network_input, self.crop, overlap=self.overlap,
-                               mode="gaussian", device=self.device, precision=self.precision,
+                               device=self.device, precision=self.precision,
                                regions=bool(self.regions))
         affine = np.asarray(data["image"].affine, dtype=float)
         spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
@@ -213,26 +211,20 @@ class CasePredictor:
         data["pred"].applied_operations = list(data["image"].applied_operations)
         inverted = Invertd(keys="pred", transform=transforms, orig_keys="image",
                            nearest_interp=False)(data)["pred"]
-        original = torch.as_tensor(inverted.as_tensor() if hasattr(inverted, "as_tensor")
-                                   else inverted).float()
+        original = inverted.as_tensor().float()
         if tuple(original.shape[1:]) != tuple(image.shape[1:]):
             raise RuntimeError(f"inverted prediction {tuple(original.shape[1:])} does not match "
                                f"the input grid {tuple(image.shape[1:])}")
-        label = self.to_label_values(original)
-        resampled_label = None
-        if label_path is not None:
-            resampled_label = torch.round(data["label"].as_tensor()[0]).to(torch.uint8)
-        return Prediction(label=label.numpy(), affine=np.asarray(image.meta["original_affine"]),
-                          resampled_probs=probs, resampled_image=network_input,
-                          resampled_label=resampled_label,
-                          resampled_spacing=spacing)
-
-    def to_label_values(self, probs: torch.Tensor) -> torch.Tensor:
-        """Probabilities (K, X, Y, Z) → uint8 map of dataset label values."""
         if self.regions:
-            return regions_to_label_values(probs > 0.5, self.labels, self.regions)
-        lookup = torch.as_tensor(label_values(self.labels), dtype=torch.uint8)
-        return lookup[probs.argmax(dim=0)]
+            label = regions_to_label_values(original > 0.5, self.labels, self.regions)
+        else:
+            lookup = torch.as_tensor(label_values(self.labels), dtype=torch.uint8)
+            label = lookup[original.argmax(dim=0)]
+        resampled_label = (torch.round(data["label"].as_tensor()[0]).to(torch.uint8)
+                           if label_path is not None else None)
+        return Prediction(label=label.numpy(), resampled_probs=probs,
+                          resampled_image=network_input, resampled_label=resampled_label,
+                          resampled_spacing=spacing)
 
 
 def save_label_map(label: np.ndarray, reference: str | Path, path: str | Path) -> None:

@@ -34,16 +34,15 @@ def group_inputs(source: str | Path, channel_names: list[str] | None,
         return [(strip_nifti_suffix(p.name), [p]) for p in files]
     suffixes = {f"_{name.lower()}": index for index, name in enumerate(channel_names)}
     grouped: dict[str, dict[int, Path]] = {}
-    whole: list[tuple[str, list[Path]]] = []
+    cases: list[tuple[str, list[Path]]] = []
     for path in files:
         stem = strip_nifti_suffix(path.name)
         match = next((s for s in sorted(suffixes, key=len, reverse=True)
                       if stem.lower().endswith(s)), None)
         if match is None:
-            whole.append((stem, [path]))  # a 4D file holding every channel
+            cases.append((stem, [path]))  # a 4D file holding every channel
         else:
             grouped.setdefault(stem[: -len(match)], {})[suffixes[match]] = path
-    cases = list(whole)
     for case, found in grouped.items():
         missing = [channel_names[i] for i in range(channels) if i not in found]
         if missing:
@@ -61,7 +60,7 @@ def predict_inputs(model: str, source: str | Path, out: str | Path,
                    tracking_uri: str | None = None, overlap: float = 0.5,
                    precision: str = "auto") -> list[Path]:
     """Segment every input; return the written label maps ``<out>/<case>.nii.gz``."""
-    from hybridmim import runtime
+    from hybridmim.predict.inference import prepare_for_inference
     from hybridmim.predict.models import load_model
     from hybridmim.predict.pipeline import CasePredictor, check_headers, save_label_map
     from hybridmim.progress import StepProgress
@@ -75,10 +74,9 @@ def predict_inputs(model: str, source: str | Path, out: str | Path,
     cases = group_inputs(source, meta.get("channel_names"), channels)
     for _, paths in cases:  # every input, cheaply, before any work is done
         check_headers(paths, channels)
-    device = runtime.select_device()
-    predictor = CasePredictor(loaded.network.to(device).eval(), meta, meta.get("preprocess"),
-                              overlap=overlap, device=device,
-                              precision=runtime.precision_choice(precision, device).precision)
+    forward, device, choice = prepare_for_inference(loaded, precision)
+    predictor = CasePredictor(forward, meta, meta.get("preprocess"), overlap=overlap,
+                              device=device, precision=choice.precision)
     out = Path(out)
     written = []
     progress = StepProgress(len(cases), "predict", every_s=10)

@@ -32,14 +32,6 @@ TRAINING_STAGES = ("pretrain", "finetune")
 DIGEST_LENGTH = 36
 
 
-def describe_experiment(client: Any, experiment_id: str, stage: str) -> None:
-    """The description the MLflow UI shows on the experiment page (set once, if missing)."""
-    text = EXPERIMENT_DESCRIPTIONS.get(stage)
-    experiment = client.get_experiment(experiment_id)
-    if text and not experiment.tags.get("mlflow.note.content"):
-        client.set_experiment_tag(experiment_id, "mlflow.note.content", text)
-
-
 def source_tags(spec: dict[str, Any], stage: str, git: dict[str, str]) -> dict[str, str]:
     """MLflow's own source tags: the UI's "Source" column and the commit link."""
     rule = (spec.get("provenance") or {}).get("rule")
@@ -82,7 +74,6 @@ def system_metrics(run_id: str, tracking_uri: str, interval: float) -> Iterator[
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = None
     try:
         monitor = SystemMetricsMonitor(run_id, sampling_interval=float(interval),
                                        tracking_uri=tracking_uri)
@@ -107,10 +98,8 @@ def system_metrics(run_id: str, tracking_uri: str, interval: float) -> Iterator[
 def registered_name(spec: dict[str, Any]) -> str:
     """One registry entry per dataset × backbone × init (fractions and seeds are versions)."""
     wildcards = (spec.get("provenance") or {}).get("wildcards") or {}
-    dataset = wildcards.get("dataset") or spec["dataset"]["name"]
-    backbone = wildcards.get("backbone") or spec["backbone"]["name"]
-    init = wildcards.get("init") or spec["init"]["name"]
-    return f"{dataset}-{backbone}-{init}"
+    return "-".join(wildcards.get(key) or spec[key]["name"]
+                    for key in ("dataset", "backbone", "init"))
 
 
 @contextlib.contextmanager
@@ -157,7 +146,7 @@ def log_network_model(run: Any, model_path: str | os.PathLike,
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, -1, -1, -1), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs, -1, -1, -1), "logits")]))
     experiment_id = run.client.get_run(run.run_id).info.experiment_id
-    with using_tracking_uri(run.tracking_uri):
+    with using_tracking_uri(run.client.tracking_uri):
         # Created in the run's experiment (Model.log alone would use the default experiment,
         # where the UI's runs list does not look for a run's models).
         logged = mlflow.initialize_logged_model(name="model", source_run_id=run.run_id,

@@ -38,8 +38,8 @@ def flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class TrackedRun:
-    def __init__(self, client: Any, run_id: str, tracking_uri: str | None = None):
-        self.client, self.run_id, self.tracking_uri = client, run_id, tracking_uri
+    def __init__(self, client: Any, run_id: str):
+        self.client, self.run_id = client, run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -54,8 +54,8 @@ class TrackedRun:
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+    def log_artifact(self, path: str | Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
 
     def log_dict(self, obj: Any, name: str) -> None:
         self.client.log_dict(self.run_id, obj, name)
@@ -115,7 +115,7 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
         # log_batch splits the params into batches of MLflow's size limit itself.
         client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(spec).items()])
         client.log_dict(run_id, spec, "spec.json")
-    tracked = TrackedRun(client, run_id, tracking_uri=uri)
+    tracked = TrackedRun(client, run_id)
     interval = tracking.get("system_metrics_interval", 10) if stage in catalog.TRAINING_STAGES \
         else 0
     status = "FAILED"

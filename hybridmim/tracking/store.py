@@ -8,14 +8,6 @@ The store is a tracking URI plus an artifact root:
   ``MLFLOW_TRACKING_URI=http://host:port`` in the jobs' environment. SQLite on NFS with writers on
   several nodes is unsafe (file locks over NFS are unreliable), see docs/slurm.md.
 
-Precedence of the URI: ``$MLFLOW_TRACKING_URI`` > the config's ``tracking.uri`` > the default.
-Relative SQLite paths are made absolute against the current working directory, so a job that
-changes directory (or runs on a node with another cwd) still writes to the same file.
-
-Creating a fresh SQLite DB runs MLflow's alembic migrations; two processes doing that at the same
-time fail ("table ... already exists"). ``prepare_sqlite`` therefore holds an exclusive ``flock``
-on ``<db>.lock`` while it creates the tables.
-
 SQLite tuning (measured on a VM disk with ~7 ms per fsync: 100 single ``log_metric`` calls took
 4.3 s in the default rollback-journal mode, 1.4 s in WAL, 0.8 s in WAL + synchronous=NORMAL):
 the DB is switched to WAL once (persistent, in the file) unless ``HYBRIDMIM_SQLITE_JOURNAL`` says
@@ -71,12 +63,12 @@ def _tune_sqlite_connection(dbapi_connection, _record) -> None:
 
 # --------------------------------------------------------------------------------------- URIs
 def resolve_tracking_uri(configured: str | None = None) -> str:
-    """The tracking URI to use: env ``MLFLOW_TRACKING_URI`` > ``configured`` > the default.
+    """``$MLFLOW_TRACKING_URI`` > the config's ``tracking.uri`` (``configured``) > the default.
 
-    ``sqlite:///relative/path.db`` becomes ``sqlite:////<cwd>/relative/path.db``.
+    A relative SQLite path is made absolute against the current working directory, so a job that
+    changes directory (or runs on a node with another cwd) still writes to the same file.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
-    uri = uri.strip()
+    uri = (os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI).strip()
     if uri.startswith(_SQLITE_PREFIX):
         path, sep, query = uri[len(_SQLITE_PREFIX):].partition("?")
         if path and not path.startswith("/") and not path.startswith(":memory:"):
@@ -99,10 +91,6 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path)
 
 
-def is_server_uri(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
 def artifact_location(artifact_root: str | os.PathLike[str], experiment: str = "") -> str:
     """``file://`` URI of ``<artifact_root>/<experiment>`` (absolute); remote roots pass through."""
     root = str(artifact_root)
@@ -112,19 +100,13 @@ def artifact_location(artifact_root: str | os.PathLike[str], experiment: str = "
 
 
 # --------------------------------------------------------------------------------------- store
-_INITIALISED: set[tuple[str, str]] = set()
-
-
 def init_store(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
                experiments: Iterable[str] = STAGES, timeout_s: float = 120.0) -> dict[str, str]:
-    """Create the store (SQLite: DB file + tables) and the stage experiments, once.
-
-    Safe to call from many processes at the same time and idempotent; returns
-    ``{experiment name: experiment id}``. For http(s) URIs the server owns the database, so only
-    the experiments are created (after waiting up to ``timeout_s`` for the server).
-    """
+    """Create the store (SQLite: DB file + tables) and the stage experiments; idempotent and safe
+    from many processes at once. Returns ``{experiment name: experiment id}``. A server (http(s))
+    owns its database: only the experiments are created, after waiting up to ``timeout_s``."""
     uri = resolve_tracking_uri(uri)
-    if is_server_uri(uri):
+    if uri.startswith(("http://", "https://")):
         wait_for_server(uri, timeout_s)
     elif sqlite_path(uri) is not None:
         prepare_sqlite(uri, artifact_root, timeout_s)
@@ -150,8 +132,6 @@ def prepare_sqlite(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ART
     db = sqlite_path(uri)
     if db is None:
         raise StoreError(f"{uri} is not a sqlite:/// file URI")
-    if (uri, str(artifact_root)) in _INITIALISED:
-        return db
     db.parent.mkdir(parents=True, exist_ok=True)
     lock_path = db.with_name(db.name + ".lock")
     try:
@@ -163,7 +143,6 @@ def prepare_sqlite(uri: str, artifact_root: str | os.PathLike[str] = DEFAULT_ART
     except Timeout:
         raise StoreError(f"could not lock {lock_path} within {timeout_s:.0f} s: another process "
                          "is initialising the MLflow store (or hangs holding the lock)") from None
-    _INITIALISED.add((uri, str(artifact_root)))
     return db
 
 
@@ -190,11 +169,9 @@ def _set_journal_mode(db: Path) -> None:
 
 
 def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
-    """Open the SQL store once; MLflow creates/migrates the tables on first open.
-
-    The store is opened directly (not through MlflowClient) so that MLflow's "Default"
-    experiment also gets its artifacts under ``artifact_root`` instead of ``./mlruns``.
-    """
+    """Open the SQL store once, which creates/migrates the tables: directly, not through
+    MlflowClient, so that MLflow's "Default" experiment also gets its artifacts under
+    ``artifact_root`` instead of ``./mlruns``."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     SqlAlchemyStore(uri, artifact_location(artifact_root)).engine.dispose()
@@ -203,12 +180,9 @@ def _create_tables(uri: str, artifact_root: str | os.PathLike[str]) -> None:
 def get_or_create_experiment(name: str,
                              artifact_root: str | os.PathLike[str] = DEFAULT_ARTIFACT_ROOT,
                              tracking_uri: str | None = None, attempts: int = 5) -> str:
-    """Id of experiment ``name``, creating it (artifacts under ``artifact_root/name``) if needed.
-
-    Race-safe: when another process creates it first, the RESOURCE_ALREADY_EXISTS error is caught
-    and the experiment re-read. A deleted experiment of that name is restored. Transient
-    "database is locked" errors are retried ``attempts`` times.
-    """
+    """Id of experiment ``name``, created if needed (artifacts under ``artifact_root/name``) and
+    restored if deleted. Race-safe (another process may create it first); transient "database is
+    locked" errors are retried ``attempts`` times."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -221,12 +195,12 @@ def get_or_create_experiment(name: str,
                     log.warning("restoring deleted MLflow experiment %r", name)
                     client.restore_experiment(experiment.experiment_id)
                 return experiment.experiment_id
-            location = artifact_location(artifact_root, name)
-            experiment_id = client.create_experiment(name, artifact_location=location)
-            from hybridmim.tracking.catalog import describe_experiment
+            from hybridmim.tracking.catalog import EXPERIMENT_DESCRIPTIONS
 
-            describe_experiment(client, experiment_id, name)
-            return experiment_id
+            note = EXPERIMENT_DESCRIPTIONS.get(name)  # shown on the UI's experiment page
+            return client.create_experiment(
+                name, artifact_location=artifact_location(artifact_root, name),
+                tags={"mlflow.note.content": note} if note else None)
         except MlflowException as err:
             if err.error_code == "RESOURCE_ALREADY_EXISTS":
                 continue  # someone else won the race: read theirs on the next pass
@@ -239,12 +213,7 @@ def get_or_create_experiment(name: str,
 
 # --------------------------------------------------------------------------------------- server
 def wait_for_server(uri: str, timeout_s: float = 60.0) -> None:
-    """Block until ``<uri>/health`` answers 200, or raise StoreError after ``timeout_s``.
-
-    Non-HTTP URIs return at once (there is no server to wait for).
-    """
-    if not is_server_uri(uri):
-        return
+    """Block until ``<uri>/health`` answers 200, or raise StoreError after ``timeout_s``."""
     parts = urlsplit(uri)
     health = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/health"
     deadline = time.monotonic() + timeout_s
