@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -316,14 +317,10 @@ def finetune_grid(config: dict) -> list[dict[str, str]]:
     """Every fine-tuning job: the main grid, then each subgrid's new cells (no job twice)."""
     jobs: dict[tuple, dict[str, str]] = {}
     for _, block in grid_blocks(config):
-        for ds in block["datasets"]:
-            for bb in block["backbones"]:
-                for init in block["inits"]:
-                    for frac in block["label_fractions"]:
-                        for seed in block["seeds"]:
-                            job = {"dataset": ds, "backbone": bb, "init": init,
-                                   "fraction": _frac_tag(frac), "seed": str(seed)}
-                            jobs.setdefault(tuple(job.values()), job)
+        for ds, bb, init, frac, seed in itertools.product(*(block[k] for k in GRID_KEYS)):
+            job = {"dataset": ds, "backbone": bb, "init": init, "fraction": _frac_tag(frac),
+                   "seed": str(seed)}
+            jobs.setdefault(tuple(job.values()), job)
     return list(jobs.values())
 
 

@@ -184,23 +184,24 @@ def attempt_log(state_dir: str | os.PathLike) -> Iterator[Path]:
         handler.close()
 
 
-def guarded_job(state_dir_of: Callable[[dict[str, Any]], str | os.PathLike]):
-    """Decorate ``run_xxx(spec)``: lock, parent watch and attempt log around the whole job."""
-    def decorate(func):
-        @functools.wraps(func)
-        def wrapper(spec: dict[str, Any], *args: Any, **kwargs: Any):
-            try:
-                state_dir = Path(state_dir_of(spec))
-            except (KeyError, TypeError):
-                return func(spec, *args, **kwargs)  # no output path: the job's checks say so
-            leader = os.environ.get("RANK", "0") == "0"
-            watch = os.environ.get("HYBRIDMIM_WATCH_PARENT", "1") != "0"
-            with contextlib.ExitStack() as stack:
-                if leader:
-                    stack.enter_context(job_lock(state_dir))
-                    stack.enter_context(attempt_log(state_dir))
-                if watch:
-                    stack.enter_context(parent_watch())
-                return func(spec, *args, **kwargs)
-        return wrapper
-    return decorate
+def guarded_job(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate ``run_xxx(spec)``: lock, parent watch and attempt log around the whole job, in the
+    folder of its resume state (hybridmim.checkpoints.state_dir_for)."""
+    from hybridmim.checkpoints import state_dir_for
+
+    @functools.wraps(func)
+    def wrapper(spec: dict[str, Any], *args: Any, **kwargs: Any):
+        try:
+            state_dir = state_dir_for(spec["out"])
+        except (KeyError, TypeError):
+            return func(spec, *args, **kwargs)  # no output path: the job's checks say so
+        leader = os.environ.get("RANK", "0") == "0"
+        watch = os.environ.get("HYBRIDMIM_WATCH_PARENT", "1") != "0"
+        with contextlib.ExitStack() as stack:
+            if leader:
+                stack.enter_context(job_lock(state_dir))
+                stack.enter_context(attempt_log(state_dir))
+            if watch:
+                stack.enter_context(parent_watch())
+            return func(spec, *args, **kwargs)
+    return wrapper

@@ -113,9 +113,7 @@ class TrainingLoop:
         self.stop_signalled = False
         self.progress: StepProgress | None = None
         self.stage = ""
-        # Loaded on the CPU: RNG states must stay CPU tensors; weights and optimizer moments
-        # are copied onto the device by load_state_dict.
-        self.saved = checkpoints.load_state(self.state_dir, spec_hash, map_location="cpu")
+        self.saved = checkpoints.load_state(self.state_dir, spec_hash)
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                scaler: torch.amp.GradScaler) -> dict[str, Any] | None:
