@@ -108,7 +108,6 @@ class LoadedModel:
     network_record: dict[str, Any]  # {"class": stock MONAI class path, "kwargs": {...}}
 
     def channels_in_out(self) -> tuple[int, int]:
-        """The network's input and output channel counts."""
         kwargs = self.network_record["kwargs"]
         return (int(kwargs.get("in_channels", self.meta.get("channels") or 1)),
                 int(kwargs.get("out_channels", 1)))

@@ -232,12 +232,9 @@ def pretrain_model_path(backbone: str, method: str, corpus: str) -> str:
 
 def pretrain_targets(config: dict) -> list[str]:
     """The pretrained models the fine-tuning grid needs (only those, each spec once)."""
-    targets = set()
-    for job in finetune_grid(config):
-        path = pretrained_for(config, job["dataset"], job["backbone"], job["init"])
-        if path:
-            targets.add(path)
-    return sorted(targets)
+    paths = {pretrained_for(config, job["dataset"], job["backbone"], job["init"])
+             for job in finetune_grid(config)}
+    return sorted(paths - {None})  # None: a job from scratch
 
 
 def pretrain_content_hash(spec: dict[str, Any]) -> str:
@@ -327,8 +324,7 @@ def finetune_grid(config: dict) -> list[dict[str, str]]:
 def pretrained_for(config: dict, dataset: str, backbone: str, init: str) -> str | None:
     if init == "scratch":
         return None
-    corpus_for = config["finetuning"]["pretrained_corpus"]
-    corpus = corpus_for[dataset_spec(config, dataset).modality]
+    corpus = config["finetuning"]["pretrained_corpus"][dataset_spec(config, dataset).modality]
     return pretrain_model_path(backbone, pretrained_as(config, backbone, init, corpus), corpus)
 
 

@@ -185,8 +185,7 @@ def attempt_log(state_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 def guarded_job(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate ``run_xxx(spec)``: lock, parent watch and attempt log around the whole job, in the
-    folder of its resume state (hybridmim.checkpoints.state_dir_for)."""
+    """Decorate ``run_xxx(spec)``: lock, parent watch and attempt log around the whole job."""
     from hybridmim.checkpoints import state_dir_for
 
     @functools.wraps(func)
