@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
+from hybridmim.checkpoints import state_dir_for
 from hybridmim.progress import LOG_DATE_FORMAT, LOG_FORMAT
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,6 @@ def attempt_log(state_dir: str | os.PathLike) -> Iterator[Path]:
 
 def guarded_job(func: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate ``run_xxx(spec)``: lock, parent watch and attempt log around the whole job."""
-    from hybridmim.checkpoints import state_dir_for
-
     @functools.wraps(func)
     def wrapper(spec: dict[str, Any], *args: Any, **kwargs: Any):
         try:
