@@ -71,7 +71,7 @@ def _build_stepper(config: dict, method_name: str, variant: str | None = None):
     from hybridmim.pretrain.masking import MaskGeometry
     from hybridmim.pretrain.spec import resolve_method
     from hybridmim.pretrain.step import PretrainStep
-    from hybridmim.training_loop import warmup_cosine_scheduler
+    from hybridmim.training_loop import optimisation
 
     torch.manual_seed(0)
     device = torch.device(config["device"])
@@ -88,12 +88,12 @@ def _build_stepper(config: dict, method_name: str, variant: str | None = None):
     forward_model = prepare_network(model, device, precision,
                                     {"channels_last": variant == "channels_last",
                                      "compile": variant == "compile"})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
+    optimizer, scheduler, scaler = optimisation(
+        model.parameters(), {"lr": 1e-4, "weight_decay": 1e-3}, 10_000, device, precision)
     return PretrainStep(
         model=model, forward_model=forward_model,
         loss_fn=HybridMIMLoss.from_method(method),
-        optimizer=optimizer, scheduler=warmup_cosine_scheduler(optimizer, 0, 10_000),
-        scaler=runtime.make_grad_scaler(device, precision),
+        optimizer=optimizer, scheduler=scheduler, scaler=scaler,
         geometry=MaskGeometry.coerce(config["geometry"]), method=method, device=device,
         precision=precision, grad_clip=1.0)
 

@@ -41,14 +41,16 @@ def save_state(state_dir: str | os.PathLike, payload: dict[str, Any], spec_hash:
     return path
 
 
-def load_state(state_dir: str | os.PathLike, spec_hash: str, name: str = "latest",
-               map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+def load_state(state_dir: str | os.PathLike, spec_hash: str, name: str = "latest"
+               ) -> dict[str, Any] | None:
     """Return the saved state if it exists and belongs to this spec, else None (and say why)."""
     path = Path(state_dir) / f"{name}.pt"
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # On the CPU: RNG states must stay CPU tensors; weights and optimizer moments are copied
+        # onto the device by load_state_dict.
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a corrupt state must not block a fresh start
         log.warning("ignoring unreadable resume state %s (%s); starting from step 0", path, exc)
         return None
@@ -106,7 +108,6 @@ class LoadedModel:
     network_record: dict[str, Any]  # {"class": stock MONAI class path, "kwargs": {...}}
 
     def channels_in_out(self) -> tuple[int, int]:
-        """The network's input and output channel counts."""
         kwargs = self.network_record["kwargs"]
         return (int(kwargs.get("in_channels", self.meta.get("channels") or 1)),
                 int(kwargs.get("out_channels", 1)))

@@ -177,12 +177,6 @@ def _add_dataset_name(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset name (a key under datasets:)")
 
 
-def _add_spec_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--spec", help="job spec as a JSON string (what Snakemake passes)")
-    group.add_argument("--spec-file", help="job spec as a JSON file")
-
-
 def _add_data_commands(sub: Any) -> None:
     data = sub.add_parser("data", help="acquire, preprocess and split datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="STEP")
@@ -274,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, runner, text in JOBS:
         p = sub.add_parser(name, help=text, description=text)
-        _add_spec_args(p)
+        spec = p.add_mutually_exclusive_group()
+        spec.add_argument("--spec", help="job spec as a JSON string (what Snakemake passes)")
+        spec.add_argument("--spec-file", help="job spec as a JSON file")
         p.set_defaults(func=cmd_job, runner=runner)
 
     p = sub.add_parser("report", help="tables and figures from MLflow")

@@ -9,6 +9,8 @@ these builders; nothing here imports torch, to keep DAG building fast.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,6 @@ from hybridmim.hashing import spec_hash
 from hybridmim.resources import CONFIG_SCHEMA
 from hybridmim.variants import VariantError, resolve_variants
 
-SCHEMA = CONFIG_SCHEMA  # workflow/schemas/config.schema.yaml, shipped inside the package
 DATA_DIR = "data"
 RESULTS_DIR = "results"
 
@@ -39,7 +40,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     config = yaml.safe_load(path.read_text()) or {}
     try:
-        validate(config, str(SCHEMA), set_default=True)
+        validate(config, str(CONFIG_SCHEMA), set_default=True)
     except Exception as exc:  # WorkflowError with the jsonschema message naming the key
         raise ConfigError(f"{path}: {exc}") from exc
     check_consistency(config)
@@ -154,14 +155,8 @@ def dataset_spec(config: dict, name: str) -> DatasetSpec:
     block = dict(config["datasets"].get(name) or {})
     registry_name = block.pop("registry", name)
     overrides = {k: v for k, v in block.items() if k not in ACQUISITION_KEYS}
-    return dataset_from_config(registry_name, overrides) if registry_name == name else \
-        _renamed(dataset_from_config(registry_name, overrides), name)
-
-
-def _renamed(spec: DatasetSpec, name: str) -> DatasetSpec:
-    import dataclasses
-
-    return dataclasses.replace(spec, name=name)
+    spec = dataset_from_config(registry_name, overrides)
+    return spec if registry_name == name else dataclasses.replace(spec, name=name)
 
 
 def acquisition_options(config: dict, name: str) -> dict[str, Any]:
@@ -197,13 +192,18 @@ def dataset_entry(config: dict, name: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------
 # Common spec parts
-def _common(config: dict, run_name: str, seed: int, out: str, rule: str,
-            wildcards: dict[str, Any], stage: str) -> dict[str, Any]:
+# The config section that holds the resources of each stage's jobs.
+RESOURCE_SECTIONS = {"pretrain": "pretraining", "finetune": "finetuning", "evaluate": "evaluation"}
+
+
+def _common(config: dict, stage: str, run_name: str, seed: int, out: str,
+            wildcards: dict[str, Any]) -> dict[str, Any]:
+    """The part every job spec has; ``stage`` is also the name of the rule that runs the job."""
     return {"run_name": run_name, "seed": int(seed), "out": out,
             "tracking": dict(config["tracking"]),
-            "provenance": {"rule": rule, "wildcards": {k: str(v) for k, v in wildcards.items()}},
+            "provenance": {"rule": stage, "wildcards": {k: str(v) for k, v in wildcards.items()}},
             "precision": config["precision"], "deterministic": config["deterministic"],
-            "threads": config[stage]["resources"]["cpus"],
+            "threads": config[RESOURCE_SECTIONS[stage]]["resources"]["cpus"],
             # Speed-only options join the spec only when on, so default specs keep their hashes.
             **{key: True for key in ("channels_last", "compile") if config[key]}}
 
@@ -232,12 +232,9 @@ def pretrain_model_path(backbone: str, method: str, corpus: str) -> str:
 
 def pretrain_targets(config: dict) -> list[str]:
     """The pretrained models the fine-tuning grid needs (only those, each spec once)."""
-    targets = set()
-    for job in finetune_grid(config):
-        path = pretrained_for(config, job["dataset"], job["backbone"], job["init"])
-        if path:
-            targets.add(path)
-    return sorted(targets)
+    paths = {pretrained_for(config, job["dataset"], job["backbone"], job["init"])
+             for job in finetune_grid(config)}
+    return sorted(paths - {None})  # None: a job from scratch
 
 
 def pretrain_content_hash(spec: dict[str, Any]) -> str:
@@ -261,8 +258,7 @@ def pretrained_as(config: dict, backbone: str, method: str, corpus: str) -> str:
     return method
 
 
-def pretrain_spec(config: dict, backbone: str, method: str, corpus: str, rule: str = "pretrain"
-                  ) -> dict[str, Any]:
+def pretrain_spec(config: dict, backbone: str, method: str, corpus: str) -> dict[str, Any]:
     pre = config["pretraining"]
     block, geometry = method_block(config, method)
     meth = {"name": method, **block}
@@ -278,8 +274,8 @@ def pretrain_spec(config: dict, backbone: str, method: str, corpus: str, rule: s
                          "modality": ds.modality, "window": dict(ds.windows["pretrain"])})
     wildcards = {"backbone": backbone, "method": method, "corpus": corpus}
     out = pretrain_model_path(backbone, method, corpus)
-    spec = _common(config, f"pretrain/{backbone}/{method}/{corpus}", 0, out, rule, wildcards,
-                   "pretraining")
+    spec = _common(config, "pretrain", f"pretrain/{backbone}/{method}/{corpus}", 0, out,
+                   wildcards)
     spec.update({
         "backbone": backbone_spec(config, backbone, corpus_channels(config, corpus)),
         "geometry": geometry,
@@ -300,36 +296,35 @@ def _frac_tag(fraction: float) -> str:
     return f"{float(fraction):g}"
 
 
+def _grid_run_name(stage: str, dataset: str, backbone: str, init: str, fraction: Any,
+                   seed: Any) -> str:
+    """The MLflow run name of a fine-tuning or evaluation job, and its folder under results/."""
+    return f"{stage}/{dataset}/{backbone}/{init}/frac{_frac_tag(fraction)}/seed{seed}"
+
+
 def finetune_dir(dataset: str, backbone: str, init: str, fraction: Any, seed: Any) -> str:
-    return (f"{RESULTS_DIR}/finetune/{dataset}/{backbone}/{init}/frac{_frac_tag(fraction)}/"
-            f"seed{seed}")
+    return f"{RESULTS_DIR}/{_grid_run_name('finetune', dataset, backbone, init, fraction, seed)}"
 
 
 def evaluate_dir(dataset: str, backbone: str, init: str, fraction: Any, seed: Any) -> str:
-    return (f"{RESULTS_DIR}/evaluate/{dataset}/{backbone}/{init}/frac{_frac_tag(fraction)}/"
-            f"seed{seed}")
+    return f"{RESULTS_DIR}/{_grid_run_name('evaluate', dataset, backbone, init, fraction, seed)}"
 
 
 def finetune_grid(config: dict) -> list[dict[str, str]]:
     """Every fine-tuning job: the main grid, then each subgrid's new cells (no job twice)."""
     jobs: dict[tuple, dict[str, str]] = {}
     for _, block in grid_blocks(config):
-        for ds in block["datasets"]:
-            for bb in block["backbones"]:
-                for init in block["inits"]:
-                    for frac in block["label_fractions"]:
-                        for seed in block["seeds"]:
-                            job = {"dataset": ds, "backbone": bb, "init": init,
-                                   "fraction": _frac_tag(frac), "seed": str(seed)}
-                            jobs.setdefault(tuple(job.values()), job)
+        for ds, bb, init, frac, seed in itertools.product(*(block[k] for k in GRID_KEYS)):
+            job = {"dataset": ds, "backbone": bb, "init": init, "fraction": _frac_tag(frac),
+                   "seed": str(seed)}
+            jobs.setdefault(tuple(job.values()), job)
     return list(jobs.values())
 
 
 def pretrained_for(config: dict, dataset: str, backbone: str, init: str) -> str | None:
     if init == "scratch":
         return None
-    corpus_for = config["finetuning"]["pretrained_corpus"]
-    corpus = corpus_for[dataset_spec(config, dataset).modality]
+    corpus = config["finetuning"]["pretrained_corpus"][dataset_spec(config, dataset).modality]
     return pretrain_model_path(backbone, pretrained_as(config, backbone, init, corpus), corpus)
 
 
@@ -346,17 +341,22 @@ def variant_entry(config: dict, dataset: str, backbone: str, init: str) -> dict[
 
 
 def _grid_common(config: dict, stage: str, dataset: str, backbone: str, init: str,
-                 fraction: Any, seed: Any, out: str, rule: str, resource_stage: str
-                 ) -> dict[str, Any]:
-    """The common part of a fine-tuning or evaluation job of the grid."""
+                 fraction: Any, seed: Any, output: str) -> dict[str, Any]:
+    """The common part of a fine-tuning or evaluation job of the grid, writing
+    ``results/<run name>/<output>``."""
     wildcards = {"dataset": dataset, "backbone": backbone, "init": init,
                  "fraction": _frac_tag(fraction), "seed": seed}
-    run_name = f"{stage}/{dataset}/{backbone}/{init}/frac{_frac_tag(fraction)}/seed{seed}"
-    return _common(config, run_name, int(seed), out, rule, wildcards, resource_stage)
+    run_name = _grid_run_name(stage, dataset, backbone, init, fraction, seed)
+    spec = _common(config, stage, run_name, int(seed), f"{RESULTS_DIR}/{run_name}/{output}",
+                   wildcards)
+    variant = variant_entry(config, dataset, backbone, init)
+    if variant:
+        spec["variant"] = variant
+    return spec
 
 
 def finetune_spec(config: dict, dataset: str, backbone: str, init: str, fraction: Any,
-                  seed: Any, rule: str = "finetune") -> dict[str, Any]:
+                  seed: Any) -> dict[str, Any]:
     ft = config["finetuning"]
     ds = dataset_spec(config, dataset)
     checkpoint = pretrained_for(config, dataset, backbone, init)
@@ -364,9 +364,7 @@ def finetune_spec(config: dict, dataset: str, backbone: str, init: str, fraction
     if checkpoint and first_layer == "auto":
         pre_channels = corpus_channels(config, ft["pretrained_corpus"][ds.modality])
         first_layer = "keep" if pre_channels == ds.num_channels else "reinit"
-    out = f"{finetune_dir(dataset, backbone, init, fraction, seed)}/model.pt"
-    spec = _grid_common(config, "finetune", dataset, backbone, init, fraction, seed, out, rule,
-                        "finetuning")
+    spec = _grid_common(config, "finetune", dataset, backbone, init, fraction, seed, "model.pt")
     spec.update({
         "dataset": dataset_entry(config, dataset),
         "backbone": backbone_spec(config, backbone, ds.num_channels),
@@ -383,17 +381,13 @@ def finetune_spec(config: dict, dataset: str, backbone: str, init: str, fraction
         "log_every": ft["log_every"],
         "num_workers": ft["num_workers"],
     })
-    variant = variant_entry(config, dataset, backbone, init)
-    if variant:
-        spec["variant"] = variant
     return spec
 
 
 def evaluate_spec(config: dict, dataset: str, backbone: str, init: str, fraction: Any,
-                  seed: Any, rule: str = "evaluate") -> dict[str, Any]:
-    out = f"{evaluate_dir(dataset, backbone, init, fraction, seed)}/metrics.json"
-    spec = _grid_common(config, "evaluate", dataset, backbone, init, fraction, seed, out, rule,
-                        "evaluation")
+                  seed: Any) -> dict[str, Any]:
+    spec = _grid_common(config, "evaluate", dataset, backbone, init, fraction, seed,
+                        "metrics.json")
     spec.update({
         # Test cases are segmented from their raw files and scored on their own grid.
         "dataset": {**dataset_entry(config, dataset), "raw_dir": raw_dir(dataset)},
@@ -403,11 +397,4 @@ def evaluate_spec(config: dict, dataset: str, backbone: str, init: str, fraction
         "sw_overlap": config["evaluation"]["sw_overlap"],
         "grid": config["evaluation"]["grid"],
     })
-    variant = variant_entry(config, dataset, backbone, init)
-    if variant:
-        spec["variant"] = variant
     return spec
-
-
-def stage_resources(config: dict, stage: str) -> dict[str, Any]:
-    return config[stage]["resources"]

@@ -26,13 +26,8 @@ from typing import Any, Mapping
 from hybridmim.spec_schemas import schema_problem
 
 # Intensity windows: plain JSON dicts that travel inside job specs; hybridmim.data.intensity
-# documents the kinds and applies them.
-WINDOW_KEYS: dict[str, tuple[str, ...]] = {
-    "ct": ("a_min", "a_max", "b_min", "b_max", "clip"),
-    "mri_pretrain": ("z_min", "z_max", "b_min", "b_max"),
-    "identity": (),
-    "ct_foreground": ("b_min", "b_max", "clip"),
-}
+# documents the kinds and applies them, job_common.schema.yaml ($defs/window) lists their keys.
+WINDOW_KINDS = ("ct", "mri_pretrain", "identity", "ct_foreground")
 CT_FOREGROUND_WINDOW = {"kind": "ct_foreground", "b_min": 0.0, "b_max": 1.0, "clip": True}
 
 CT_FINETUNE_WINDOW = {"kind": "ct", "a_min": -175.0, "a_max": 250.0, "b_min": 0.0, "b_max": 1.0,
@@ -255,18 +250,6 @@ ACQUISITION_KEYS = {"registry", "num_cases", "num_test", "seed", "manual_path"}
 CONFIG_BLOCK_KEYS = BLOCK_KEYS | ACQUISITION_KEYS
 
 
-def unknown_key_message(where: str, unknown, allowed) -> str:
-    """``where``: unknown key 'lables' (did you mean 'labels'?); allowed keys are [...]."""
-    import difflib
-
-    parts = []
-    for key in sorted(map(str, unknown)):
-        close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
-        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return (f"{where}: unknown key{'s' if len(parts) > 1 else ''} {', '.join(parts)}; allowed "
-            f"keys are {sorted(allowed)}")
-
-
 def get_dataset(name: str, overrides: Mapping[str, Any] | None = None) -> DatasetSpec:
     """The registry entry ``name``, with ``overrides`` (same keys as a config block) applied."""
     if name not in REGISTRY:
@@ -283,9 +266,9 @@ def dataset_from_config(name: str, block: Mapping[str, Any]) -> DatasetSpec:
     is a registry entry overrides that entry instead."""
     if name in REGISTRY:
         return get_dataset(name, block)
-    _check_keys(name, block or {})
-    missing = [key for key in ("modality", "labels") if key not in (block or {})]
-    if "folder" not in (block or {}) and "source" not in (block or {}):
+    _check_keys(name, block)
+    missing = [key for key in ("modality", "labels") if key not in block]
+    if "folder" not in block and "source" not in block:
         missing.append("folder")
     if missing:
         raise DatasetConfigError(
@@ -311,10 +294,19 @@ def dataset_from_config(name: str, block: Mapping[str, Any]) -> DatasetSpec:
 
 
 def _check_keys(name: str, block: Mapping[str, Any]) -> None:
-    unknown = set(block) - CONFIG_BLOCK_KEYS
-    if unknown:
-        raise DatasetConfigError(unknown_key_message(f"datasets.{name}", unknown,
-                                                     CONFIG_BLOCK_KEYS))
+    """Refuse unknown keys naming the closest valid one: "unknown key 'lables' (did you mean
+    'labels'?)"."""
+    import difflib
+
+    unknown = sorted(map(str, set(block) - CONFIG_BLOCK_KEYS))
+    if not unknown:
+        return
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(CONFIG_BLOCK_KEYS), n=1, cutoff=0.6)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise DatasetConfigError(f"datasets.{name}: unknown key{'s' if len(parts) > 1 else ''} "
+                             f"{', '.join(parts)}; allowed keys are {sorted(CONFIG_BLOCK_KEYS)}")
 
 
 def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> DatasetSpec:
@@ -325,8 +317,9 @@ def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> Data
     if problem:
         raise DatasetConfigError(problem)
     changes: dict[str, Any] = {}
-    recipe_changes: dict[str, Any] = {}
-    where = f"dataset {name!r}"
+    # The schema has checked the type of each key: a string or boolean is taken as it is.
+    recipe_changes = {key: block[key] for key in ("normalize", "include_unlabelled")
+                      if key in block}
     if "modality" in block:
         changes["modality"] = _modality(name, block["modality"])
     if "channels" in block:
@@ -344,12 +337,8 @@ def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> Data
         spacing = block["spacing"]
         recipe_changes["spacing"] = (spacing if spacing == MEDIAN_SPACING else
                                      tuple(float(s) for s in spacing) if spacing else None)
-    if "normalize" in block:
-        recipe_changes["normalize"] = block["normalize"]
     if "foreground_threshold" in block:
         recipe_changes["foreground_threshold"] = float(block["foreground_threshold"])
-    if "include_unlabelled" in block:
-        recipe_changes["include_unlabelled"] = bool(block["include_unlabelled"])
     if recipe_changes:
         changes["preprocess"] = dataclasses.replace(spec.preprocess, **recipe_changes)
     if "split" in block:
@@ -358,12 +347,12 @@ def _apply_block(spec: DatasetSpec, name: str, block: Mapping[str, Any]) -> Data
         windows = dict(spec.windows)
         for stage, window in dict(block["windows"]).items():
             try:
-                windows[stage] = validate_window(window, f"{where} windows.{stage}")
+                windows[stage] = validate_window(window, f"dataset {name!r} windows.{stage}")
             except ValueError as error:
                 raise DatasetConfigError(str(error)) from None
         changes["windows"] = windows
     if "description" in block:
-        changes["description"] = str(block["description"])
+        changes["description"] = block["description"]
     return dataclasses.replace(spec, **changes)
 
 
@@ -413,19 +402,16 @@ def _split(name: str, value: Any, spec: DatasetSpec) -> SplitRecipe:
         raise DatasetConfigError(f"{where}: unknown split {value!r}; this dataset has "
                                  f"{sorted(spec.split_variants) or 'no named splits'}; or give a "
                                  f"dict with kind: fraction|fixed")
-    block = dict(value)
-    kind = block.pop("kind", "fraction")
-    seed = int(block.pop("seed", spec.split.seed))
-    val_is_test = bool(block.pop("val_is_test", False))
-    if kind == "fraction":
-        fractions = tuple(float(block.pop(k)) for k in SPLIT_NAMES)
-        if abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
-            raise DatasetConfigError(f"{where}: fractions {fractions} must be >= 0, sum to 1 and "
-                                     f"give train a positive share")
-        recipe = SplitRecipe(kind="fraction", name=str(block.pop("name", "config")),
-                             fractions=fractions, seed=seed, val_is_test=val_is_test)
-    elif kind == "fixed":
-        lists = {k: tuple(str(c) for c in block.pop(k, ())) for k in SPLIT_NAMES}
-        recipe = SplitRecipe(kind="fixed", name=str(block.pop("name", "config")), fixed=lists,
-                             seed=seed, val_is_test=val_is_test)
-    return recipe
+    # The schema has checked the keys: kind fraction (the default) with three fractions, or
+    # fixed with lists of case ids.
+    common = {"kind": value.get("kind", "fraction"), "name": value.get("name", "config"),
+              "seed": int(value.get("seed", spec.split.seed)),
+              "val_is_test": value.get("val_is_test", False)}
+    if common["kind"] == "fixed":
+        return SplitRecipe(**common, fixed={k: tuple(str(c) for c in value.get(k, ()))
+                                            for k in SPLIT_NAMES})
+    fractions = tuple(float(value[k]) for k in SPLIT_NAMES)
+    if abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
+        raise DatasetConfigError(f"{where}: fractions {fractions} must be >= 0, sum to 1 and "
+                                 f"give train a positive share")
+    return SplitRecipe(**common, fractions=fractions)

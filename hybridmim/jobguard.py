@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
+from hybridmim.checkpoints import state_dir_for
 from hybridmim.progress import LOG_DATE_FORMAT, LOG_FORMAT
 
 log = logging.getLogger(__name__)
@@ -184,23 +185,21 @@ def attempt_log(state_dir: str | os.PathLike) -> Iterator[Path]:
         handler.close()
 
 
-def guarded_job(state_dir_of: Callable[[dict[str, Any]], str | os.PathLike]):
+def guarded_job(func: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate ``run_xxx(spec)``: lock, parent watch and attempt log around the whole job."""
-    def decorate(func):
-        @functools.wraps(func)
-        def wrapper(spec: dict[str, Any], *args: Any, **kwargs: Any):
-            try:
-                state_dir = Path(state_dir_of(spec))
-            except (KeyError, TypeError):
-                return func(spec, *args, **kwargs)  # no output path: the job's checks say so
-            leader = os.environ.get("RANK", "0") == "0"
-            watch = os.environ.get("HYBRIDMIM_WATCH_PARENT", "1") != "0"
-            with contextlib.ExitStack() as stack:
-                if leader:
-                    stack.enter_context(job_lock(state_dir))
-                    stack.enter_context(attempt_log(state_dir))
-                if watch:
-                    stack.enter_context(parent_watch())
-                return func(spec, *args, **kwargs)
-        return wrapper
-    return decorate
+    @functools.wraps(func)
+    def wrapper(spec: dict[str, Any], *args: Any, **kwargs: Any):
+        try:
+            state_dir = state_dir_for(spec["out"])
+        except (KeyError, TypeError):
+            return func(spec, *args, **kwargs)  # no output path: the job's checks say so
+        leader = os.environ.get("RANK", "0") == "0"
+        watch = os.environ.get("HYBRIDMIM_WATCH_PARENT", "1") != "0"
+        with contextlib.ExitStack() as stack:
+            if leader:
+                stack.enter_context(job_lock(state_dir))
+                stack.enter_context(attempt_log(state_dir))
+            if watch:
+                stack.enter_context(parent_watch())
+            return func(spec, *args, **kwargs)
+    return wrapper

@@ -85,11 +85,6 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision != "fp32")
 
 
-def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
-    # Only fp16 needs loss scaling; a disabled scaler keeps one code path and a state to checkpoint.
-    return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
-
-
 def prepare_network(network: torch.nn.Module, device: torch.device, precision: str,
                     spec: dict[str, Any] | None = None) -> torch.nn.Module:
     """Apply the speed options to ``network`` in place; return the module to call for forward

@@ -68,7 +68,8 @@ def optimisation(parameters: Iterable[torch.nn.Parameter], optim: dict[str, Any]
     optimizer = torch.optim.AdamW(parameters, lr=float(optim["lr"]),
                                   weight_decay=float(optim["weight_decay"]))
     scheduler = warmup_cosine_scheduler(optimizer, int(optim.get("warmup_steps", 0)), total_steps)
-    return optimizer, scheduler, runtime.make_grad_scaler(device, precision)
+    # Only fp16 needs loss scaling; a disabled scaler keeps one code path and a state to checkpoint.
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def optimiser_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -112,9 +113,7 @@ class TrainingLoop:
         self.stop_signalled = False
         self.progress: StepProgress | None = None
         self.stage = ""
-        # Loaded on the CPU: RNG states must stay CPU tensors; weights and optimizer moments
-        # are copied onto the device by load_state_dict.
-        self.saved = checkpoints.load_state(self.state_dir, spec_hash, map_location="cpu")
+        self.saved = checkpoints.load_state(self.state_dir, spec_hash)
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                scaler: torch.amp.GradScaler) -> dict[str, Any] | None:

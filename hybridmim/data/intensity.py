@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from hybridmim.dataset_catalog import WINDOW_KEYS
+from hybridmim.dataset_catalog import WINDOW_KINDS
 
 
 def resolve_window(window: dict, processed_index: dict, where: str = "window") -> dict:
@@ -84,4 +84,4 @@ def apply_window(image, window: dict):
                          True)
         mapped[image == 0] = window["b_min"]
         return mapped
-    raise ValueError(f"unknown window kind {kind!r}; use one of {sorted(WINDOW_KEYS)}")
+    raise ValueError(f"unknown window kind {kind!r}; use one of {sorted(WINDOW_KINDS)}")

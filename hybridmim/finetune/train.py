@@ -173,7 +173,7 @@ def _dice_only(pred, truth, names) -> dict[str, float]:
     return {name: float(values[i]) for i, name in enumerate(names)}
 
 
-@guarded_job(lambda spec: checkpoints.state_dir_for(spec["out"]))
+@guarded_job
 def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
     """Train, validate, checkpoint and publish one fine-tuning job; return its metrics.json.
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from hybridmim import checkpoints, runtime
+from hybridmim import runtime
 from hybridmim.data.layout import read_processed_index
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.jobguard import guarded_job
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 VALIDATION_SEED_OFFSET = 7_777_777
 
 
-@guarded_job(lambda spec: checkpoints.state_dir_for(spec["out"]))
+@guarded_job
 def run_pretraining(spec: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) the pretraining job; returns the content of its metrics.json."""
     validate_pretrain_spec(spec)

@@ -42,7 +42,7 @@ def spec_file(spec):
 
 
 def stage_res(stage, key):
-    return hcfg.stage_resources(config, stage)[key]
+    return config[stage]["resources"][key]
 
 
 def launcher(stage):
@@ -60,7 +60,7 @@ def launcher(stage):
 
 def slurm_gpu_resources(stage):
     """GPU resources as the SLURM executor plugin reads them (`gpu`, `gpu_model`)."""
-    res = hcfg.stage_resources(config, stage)
+    res = config[stage]["resources"]
     out = {}
     if res["gpus"] > 0:
         out["gpu"] = res["gpus"]
