@@ -215,7 +215,8 @@ def _add_predict_and_export(sub: Any) -> None:
     _add_tracking_uri(p, "MLflow store for run ids / model URIs")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="inference precision (auto: bf16 on a GPU that has it, else fp32)")
+                   help="inference precision (auto: as the evaluation job; bf16 where the GPU "
+                        "or CPU has it natively, fp16 on a GPU without it, else fp32)")
     p.set_defaults(func=cmd_predict)
 
     text = ("write a trained (fine-tuned or pretrained) model as a MONAI bundle that runs with "

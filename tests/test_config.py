@@ -113,6 +113,27 @@ def test_specs_match_their_schemas_and_keep_their_hashes():
         assert not changed, f"config/{name}: specs changed or appeared/vanished: {changed[:10]}"
 
 
+def test_schemas_have_no_stray_keys():
+    """In a YAML flow mapping an unquoted comma ends the value: `{description: a (b, c).}` reads
+    as the description "a (b" plus a stray key "c)." with no value, which jsonschema ignores and
+    Snakemake's report prints truncated. No schema keyword or property is ever null."""
+    import yaml
+
+    def nulls(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if value is None:
+                    yield f"{'/'.join(map(str, path))}: {key!r}"
+                yield from nulls(value, [*path, key])
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from nulls(value, [*path, i])
+
+    for schema in sorted((ROOT / "workflow" / "schemas").glob("*.yaml")):
+        found = list(nulls(yaml.safe_load(schema.read_text()), []))
+        assert not found, f"{schema.name}: keys without a value (quote the text?): {found}"
+
+
 def _snakemake(*args, cwd=ROOT, timeout=300):
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
