@@ -99,22 +99,6 @@ def metric_disagreements(payload: dict[str, Any], mlflow_metrics: dict[str, floa
     return problems
 
 
-def class_keys(payload: dict[str, Any]) -> list[list[str]]:
-    """[[metric key, display name], ...] of the file's Dice classes."""
-    from hybridmim.evaluate.metrics import metric_key
-
-    names = list(((payload.get("per_class") or {}).get("dice") or {}))
-    return [[metric_key(name), name] for name in names]
-
-
-def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
-    """MLflow Run objects as a frame with mlflow.search_runs' column naming (metrics.*, params.*,
-    tags.*): json_normalize joins the nested keys with "." and pads what a run lacks with NaN."""
-    records = [{"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                "status": run.info.status, **run.data.to_dictionary()} for run in runs]
-    return pd.json_normalize(records) if records else pd.DataFrame(columns=["run_id"])
-
-
 def search_runs_by_id(tracking_uri: str, run_ids: Iterable[str], experiment: str) -> pd.DataFrame:
     """One row per run id found in ``experiment`` (mlflow.search_runs' columns).
 
@@ -137,7 +121,11 @@ def search_runs_by_id(tracking_uri: str, run_ids: Iterable[str], experiment: str
         found += client.search_runs([exp.experiment_id],
                                     filter_string=f"attributes.run_id IN ({quoted})",
                                     max_results=len(chunk))
-    return runs_frame(found)
+    # mlflow.search_runs' column naming (metrics.*, params.*, tags.*): json_normalize joins the
+    # nested keys with "." and pads what a run lacks with NaN.
+    records = [{"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                "status": run.info.status, **run.data.to_dictionary()} for run in found]
+    return pd.json_normalize(records) if records else pd.DataFrame(columns=["run_id"])
 
 
 def _listed_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike], experiment: str,
@@ -200,10 +188,12 @@ def collect_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     """The listed evaluate runs as a frame: one row per run.
 
     Columns: ``run_id``, ``metrics_file``, ``status``, the wildcards (dataset, backbone, init,
-    fraction: float, seed: int), ``classes`` (JSON ``[[metric key, class name], ...]`` from the
-    file's per_class) and one float column per MLflow metric (``test_dice_mean``,
+    fraction: float, seed: int), ``classes`` ({metric key: class name} of the file's per_class
+    Dice, in its order) and one float column per MLflow metric (``test_dice_mean``,
     ``test_dice_<class>``, ...; inf restored), plus MLflow's ``tags.*`` columns.
     """
+    from hybridmim.evaluate.metrics import metric_key
+
     listed, found = _listed_runs(
         tracking_uri, metrics_files, experiment,
         ". Point the report at the store the jobs logged to, or re-run those evaluate jobs")
@@ -227,7 +217,8 @@ def collect_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
                 "re-run the evaluate job")
         record = {"run_id": row["run_id"], "metrics_file": str(path), "status": row["status"],
                   **_wildcards(row, path),
-                  "classes": json.dumps(class_keys(payload))}
+                  "classes": {metric_key(name): name
+                              for name in (payload.get("per_class") or {}).get("dice") or {}}}
         record.update({name: from_mlflow_value(value) for name, value in mlflow_metrics.items()})
         record.update({c: row[c] for c in tag_columns})
         records.append(record)
