@@ -194,19 +194,19 @@ class RunAuditor:
                                         False, f"dvc.lock has no entry for {folder} any more"))
                     continue
                 checks.append(self.dvc.check(label, name, folder))
-                ok, now = current["hash"] == recorded, current["hash"]
-                where = str(self.project_root / "dvc.lock")
+                now, where = current["hash"], str(self.project_root / "dvc.lock")
             elif source == "sha256-tree":
                 if not folder.is_dir():
                     checks.append(check("data hash", label, str(folder), False,
                                         f"{folder} does not exist: the tree hash cannot be "
                                         "re-computed (restore the data, e.g. dvc pull)"))
                     continue
-                ok, now, where = self.tree(folder) == recorded, self.tree(folder), str(folder)
+                now, where = self.tree(folder), str(folder)
             else:
                 checks.append(check("data hash", label, run_id, False,
                                     f"unknown data_hash_source {source!r}"))
                 continue
+            ok = now == recorded
             checks.append(check("data hash", label, where, ok,
                                 f"{source} {recorded}" if ok else
                                 f"run used {recorded} ({source}) but it is {now} now: the data "
