@@ -313,8 +313,6 @@ def _corpus_by_run(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
 def label_efficiency_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that make label-efficiency curves: inits run at ≥ 2 label fractions on their
     dataset × backbone (an ablation at one fraction is no curve)."""
-    if runs.empty:
-        return runs
     curves = runs.groupby(["dataset", "backbone", "init"])["fraction"].transform("nunique")
     return runs.loc[curves >= 2]
 

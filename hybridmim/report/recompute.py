@@ -101,17 +101,16 @@ def check_predictions(who: str, run: Any, metrics_path: Path, payload: dict, roo
     changed = set()
     for entry in per_case:
         path, case = root / entry["prediction"], str(entry.get("case"))
-        label = f"{who} case {case}"
         if not path.is_file():
-            changed.add(case)
-            checks.append(check("prediction file", label, str(path), False,
-                                f"{path} does not exist any more; re-run the evaluate job"))
+            problem = f"{path} does not exist any more; re-run the evaluate job"
         elif sha256(path) != entry.get("prediction_sha256"):
-            changed.add(case)
-            checks.append(check("prediction file", label, str(path), False,
-                                f"{path} has sha256 {sha256(path)} but the run recorded "
-                                f"{entry.get('prediction_sha256')}: the prediction was "
-                                "overwritten since the run — re-run the evaluate job"))
+            problem = (f"{path} has sha256 {sha256(path)} but the run recorded "
+                       f"{entry.get('prediction_sha256')}: the prediction was overwritten "
+                       "since the run — re-run the evaluate job")
+        else:
+            continue
+        changed.add(case)
+        checks.append(check("prediction file", f"{who} case {case}", str(path), False, problem))
     if not changed:
         checks.append(check("prediction file", who, source, True,
                             f"all {len(per_case)} predictions have their recorded sha256"))
