@@ -1,17 +1,12 @@
 """Re-verify every reported number and the provenance chain behind it (docs/audit.md lists
 every check and why).
 
-Every file a reader sees (each table in every format, each figure's data, the HTML report's
-embedded tables) is compared cell by cell with the report re-built from the live MLflow runs
-(audit_files). Every CSV table row with run ids is also re-derived here from the runs it names.
-Every run behind a table or figure, and each run upstream of it (evaluate → finetune → pretrain,
-through the ``upstream.*`` tags), is checked: state, provenance tags, metrics.json, git commit
-(a dirty tree warns; fails with ``strict``), data hash against dvc.lock and DVC's own status,
-upstream checkpoint, saved predictions and a per-case re-computation (audit_runs, recompute).
-
-Each check is ``{"check", "number", "source", "status": pass|fail|warn|skip, "reason"}`` (run
-checks add ``affects``: the table numbers resting on that run, through the chain); the results go
-to ``<results>/audit.json`` and ``<results>/audit.md``. ``main`` returns 1 if anything failed.
+Every file a reader sees is compared cell by cell with the report re-built from the live MLflow
+runs (audit_files); every CSV table row with run ids is also re-derived here from the runs it
+names; every run behind a table or figure, and each run upstream of it, is checked (audit_runs,
+recompute). Each check is ``{"check", "number", "source", "status": pass|fail|warn|skip,
+"reason"}`` (run checks add ``affects``: the table numbers resting on that run, through the
+chain); the results go to ``<results>/audit.json`` and ``<results>/audit.md``.
 """
 from __future__ import annotations
 
@@ -52,20 +47,9 @@ def run_ids_of(table: pd.DataFrame, csv_path: Path, auditor: RunAuditor) -> set[
     return ids
 
 
-def check_table(csv_path: Path, auditor: RunAuditor) -> tuple[list[dict], set[str]]:
-    """Every number of a table with the audited columns, re-derived from its runs; the table's
-    run ids. Tables of other shapes are audited by re-building them (audit_files); their run ids
-    still feed the run checks."""
-    table = pd.read_csv(csv_path)
-    run_ids = run_ids_of(table, csv_path, auditor)
-    if any(c not in table.columns for c in AUDITED_COLUMNS):
-        return [], run_ids
-    return [_check_number(csv_path, row, _run_ids(row["run_ids"]), auditor)
-            for _, row in table.iterrows()], run_ids
-
-
-def _check_number(csv_path: Path, row: pd.Series, ids: list[str],
-                  auditor: RunAuditor) -> dict[str, str]:
+def _check_number(csv_path: Path, row: pd.Series, auditor: RunAuditor) -> dict[str, str]:
+    """A table row's mean, std and n, re-derived from the runs it names."""
+    ids = _run_ids(row["run_ids"])
     number = f"{csv_path.name}: {row['cell']} = {row['mean']}"
     source = ", ".join(ids) or str(csv_path)
     if not ids:
@@ -122,13 +106,8 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None,
           project_root: str | os.PathLike, strict: bool = False, recompute: bool = False,
           sample: int = DEFAULT_SAMPLE, sample_seed: int = 0,
           html: str | os.PathLike | None = None) -> list[dict[str, str]]:
-    """Run every check, write ``<results>/audit.json`` and ``audit.md``, return the checks.
-
-    ``strict``: warnings (a run from a dirty tree, a commit missing here) fail. ``recompute``:
-    re-compute every case's Dice/HD95, not a ``sample`` of cases per run (seeded by
-    ``sample_seed``). ``html``: the Snakemake HTML report (default ``<results>/report.html``;
-    skipped with a note when absent).
-    """
+    """Run every check, write ``<results>/audit.json`` and ``audit.md``, return the checks; the
+    options are ``hybridmim audit``'s (its --help says what each does)."""
     from hybridmim.tracking.store import resolve_tracking_uri
 
     results_dir, project_root = Path(results_dir), Path(project_root).resolve()
@@ -143,9 +122,11 @@ def audit(results_dir: str | os.PathLike, tracking_uri: str | None,
                             "no CSV tables to audit; run the report first"))
     run_ids: set[str] = set()
     for csv_path in tables:
-        table_checks, ids = check_table(csv_path, auditor)
-        checks += table_checks
-        run_ids |= ids
+        table = pd.read_csv(csv_path)
+        run_ids |= run_ids_of(table, csv_path, auditor)
+        # Tables of other shapes are audited by re-building them (audit_files) only.
+        if all(c in table.columns for c in AUDITED_COLUMNS):
+            checks += [_check_number(csv_path, row, auditor) for _, row in table.iterrows()]
         if csv_path.name == "paper_vs_ours.csv":
             checks += check_paper_values(csv_path, project_root / "config" / "paper_results.yaml")
     for csv_path in sorted((results_dir / "figures").glob("*.csv")):

@@ -132,11 +132,8 @@ def audit_html(html: Path, results_dir: Path, project_root: Path,
     checks, others = [], 0
     results_abs = results_dir.resolve()
     for name, payload in sorted(embedded.items()):
-        path = project_root / name  # an absolute name stays as it is
-        try:
-            rel = path.resolve().relative_to(results_abs).as_posix()
-        except ValueError:
-            rel = ""
+        path = (project_root / name).resolve()  # an absolute name stays as it is
+        rel = path.relative_to(results_abs).as_posix() if path.is_relative_to(results_abs) else ""
         audited = rel.startswith("tables/") or (rel.startswith("figures/")
                                                 and rel.endswith(".csv"))
         if not audited:

@@ -40,6 +40,8 @@ class RunAuditor:
                  sample: int | None = DEFAULT_SAMPLE, sample_seed: int = 0):
         from mlflow.tracking import MlflowClient
 
+        # A path a job recorded is absolute or relative to the workflow's working dir, the project
+        # root: ``project_root / path`` is the file either way (``/`` keeps an absolute one).
         self.results_dir, self.project_root = results_dir, project_root
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
@@ -73,11 +75,6 @@ class RunAuditor:
             if run_id:
                 index.setdefault(str(run_id), []).append((path, payload))
         return index
-
-    def on_disk(self, recorded: str) -> Path:
-        """A path recorded by a job: absolute, or relative to the workflow's working dir = project
-        root (``/`` keeps an absolute one as it is)."""
-        return self.project_root / recorded
 
     def check_runs(self, run_ids: set[str]) -> list[dict[str, Any]]:
         """Check the runs and, breadth first, the runs upstream of them; every check lists the
@@ -123,7 +120,7 @@ class RunAuditor:
         checks += self._check_data(who, run)
         if stage == "evaluate" and files:  # without a metrics.json the check above failed
             path, payload = files[0]
-            checks += check_predictions(who, run, path, payload, self.on_disk, self.sha256,
+            checks += check_predictions(who, run, path, payload, self.project_root, self.sha256,
                                         self.sample, self.sample_seed)
         upstream_checks, upstream = self._check_upstream(who, run)
         return checks + upstream_checks, upstream
@@ -177,7 +174,7 @@ class RunAuditor:
             pass
         for candidate in candidates:
             if candidate and Path(candidate).name == name:
-                return self.on_disk(candidate)
+                return self.project_root / candidate
         return self.project_root / "data" / "processed" / name
 
     def _check_data(self, who: str, run: Any) -> list[dict[str, str]]:
@@ -197,19 +194,19 @@ class RunAuditor:
                                         False, f"dvc.lock has no entry for {folder} any more"))
                     continue
                 checks.append(self.dvc.check(label, name, folder))
-                ok, now = current["hash"] == recorded, current["hash"]
-                where = str(self.project_root / "dvc.lock")
+                now, where = current["hash"], str(self.project_root / "dvc.lock")
             elif source == "sha256-tree":
                 if not folder.is_dir():
                     checks.append(check("data hash", label, str(folder), False,
                                         f"{folder} does not exist: the tree hash cannot be "
                                         "re-computed (restore the data, e.g. dvc pull)"))
                     continue
-                ok, now, where = self.tree(folder) == recorded, self.tree(folder), str(folder)
+                now, where = self.tree(folder), str(folder)
             else:
                 checks.append(check("data hash", label, run_id, False,
                                     f"unknown data_hash_source {source!r}"))
                 continue
+            ok = now == recorded
             checks.append(check("data hash", label, where, ok,
                                 f"{source} {recorded}" if ok else
                                 f"run used {recorded} ({source}) but it is {now} now: the data "
@@ -226,7 +223,7 @@ class RunAuditor:
             return ([check("upstream checkpoint", who, run_id, False,
                            "the run loaded a model but recorded no upstream checkpoint")]
                     if needs else []), None
-        path = self.on_disk(recorded_path)
+        path = self.project_root / recorded_path
         if not path.is_file():
             return [check("upstream checkpoint", who, str(path), False,
                           f"{path} does not exist any more")], None
@@ -276,14 +273,6 @@ class DvcData:
     def _lock(self) -> dict:
         return dvc_lock_stages(self.root / "dvc.lock")
 
-    def stage_of(self, folder: str) -> tuple[str, list[str]] | None:
-        """The dvc.lock stage that outputs ``folder`` (relative path) and that stage's inputs."""
-        for name, stage in self._lock.items():
-            outs = [os.path.normpath(o.get("path", "")) for o in stage.get("outs") or []]
-            if folder in outs:
-                return name, [os.path.normpath(d.get("path", "")) for d in stage.get("deps") or []]
-        return None
-
     @functools.lru_cache(maxsize=None)  # noqa: B019 (one DvcData per audit)
     def _stage_changes(self, stage: str) -> list[str]:
         from dvc.repo import Repo
@@ -299,18 +288,21 @@ class DvcData:
         return changed
 
     def changes(self, folder: Path) -> tuple[list[str], list[str]]:
-        """(changed files, changed stage inputs/outputs) under ``folder`` and the raw data its
-        stage read; both empty when the disk matches dvc.lock."""
+        """(changed files, changed stage inputs/outputs) under ``folder`` and the raw data read
+        by the dvc.lock stage that outputs it; both empty when the disk matches dvc.lock."""
         rel = os.path.normpath(folder.resolve().relative_to(self.root.resolve()).as_posix())
-        found = self.stage_of(rel)
-        prefixes = [rel] + (found[1] if found else [])
+        stage, prefixes = None, [rel]
+        for name, entry in self._lock.items():
+            if rel in [os.path.normpath(o.get("path", "")) for o in entry.get("outs") or []]:
+                stage = name
+                prefixes += [os.path.normpath(d.get("path", "")) for d in entry.get("deps") or []]
+                break
         uncommitted = self._status.get("uncommitted") or {}
         files = sorted({f"{path} ({kind})" for kind in _CHANGES
                         for path in map(_path_of, uncommitted.get(kind) or [])
                         if not path.endswith("/")
                         and any(PurePath(path).is_relative_to(p) for p in prefixes)})
-        stage_changes = self._stage_changes(found[0]) if found else []
-        return files, stage_changes
+        return files, self._stage_changes(stage) if stage else []
 
     def check(self, label: str, name: str, folder: Path) -> dict[str, str]:
         """One check: the files on disk still hash to dvc.lock (DVC's own status), raw inputs

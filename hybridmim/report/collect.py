@@ -66,13 +66,11 @@ def same_number(a: Any, b: Any, rel_tol: float = 1e-9, abs_tol: float = 1e-12) -
     b = math.nan if b is None else from_mlflow_value(b)
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
-    if math.isinf(a) or math.isinf(b):
-        return a == b
     return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
-def stated_numbers(payload: dict[str, Any]) -> list[tuple[str, str, Any]]:
-    """Every number a metrics file states: (where in the file, MLflow metric name, value).
+def metric_disagreements(payload: dict[str, Any], mlflow_metrics: dict[str, float]) -> list[str]:
+    """Human-readable differences between a metrics file and its MLflow run (empty: they agree).
 
     ``per_class`` repeats the class metrics under the class's display name; its MLflow name is
     ``test_<kind>_<metric_key(name)>`` (hybridmim.evaluate.metrics), so both copies are checked.
@@ -84,13 +82,8 @@ def stated_numbers(payload: dict[str, Any]) -> list[tuple[str, str, Any]]:
     for kind, values in (payload.get("per_class") or {}).items():
         for label, value in (values or {}).items():
             stated.append((f"per_class.{kind}.{label}", f"test_{kind}_{metric_key(label)}", value))
-    return stated
-
-
-def metric_disagreements(payload: dict[str, Any], mlflow_metrics: dict[str, float]) -> list[str]:
-    """Human-readable differences between a metrics file and its MLflow run (empty: they agree)."""
     problems = []
-    for where, name, value in stated_numbers(payload):
+    for where, name, value in stated:
         if name not in mlflow_metrics:
             problems.append(f"{where}: file says {value}, MLflow run has no metric {name}")
         elif not same_number(value, mlflow_metrics[name]):
@@ -99,24 +92,8 @@ def metric_disagreements(payload: dict[str, Any], mlflow_metrics: dict[str, floa
     return problems
 
 
-def class_keys(payload: dict[str, Any]) -> list[list[str]]:
-    """[[metric key, display name], ...] of the file's Dice classes."""
-    from hybridmim.evaluate.metrics import metric_key
-
-    names = list(((payload.get("per_class") or {}).get("dice") or {}))
-    return [[metric_key(name), name] for name in names]
-
-
-def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
-    """MLflow Run objects as a frame with mlflow.search_runs' column naming (metrics.*, params.*,
-    tags.*): json_normalize joins the nested keys with "." and pads what a run lacks with NaN."""
-    records = [{"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                "status": run.info.status, **run.data.to_dictionary()} for run in runs]
-    return pd.json_normalize(records) if records else pd.DataFrame(columns=["run_id"])
-
-
-def search_runs_by_id(tracking_uri: str, run_ids: Iterable[str], experiment: str) -> pd.DataFrame:
-    """One row per run id found in ``experiment`` (mlflow.search_runs' columns).
+def search_runs_by_id(tracking_uri: str, run_ids: Iterable[str], experiment: str) -> list[Any]:
+    """The MLflow runs of these ids found in ``experiment``.
 
     The client's search is used rather than ``mlflow.search_runs``: the latter reads the
     process-global tracking URI, and setting it also rewrites $MLFLOW_TRACKING_URI, which would
@@ -137,13 +114,13 @@ def search_runs_by_id(tracking_uri: str, run_ids: Iterable[str], experiment: str
         found += client.search_runs([exp.experiment_id],
                                     filter_string=f"attributes.run_id IN ({quoted})",
                                     max_results=len(chunk))
-    return runs_frame(found)
+    return found
 
 
 def _listed_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike], experiment: str,
-                 what_to_do: str) -> tuple[dict[str, tuple[Path, dict]], pd.DataFrame]:
-    """({run id: (metrics file, its payload)}, the runs found in MLflow); a run missing from the
-    store is an error naming its file and ending in ``what_to_do``."""
+                 what_to_do: str) -> tuple[dict[str, tuple[Path, dict]], list[Any]]:
+    """({run id: (metrics file, its payload)}, their MLflow runs); a run missing from the store
+    is an error naming its file and ending in ``what_to_do``."""
     listed: dict[str, tuple[Path, dict]] = {}
     for raw in metrics_files:
         path = Path(raw)
@@ -157,7 +134,7 @@ def _listed_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike], 
         raise ReportInputError("no metrics files given: the report needs the evaluate jobs' "
                                "metrics.json files")
     found = search_runs_by_id(tracking_uri, listed, experiment)
-    missing = sorted(set(listed) - set(found["run_id"]))
+    missing = sorted(set(listed) - {run.info.run_id for run in found})
     if missing:
         lines = "; ".join(f"run {run_id} listed in {listed[run_id][0]}" for run_id in missing)
         raise ReportInputError(f"not in the MLflow store {tracking_uri} (experiment "
@@ -165,20 +142,19 @@ def _listed_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike], 
     return listed, found
 
 
-def _wildcards(row: pd.Series, path: Path) -> dict[str, Any]:
-    values: dict[str, Any] = {}
+def _wildcards(run: Any, path: Path) -> dict[str, Any]:
+    run_id, values = run.info.run_id, {}
     for name in WILDCARDS:
-        tag = row.get(f"tags.snakemake.wildcard.{name}")
-        if tag is None or pd.isna(tag) or str(tag) == "":
+        values[name] = run.data.tags.get(f"snakemake.wildcard.{name}", "")
+        if not values[name]:
             raise ReportInputError(
-                f"run {row['run_id']} (listed in {path}) has no tag snakemake.wildcard.{name}; "
+                f"run {run_id} (listed in {path}) has no tag snakemake.wildcard.{name}; "
                 "it was not created by the workflow's evaluate rule — re-run that job")
-        values[name] = str(tag)
     try:
         values.update({name: number(values[name]) for name, number in _NUMBERS.items()})
     except ValueError as exc:
         raise ReportInputError(
-            f"run {row['run_id']} (listed in {path}): fraction/seed tags "
+            f"run {run_id} (listed in {path}): fraction/seed tags "
             f"{values['fraction']!r}/{values['seed']!r} are not numbers") from exc
     match = _EVALUATE_PATH.search(Path(path).resolve().as_posix())
     if match:
@@ -190,7 +166,7 @@ def _wildcards(row: pd.Series, path: Path) -> dict[str, Any]:
             if not agrees:
                 raise ReportInputError(
                     f"metrics file {path} sits in the folder of {name}={text} but its run "
-                    f"{row['run_id']} is tagged {name}={values[name]}; the file was copied or "
+                    f"{run_id} is tagged {name}={values[name]}; the file was copied or "
                     "moved — delete it and re-run the evaluate job")
     return values
 
@@ -200,47 +176,48 @@ def collect_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
     """The listed evaluate runs as a frame: one row per run.
 
     Columns: ``run_id``, ``metrics_file``, ``status``, the wildcards (dataset, backbone, init,
-    fraction: float, seed: int), ``classes`` (JSON ``[[metric key, class name], ...]`` from the
-    file's per_class) and one float column per MLflow metric (``test_dice_mean``,
+    fraction: float, seed: int), ``classes`` ({metric key: class name} of the file's per_class
+    Dice, in its order) and one float column per MLflow metric (``test_dice_mean``,
     ``test_dice_<class>``, ...; inf restored), plus MLflow's ``tags.*`` columns.
     """
+    from hybridmim.evaluate.metrics import metric_key
+
     listed, found = _listed_runs(
         tracking_uri, metrics_files, experiment,
         ". Point the report at the store the jobs logged to, or re-run those evaluate jobs")
-    metric_columns = [c for c in found.columns if c.startswith("metrics.")]
-    tag_columns = [c for c in found.columns if c.startswith("tags.")]
-    # An ablation variant's evaluate spec names its base (params variant.of, .changes, ...).
-    tag_columns += [c for c in found.columns if c.startswith("params.variant.")]
     records = []
-    for _, row in found.iterrows():
-        path, payload = listed[row["run_id"]]
-        stated = {name for _, name, _ in stated_numbers(payload)}
-        # search_runs pads metrics a run never logged with NaN; a NaN counts as logged only
-        # where the file states that metric.
-        mlflow_metrics = {c.removeprefix("metrics."): row[c] for c in metric_columns
-                          if not pd.isna(row[c]) or c.removeprefix("metrics.") in stated}
-        problems = metric_disagreements(payload, mlflow_metrics)
+    for run in found:
+        path, payload = listed[run.info.run_id]
+        problems = metric_disagreements(payload, run.data.metrics)
         if problems:
             raise ReportInputError(
-                f"metrics file {path} disagrees with its MLflow run {row['run_id']}: "
+                f"metrics file {path} disagrees with its MLflow run {run.info.run_id}: "
                 + "; ".join(problems) + ". One of them was edited or comes from another run — "
                 "re-run the evaluate job")
-        record = {"run_id": row["run_id"], "metrics_file": str(path), "status": row["status"],
-                  **_wildcards(row, path),
-                  "classes": json.dumps(class_keys(payload))}
-        record.update({name: from_mlflow_value(value) for name, value in mlflow_metrics.items()})
-        record.update({c: row[c] for c in tag_columns})
-        records.append(record)
-    frame = pd.DataFrame.from_records(records)
-    return frame.sort_values(list(WILDCARDS), ignore_index=True)
+        records.append({
+            "run_id": run.info.run_id, "metrics_file": str(path), "status": run.info.status,
+            **_wildcards(run, path),
+            "classes": {metric_key(name): name
+                        for name in (payload.get("per_class") or {}).get("dice") or {}},
+            **{name: from_mlflow_value(value) for name, value in run.data.metrics.items()},
+            **{f"tags.{key}": value for key, value in run.data.tags.items()},
+            # An ablation variant's evaluate spec names its base (params variant.of, .changes, ...).
+            **{f"params.{key}": value for key, value in run.data.params.items()
+               if key.startswith("variant.")}})
+    return pd.DataFrame.from_records(records).sort_values(list(WILDCARDS), ignore_index=True)
 
 
 def collect_pretrain_runs(tracking_uri: str, metrics_files: Iterable[str | os.PathLike],
                           experiment: str = "pretrain") -> pd.DataFrame:
     """The listed pretraining runs (run_id, metrics_file, label, tags.*); a missing run is an
     error naming its file."""
-    listed, found = _listed_runs(tracking_uri, metrics_files, experiment,
-                                 "; re-run those pretraining jobs")
+    listed, runs = _listed_runs(tracking_uri, metrics_files, experiment,
+                                "; re-run those pretraining jobs")
+    # mlflow.search_runs' column naming (metrics.*, params.*, tags.*): json_normalize joins the
+    # nested keys with "." and pads what a run lacks with NaN.
+    found = pd.json_normalize([{"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                                "status": run.info.status, **run.data.to_dictionary()}
+                               for run in runs])
     wildcard_columns = sorted(c for c in found.columns if c.startswith("tags.snakemake.wildcard."))
 
     def label(row: pd.Series) -> str:

@@ -128,14 +128,12 @@ def plot_finetune_curves(tracking_uri: str, runs: pd.DataFrame, path: str | Path
 
 def plot_per_class(runs: pd.DataFrame, path: str | Path) -> Path:
     """Per-class test Dice bars per init for the multi-class tasks (largest label fraction)."""
-    import json
-
     columns = ["dataset", "backbone", "fraction", "init", "class", "metric", "mean", "std", "n",
                "unit", "run_ids"]
     frames = []
     for (dataset, backbone), part in runs.groupby(["dataset", "backbone"], sort=True):
         part = part.loc[part["fraction"] == part["fraction"].max()]
-        classes = dict(json.loads(part["classes"].iloc[0]))
+        classes = part["classes"].iloc[0]
         if len(classes) < 2:
             continue
         for key, name in classes.items():

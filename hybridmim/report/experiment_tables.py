@@ -6,13 +6,8 @@ per-case Dice of the evaluate runs' ``per_case.csv`` artifacts) → one long Dat
 CSV/Markdown/LaTeX writer (tables.write_table); ``build_report`` calls them all, so the audit
 re-derives these files exactly as it does the comparison table.
 
-Statistics (docs/method.md, "Statistics"): a comparison A vs B in one (dataset, backbone, label
-fraction) cell pairs the two inits' test cases per seed; the per-case difference is the case's
-Dice (mean over classes) under A minus under B, averaged over the seeds both inits ran. The
-reported difference is the mean over cases, with a 95% percentile bootstrap interval over cases
-(10 000 resamples, numpy default_rng seed 0). An interval that excludes 0 is marked only when the
-cell has at least ``MIN_CASES`` cases or more than one seed; otherwise the note says the cell is
-too small to judge.
+Statistics: docs/method.md ("Ablations and statistics in the report"); paired_table's note says
+them in the table itself.
 """
 from __future__ import annotations
 
@@ -88,7 +83,8 @@ def paired_bootstrap(differences: np.ndarray) -> tuple[float, float, float]:
 
 def paired_difference(runs: pd.DataFrame, cases: pd.DataFrame, a: str, b: str
                       ) -> dict[str, Any] | None:
-    """A vs B on the runs of one cell (same dataset, backbone, fraction): see the module doc."""
+    """A vs B on the runs of one cell (same dataset, backbone, fraction): paired by seed and
+    case, as paired_table's note says."""
     keyed = cases.merge(runs[["run_id", "init", "seed"]], on="run_id")
     left = keyed.loc[keyed["init"] == a]
     right = keyed.loc[keyed["init"] == b]
@@ -317,8 +313,6 @@ def _corpus_by_run(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
 def label_efficiency_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that make label-efficiency curves: inits run at ≥ 2 label fractions on their
     dataset × backbone (an ablation at one fraction is no curve)."""
-    if runs.empty:
-        return runs
     curves = runs.groupby(["dataset", "backbone", "init"])["fraction"].transform("nunique")
     return runs.loc[curves >= 2]
 

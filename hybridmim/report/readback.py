@@ -122,11 +122,7 @@ def compare_cells(shown: list[Cell], derived: list[Cell], limit: int = 20
                   ) -> list[tuple[str, str]]:
     """Differences between a file's cells and the re-derived ones (empty: they agree) as
     (where: line, row and column; what differs); at most ``limit`` are spelled out."""
-    problems: list[tuple[str, str]] = []
-    for ours, ref in zip(shown, derived):
-        problem = _compare_cell(ours, ref)
-        if problem:
-            problems.append(problem)
+    problems = [problem for problem in map(_compare_cell, shown, derived) if problem]
     if len(shown) != len(derived):
         problems.append(("whole file", f"{len(shown)} cells, but the re-derived file has "
                          f"{len(derived)}: rows or columns were added or removed"))

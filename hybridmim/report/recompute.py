@@ -2,14 +2,11 @@
 
 An evaluate job saves each test prediction (``predictions/<case>.nii.gz``: a uint8 label map on
 the raw image's grid, raw label values) and names, per case in metrics.json, the prediction, its
-sha256 and the raw ground-truth file it was scored against. The audit then:
-
-- checks every prediction file still has its recorded sha256 (cheap, every case);
-- re-computes Dice and HD95 with the evaluation's own code (its label reader and masks, and
-  ``case_metrics``: MONAI's ``DiceMetric`` and ``compute_hausdorff_distance`` with the label
-  file's voxel spacing) for a seeded sample of cases per run, or every case with
-  ``--recompute``, and compares them with the logged per-case values;
-- checks that the logged per-case values average to the run's logged class and mean metrics.
+sha256 and the raw ground-truth file it was scored against. The audit checks every prediction's
+sha256 (cheap) and that the logged per-case values average to the run's logged class and mean
+metrics, and re-computes Dice and HD95 with the evaluation's own code (its label reader and masks,
+``case_metrics``: MONAI's ``DiceMetric`` and ``compute_hausdorff_distance`` with the label file's
+voxel spacing) for a sample of cases per run, or every case with ``--recompute``.
 
 Tolerance: Dice ±1e-6 (it is a ratio of voxel counts); HD95 ±1e-3 mm or 1e-4 relative (distance
 transforms on another device may differ in the last bits).
@@ -18,7 +15,7 @@ Default sample: ``DEFAULT_SAMPLE`` = 3 cases per run. An error that touches ever
 grid, spacing, label mapping or class order) is caught by any one case; a wrong value in one case
 out of N is caught with probability 3/N per audit; the cost stays bounded on full-size CT (an
 original-grid HD95 takes seconds per case on CPU). The sample is seeded by ``--sample-seed`` and
-the run id, so a re-run audits the same cases; ``--recompute`` checks every case.
+the run id, so a re-run audits the same cases.
 """
 from __future__ import annotations
 
@@ -29,12 +26,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 
 from hybridmim.report.audit_checks import check
+from hybridmim.report.collect import same_number
 
 DEFAULT_SAMPLE = 3
-DICE_TOLERANCE = 1e-6
-HD95_TOLERANCE_MM, HD95_REL_TOLERANCE = 1e-3, 1e-4
+# same_number's tolerances for a re-computed value (module doc): Dice absolute, HD95 in mm.
+TOLERANCES = {"dice": {"rel_tol": 0.0, "abs_tol": 1e-6},
+              "hd95": {"rel_tol": 1e-4, "abs_tol": 1e-3}}
 
 
 def classes_of_run(params: dict[str, str]) -> tuple[dict[str, str], dict[str, list[int]] | None]:
@@ -75,14 +75,6 @@ def _number(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def _agrees(kind: str, logged: float, now: float) -> bool:
-    if math.isnan(logged) or math.isnan(now):
-        return math.isnan(logged) and math.isnan(now)
-    if kind == "dice":
-        return abs(logged - now) <= DICE_TOLERANCE
-    return math.isclose(logged, now, rel_tol=HD95_REL_TOLERANCE, abs_tol=HD95_TOLERANCE_MM)
-
-
 def sample_cases(cases: list[str], run_id: str, sample: int | None, seed: int) -> list[str]:
     """The cases to re-compute: all (``sample`` None) or a sample seeded by seed and run id."""
     if sample is None or sample >= len(cases):
@@ -90,10 +82,11 @@ def sample_cases(cases: list[str], run_id: str, sample: int | None, seed: int) -
     return sorted(random.Random(f"{seed}:{run_id}").sample(sorted(cases), sample))
 
 
-def check_predictions(who: str, run: Any, metrics_path: Path, payload: dict,
-                      on_disk: Callable[[str], Path], sha256: Callable[[Path], str],
-                      sample: int | None, seed: int) -> list[dict[str, str]]:
-    """Checks of one evaluate run's saved predictions and per-case values."""
+def check_predictions(who: str, run: Any, metrics_path: Path, payload: dict, root: Path,
+                      sha256: Callable[[Path], str], sample: int | None, seed: int
+                      ) -> list[dict[str, str]]:
+    """Checks of one evaluate run's saved predictions and per-case values; the recorded paths
+    are relative to ``root`` (the project root) or absolute."""
     from hybridmim.evaluate.metrics import metric_key
 
     run_id, source = run.info.run_id, str(metrics_path)
@@ -107,18 +100,17 @@ def check_predictions(who: str, run: Any, metrics_path: Path, payload: dict,
     checks = [_check_means(who, source, run, per_case, metric_key)]
     changed = set()
     for entry in per_case:
-        path, case = on_disk(entry["prediction"]), str(entry.get("case"))
-        label = f"{who} case {case}"
+        path, case = root / entry["prediction"], str(entry.get("case"))
         if not path.is_file():
-            changed.add(case)
-            checks.append(check("prediction file", label, str(path), False,
-                                f"{path} does not exist any more; re-run the evaluate job"))
+            problem = f"{path} does not exist any more; re-run the evaluate job"
         elif sha256(path) != entry.get("prediction_sha256"):
-            changed.add(case)
-            checks.append(check("prediction file", label, str(path), False,
-                                f"{path} has sha256 {sha256(path)} but the run recorded "
-                                f"{entry.get('prediction_sha256')}: the prediction was "
-                                "overwritten since the run — re-run the evaluate job"))
+            problem = (f"{path} has sha256 {sha256(path)} but the run recorded "
+                       f"{entry.get('prediction_sha256')}: the prediction was overwritten "
+                       "since the run — re-run the evaluate job")
+        else:
+            continue
+        changed.add(case)
+        checks.append(check("prediction file", f"{who} case {case}", str(path), False, problem))
     if not changed:
         checks.append(check("prediction file", who, source, True,
                             f"all {len(per_case)} predictions have their recorded sha256"))
@@ -133,44 +125,34 @@ def check_predictions(who: str, run: Any, metrics_path: Path, payload: dict,
     except ValueError as exc:
         return checks + [check("per-case recompute", who, run_id, False, str(exc))]
     chosen = set(sample_cases([str(e.get("case")) for e in per_case], run_id, sample, seed))
-    for entry in per_case:
-        case = str(entry.get("case"))
-        if case not in chosen or case in changed:
-            continue
-        checks.append(_recompute_one(f"{who} case {case}", entry, on_disk, labels, regions))
-    return checks
+    return checks + [_recompute_one(f"{who} case {e.get('case')}", e, root, labels, regions)
+                     for e in per_case if str(e.get("case")) in chosen - changed]
 
 
 def _check_means(who: str, source: str, run: Any, per_case: list[dict],
                  metric_key: Callable[[str], str]) -> dict[str, str]:
     """The logged per-case values must average (class: over defined cases; mean: over classes)
     to the run's logged metrics, so that the per-case numbers are the ones behind the tables."""
-    from hybridmim.report.collect import from_mlflow_value, same_number
-
     names = [k for k in per_case[0] if isinstance(per_case[0][k], dict)]
     wrong = []
     for kind in ("dice", "hd95"):
-        values = {}
-        for name in names:
-            defined = [v for v in (_number(e.get(name, {}).get(kind)) for e in per_case)
-                       if not math.isnan(v)]
-            values[name] = float(np.mean(defined)) if defined else math.nan
-        defined = [v for v in values.values() if not math.isnan(v)]
+        # pandas' mean skips the undefined (NaN) values, and is NaN where none is defined.
+        values = pd.DataFrame([[_number(e.get(name, {}).get(kind)) for name in names]
+                               for e in per_case], columns=names).mean()
         expected = {f"test_{kind}_{metric_key(n)}": v for n, v in values.items()}
-        expected[f"test_{kind}_mean"] = float(np.mean(defined)) if defined else math.nan
+        expected[f"test_{kind}_mean"] = values.mean()
         for metric, value in expected.items():
             logged = run.data.metrics.get(metric)
-            if logged is None or not same_number(from_mlflow_value(logged), value, rel_tol=1e-7):
+            if logged is None or not same_number(logged, value, rel_tol=1e-7):
                 wrong.append(f"{metric}: per-case values give {value}, MLflow has {logged}")
     return check("per-case = logged means", who, source, not wrong,
                  "; ".join(wrong) if wrong else
                  f"{len(per_case)} cases average to the run's logged class and mean metrics")
 
 
-def _recompute_one(label: str, entry: dict, on_disk: Callable[[str], Path],
-                   labels: dict[str, str], regions: dict[str, list[int]] | None
-                   ) -> dict[str, str]:
-    prediction, truth = on_disk(entry["prediction"]), on_disk(str(entry.get("label", "")))
+def _recompute_one(label: str, entry: dict, root: Path, labels: dict[str, str],
+                   regions: dict[str, list[int]] | None) -> dict[str, str]:
+    prediction, truth = root / entry["prediction"], root / str(entry.get("label", ""))
     if not entry.get("label") or not truth.is_file():
         return check("per-case recompute", label, str(truth), False,
                      f"ground truth {truth} is missing: restore the raw data (dvc pull)")
@@ -182,7 +164,7 @@ def _recompute_one(label: str, entry: dict, on_disk: Callable[[str], Path],
     for name, values in now.items():
         for kind in ("dice", "hd95"):
             logged = _number((entry.get(name) or {}).get(kind))
-            if not _agrees(kind, logged, values[kind]):
+            if not same_number(logged, values[kind], **TOLERANCES[kind]):
                 wrong.append(f"{name} {kind}: logged {logged}, re-computed {values[kind]}")
     return check("per-case recompute", label, str(prediction), not wrong,
                  "; ".join(wrong) + f" (from {prediction} and {truth})" if wrong else

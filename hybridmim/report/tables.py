@@ -7,7 +7,6 @@ Every CSV is "long": one row per reported number with the columns the audit re-d
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -189,8 +188,8 @@ def safe_name(text: str) -> str:
 def _classes_in_order(runs: pd.DataFrame) -> dict[str, str]:
     """{metric key: class name} over the runs, in first-seen order."""
     classes: dict[str, str] = {}
-    for text in runs["classes"]:
-        for key, name in json.loads(text):
+    for of_run in runs["classes"]:
+        for key, name in of_run.items():
             classes.setdefault(key, name)
     return classes
 
