@@ -33,12 +33,11 @@ def state_dir_for(model_path: str | os.PathLike) -> Path:
 
 
 def save_state(state_dir: str | os.PathLike, payload: dict[str, Any], spec_hash: str,
-               name: str = "latest") -> Path:
+               name: str = "latest") -> None:
     """Atomically write ``state/<name>.pt`` (``latest`` rolls; ``best`` keeps the best so far)."""
     path = Path(state_dir) / f"{name}.pt"
     torch_save({"format": STATE_FORMAT, "spec_hash": spec_hash,
                 "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(), **payload}, path)
-    return path
 
 
 def load_state(state_dir: str | os.PathLike, spec_hash: str, name: str = "latest"

@@ -119,13 +119,6 @@ def _is_snakemake(process: psutil.Process) -> bool:
     return any(Path(arg).name == "snakemake" for arg in args)
 
 
-def workflow_process() -> psutil.Process:
-    """The process whose end means the job must end: the nearest ancestor running snakemake,
-    else the parent."""
-    me = psutil.Process()
-    return next((p for p in me.parents() if _is_snakemake(p)), None) or me.parent()
-
-
 def _alive(process: psutil.Process) -> bool:
     # is_running() also compares the start time, so a reused PID does not count as alive.
     try:
@@ -135,14 +128,16 @@ def _alive(process: psutil.Process) -> bool:
 
 
 @contextlib.contextmanager
-def parent_watch(poll_s: float = POLL_S) -> Iterator[None]:
-    """A daemon thread that stops this process (SIGTERM to itself) once the workflow is gone."""
-    process = workflow_process()
-    what = "snakemake" if _is_snakemake(process) else "parent process"
+def parent_watch() -> Iterator[None]:
+    """A daemon thread that stops this process (SIGTERM to itself) once the workflow is gone:
+    the nearest ancestor running snakemake, else the parent."""
+    process = next((p for p in psutil.Process().parents() if _is_snakemake(p)), None)
+    what = "parent process" if process is None else "snakemake"
+    process = process or psutil.Process().parent()
     done = threading.Event()
 
     def watch() -> None:
-        while not done.wait(poll_s):
+        while not done.wait(POLL_S):
             if not _alive(process):
                 log.warning("the workflow that started this job (%s, PID %d) is gone: saving "
                             "state and stopping", what, process.pid)

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import platform
 
 import torch
-
-log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Backbones whose CPU training step is slower in bf16 than in fp32 even with native bf16

@@ -8,11 +8,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import platform
 import random
 from typing import Any
 
 import numpy as np
 import torch
+
+from hybridmim.precision import choose_precision, guard_cpu_bf16_convolutions
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,6 @@ def select_device(dist_info: DistInfo | None = None) -> torch.device:
 def precision_choice(precision: str, device: torch.device, backbone: str | None = None):
     """The precision a job runs in and why (a PrecisionChoice; its .tags() go on the run):
     `auto` → bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, fp32 elsewhere."""
-    from hybridmim.precision import choose_precision
-
     choice = choose_precision(precision, device, backbone=backbone)
     log.info("precision %s (%s)", choice.precision, choice.reason)
     return choice
@@ -97,8 +98,6 @@ def prepare_network(network: torch.nn.Module, device: torch.device, precision: s
     neither made a training step faster for every backbone on the CPUs we have, and
     ``torch.compile`` costs tens of seconds per job, which short jobs never earn back.
     """
-    from hybridmim.precision import guard_cpu_bf16_convolutions
-
     spec = spec or {}
     guarded = guard_cpu_bf16_convolutions(network, device, precision)
     if guarded:
@@ -142,6 +141,4 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
