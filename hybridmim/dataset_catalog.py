@@ -41,8 +41,7 @@ MRI_PRETRAIN_WINDOW = {"kind": "mri_pretrain", "z_min": -3.0, "z_max": 3.0, "b_m
 
 def validate_window(window: Any, where: str = "window") -> dict:
     """Return a checked copy of ``window`` (its bounds as floats); raise ValueError naming
-    ``where`` and the bad key. The keys of each kind are in workflow/schemas/job_common.schema.yaml
-    ($defs/window), which the job spec schemas use too."""
+    ``where`` and the bad key."""
     problem = schema_problem(window, "job_common#/$defs/window")
     if problem:
         raise ValueError(f"{where}: {problem}")

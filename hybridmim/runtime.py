@@ -73,8 +73,7 @@ def select_device(dist_info: DistInfo | None = None) -> torch.device:
 
 
 def precision_choice(precision: str, device: torch.device, backbone: str | None = None):
-    """The precision a job runs in and why (a PrecisionChoice; its .tags() go on the run):
-    `auto` → bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, fp32 elsewhere."""
+    """``choose_precision``, with the choice and its reason logged."""
     choice = choose_precision(precision, device, backbone=backbone)
     log.info("precision %s (%s)", choice.precision, choice.reason)
     return choice

@@ -1,11 +1,6 @@
-"""What the pretraining and fine-tuning loops share, so each keeps only its own step.
-
-``TrainingLoop`` holds the step counter and everything around the step: resuming from the full
-training state (nnU-Net style: model, optimizer, scheduler, scaler, step and MLflow run id, plus
-what the job adds: RNG states, history, best metric, ...) in ``state/latest.pt``; the checkpoint
-and logging cadence (every N steps and at the last step); the progress line with ETA; the job's
-MLflow run, continued on resume; and the graceful stop. pretrain/train.py adds masking and the
-HybridMIM losses, finetune/train.py the segmentation step, validation and the best model.
+"""What the pretraining and fine-tuning loops share, so each keeps only its own step:
+pretrain/train.py adds masking and the HybridMIM losses, finetune/train.py the segmentation step,
+validation and the best model. The resume state's layout is in docs/contracts.md.
 
 Graceful stop: SLURM sends SIGTERM (or USR1) before it kills a preempted job. The loop finishes
 the step, saves its state and exits with ``PREEMPTED_EXIT_CODE``, so Snakemake marks the job
