@@ -249,14 +249,12 @@ ACQUISITION_KEYS = {"registry", "num_cases", "num_test", "seed", "manual_path"}
 CONFIG_BLOCK_KEYS = BLOCK_KEYS | ACQUISITION_KEYS
 
 
-def get_dataset(name: str, overrides: Mapping[str, Any] | None = None) -> DatasetSpec:
-    """The registry entry ``name``, with ``overrides`` (same keys as a config block) applied."""
+def get_dataset(name: str) -> DatasetSpec:
     if name not in REGISTRY:
         raise DatasetConfigError(
             f"unknown dataset {name!r}: built-in datasets are {sorted(REGISTRY)}; declare your own "
             f"with a config block (modality, labels, folder) read by dataset_from_config")
-    spec = REGISTRY[name]
-    return _apply_block(spec, name, overrides) if overrides else spec
+    return REGISTRY[name]
 
 
 def dataset_from_config(name: str, block: Mapping[str, Any]) -> DatasetSpec:
@@ -264,7 +262,7 @@ def dataset_from_config(name: str, block: Mapping[str, Any]) -> DatasetSpec:
     with 0 = background) and ``folder`` (canonical MSD layout) or ``source``. A block whose name
     is a registry entry overrides that entry instead."""
     if name in REGISTRY:
-        return get_dataset(name, block)
+        return _apply_block(REGISTRY[name], name, block) if block else REGISTRY[name]
     _check_keys(name, block)
     missing = [key for key in ("modality", "labels") if key not in block]
     if "folder" not in block and "source" not in block:
