@@ -49,9 +49,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def check_consistency(config: dict) -> None:
     """Cross-key checks the schema cannot express; each error names the offending key."""
-    datasets = set(config["datasets"])
-    for name in sorted(datasets):
-        dataset_spec(config, name)  # a bad block (e.g. a typo in a key) fails before any job runs
+    # A bad dataset block (e.g. a typo in a key) fails before any job runs.
+    datasets = {name: dataset_spec(config, name) for name in sorted(config["datasets"])}
     backbones = set(config["backbones"])
     pre = config["pretraining"]
     for corpus, block in pre["corpora"].items():
@@ -70,7 +69,7 @@ def check_consistency(config: dict) -> None:
             _check_declared(f"{where}.backbones (inits {pretrained} are pretrained)",
                             block["backbones"], pre["backbones"], "pretraining.backbones")
             for ds in block["datasets"]:
-                modality = dataset_spec(config, ds).modality
+                modality = datasets[ds].modality
                 corpus = ft["pretrained_corpus"].get(modality)
                 if corpus not in pre["corpora"]:
                     raise ConfigError(f"finetuning.pretrained_corpus.{modality} is {corpus!r}, "
