@@ -81,6 +81,7 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
     if not enabled:
         yield NullRun()
         return
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     from hybridmim.tracking.store import init_store, resolve_tracking_uri
@@ -110,8 +111,6 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
         run_id = run.info.run_id
         catalog.log_datasets(client, run_id, list(data_dirs), tags,
                              "training" if stage in catalog.TRAINING_STAGES else "evaluation")
-        from mlflow.entities import Param
-
         # log_batch splits the params into batches of MLflow's size limit itself.
         client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(spec).items()])
         client.log_dict(run_id, spec, "spec.json")
