@@ -59,14 +59,13 @@ def postprocessing(meta: dict[str, Any], segmentation: bool) -> list[dict[str, A
             "separate_folder": False, "squeeze_end_dims": True, "print_log": True}
     if not segmentation:  # a pretrained backbone reconstructs the (windowed) image
         return [invert, {**save, "output_dtype": "$numpy.float32"}]
-    steps: list[dict[str, Any]] = []
     if meta.get("regions"):
-        steps += [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}, invert,
-                  {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}]
+        steps = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}, invert,
+                 {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}]
     else:
         values = label_values(meta["labels"])
-        steps += [{"_target_": "Activationsd", "keys": "pred", "softmax": True}, invert,
-                  {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
+        steps = [{"_target_": "Activationsd", "keys": "pred", "softmax": True}, invert,
+                 {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
         if values != list(range(len(values))):  # class index → label value (BraTS 3 → 4)
             steps.append({"_target_": "MapLabelValued", "keys": "pred",
                           "orig_labels": list(range(len(values))), "target_labels": values})
@@ -113,10 +112,11 @@ def _evaluation_metrics(run_id: str | None, tracking_uri: str | None) -> dict[st
     try:
         from mlflow.tracking import MlflowClient
 
-        from hybridmim.tracking.store import resolve_tracking_uri
+        from hybridmim.tracking.store import resolve_tracking_uri, sqlite_path
 
         uri = resolve_tracking_uri(tracking_uri)
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        db = sqlite_path(uri)
+        if db is not None and not db.is_file():
             return {}  # no store here: do not create an empty one just to look
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("evaluate")
