@@ -144,7 +144,6 @@ def metadata(loaded: LoadedModel, meta: dict[str, Any], segmentation: bool,
 
     from hybridmim import __version__
 
-    source = loaded.source
     channels, outputs = loaded.channels_in_out()
     names = meta.get("channel_names") or [meta.get("modality") or "image"] * channels
     crop = int(meta["crop"])
@@ -171,7 +170,7 @@ def metadata(loaded: LoadedModel, meta: dict[str, Any], segmentation: bool,
     return {
         "schema": META_SCHEMA,
         "version": "0.1.0",
-        "changelog": {"0.1.0": f"exported by hybridmim {__version__} from {source}"},
+        "changelog": {"0.1.0": f"exported by hybridmim {__version__} from {loaded.source}"},
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": numpy.__version__,
@@ -187,7 +186,7 @@ def metadata(loaded: LoadedModel, meta: dict[str, Any], segmentation: bool,
         "image_classes": f"{channels} channel(s): {', '.join(names)}",
         "label_classes": class_def,
         "pred_classes": class_def,
-        "eval_metrics": evaluation.get("metrics", {}) if evaluation else {},
+        "eval_metrics": evaluation.get("metrics", {}),
         "intended_use": "Research reproduction only; not for clinical use.",
         "network_data_format": {
             "inputs": {"image": {
@@ -203,7 +202,7 @@ def metadata(loaded: LoadedModel, meta: dict[str, Any], segmentation: bool,
                 "channel_def": class_def}}},
         "hybridmim": {**{key: meta.get(key) for key in ("stage", "labels", "regions", "window",
                                                         "preprocess", "spacing")},
-                      "training": training, "metrics": metrics, "exported_from": source},
+                      "training": training, "metrics": metrics, "exported_from": loaded.source},
     }
 
 
