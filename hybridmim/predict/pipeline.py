@@ -205,8 +205,7 @@ class CasePredictor:
                                regions=bool(self.regions))
         affine = np.asarray(data["image"].affine, dtype=float)
         spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
-        data["pred"] = MetaTensor(probs, meta=dict(data["image"].meta))
-        data["pred"].applied_operations = list(data["image"].applied_operations)
+        data["pred"] = MetaTensor(probs)  # Invertd gives it the image's meta and transform trace
         inverted = Invertd(keys="pred", transform=transforms, orig_keys="image",
                            nearest_interp=False)(data)["pred"]
         original = inverted.as_tensor().float()
