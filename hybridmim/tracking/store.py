@@ -39,8 +39,6 @@ DEFAULT_TRACKING_URI = "sqlite:///results/mlflow/mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "results/mlflow/artifacts"
 STAGES = ("pretrain", "finetune", "evaluate")
 _SQLITE_PREFIX = "sqlite:///"
-
-
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 
