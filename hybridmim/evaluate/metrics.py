@@ -1,9 +1,9 @@
 """Segmentation metrics: Dice and HD95 (millimetres) per class, per case, and their aggregates.
 
-Both metrics come from MONAI (``DiceMetric``, ``compute_hausdorff_distance`` with percentile 95 and
-the voxel spacing). Empty-class conventions follow MONAI's defaults, which are what the MONAI
-research-contributions BTCV validation (the source of the public reference Dice numbers we compare
-against) uses — ``DiceMetric(ignore_empty=True)`` with ``get_not_nans`` aggregation:
+Both come from MONAI (``DiceMetric``; ``compute_hausdorff_distance`` at percentile 95 with the
+voxel spacing). Empty classes follow MONAI's defaults, as the MONAI research-contributions BTCV
+validation does (the source of the public reference Dice numbers we compare against):
+``DiceMetric(ignore_empty=True)`` with ``get_not_nans`` aggregation:
 
 =========================  ========  ========  ==============================================
 ground truth / prediction  Dice      HD95      in the class mean?
@@ -13,13 +13,11 @@ GT non-empty, pred empty   0         NaN       Dice yes; HD95 no (counted: ``hd9
 GT empty (pred any)        NaN       NaN       no (counted: ``gt_empty``)
 =========================  ========  ========  ==============================================
 
-(The BTCV *test script* of that repository scores an absent organ as Dice 0 instead; we follow
-the DiceMetric convention because the published numbers come from it.) A missed structure still
-costs Dice; its HD95 is undefined — there is no surface to measure from — so it is recorded as NaN
-rather than invented, and the number of such cases is reported next to the mean.
-
-Aggregation: the value of a class is the mean over the cases where it is defined; the ``mean``
-is the mean over classes of those class values (the "mean" column of a per-class table).
+(That repository's BTCV *test script* scores an absent organ as Dice 0 instead; the published
+numbers come from DiceMetric's convention.) A missed structure costs Dice; its HD95 is undefined
+(no surface to measure from), so it is NaN rather than invented, counted next to the mean.
+Aggregation: a class's value is the mean over the cases where it is defined; ``mean`` is the mean
+of the class values (the "mean" column of a per-class table).
 """
 from __future__ import annotations
 
@@ -70,12 +68,9 @@ def foreground_masks(prediction: torch.Tensor, truth: torch.Tensor, regions: boo
 
 def case_metrics(prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float],
                  names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Dice and HD95 (mm) of one case.
-
-    ``prediction`` and ``truth`` are binary (K, X, Y, Z) masks, one channel per evaluated
-    structure (no background); ``spacing`` is the voxel size in mm along X, Y, Z.
-    Returns ``{name: {"dice", "hd95", "gt_empty", "pred_empty"}}`` with NaN where undefined.
-    """
+    """Dice and HD95 (mm) of one case as ``{name: {"dice", "hd95", "gt_empty", "pred_empty"}}``,
+    NaN where undefined. ``prediction`` and ``truth`` are binary (K, X, Y, Z) masks, one channel
+    per evaluated structure (no background); ``spacing`` is the voxel size in mm along X, Y, Z."""
     if prediction.shape != truth.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and ground truth "
                          f"{tuple(truth.shape)} differ in shape")

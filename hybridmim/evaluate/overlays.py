@@ -56,8 +56,6 @@ def save_overlay_figure(rows: list[dict], names: Sequence[str], path: str | os.P
 
     from hybridmim.atomic import atomic_path
 
-    if not rows:
-        raise ValueError("no cases to draw an overlay figure for")
     colours = plt.get_cmap("tab20").colors
     cmap = ListedColormap([colours[k % len(colours)] for k in range(len(names))])
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)

@@ -172,8 +172,7 @@ def model_recipe(meta: dict[str, Any], dataset: dict[str, Any], model: str) -> d
     """The preprocessing the model was trained with; the dataset's must be the same one."""
     # The cache records the recipe as applied (a config's "median" spacing resolved to numbers).
     dataset_recipe = recorded_preprocess(dataset["processed_dir"]) or dataset.get("preprocess")
-    recipe = meta.get("preprocess") or dataset_recipe
-    checked = check_preprocess(recipe, model)
+    checked = check_preprocess(meta.get("preprocess") or dataset_recipe, model)
     if meta.get("preprocess") and dataset_recipe:
         wanted = check_preprocess(dataset_recipe, "evaluate spec dataset")
         if wanted != checked:

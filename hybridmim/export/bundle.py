@@ -59,14 +59,13 @@ def postprocessing(meta: dict[str, Any], segmentation: bool) -> list[dict[str, A
             "separate_folder": False, "squeeze_end_dims": True, "print_log": True}
     if not segmentation:  # a pretrained backbone reconstructs the (windowed) image
         return [invert, {**save, "output_dtype": "$numpy.float32"}]
-    steps: list[dict[str, Any]] = []
     if meta.get("regions"):
-        steps += [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}, invert,
-                  {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}]
+        steps = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}, invert,
+                 {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}]
     else:
         values = label_values(meta["labels"])
-        steps += [{"_target_": "Activationsd", "keys": "pred", "softmax": True}, invert,
-                  {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
+        steps = [{"_target_": "Activationsd", "keys": "pred", "softmax": True}, invert,
+                 {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
         if values != list(range(len(values))):  # class index → label value (BraTS 3 → 4)
             steps.append({"_target_": "MapLabelValued", "keys": "pred",
                           "orig_labels": list(range(len(values))), "target_labels": values})
@@ -113,10 +112,11 @@ def _evaluation_metrics(run_id: str | None, tracking_uri: str | None) -> dict[st
     try:
         from mlflow.tracking import MlflowClient
 
-        from hybridmim.tracking.store import resolve_tracking_uri
+        from hybridmim.tracking.store import resolve_tracking_uri, sqlite_path
 
         uri = resolve_tracking_uri(tracking_uri)
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        db = sqlite_path(uri)
+        if db is not None and not db.is_file():
             return {}  # no store here: do not create an empty one just to look
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("evaluate")
@@ -144,7 +144,6 @@ def metadata(loaded: LoadedModel, meta: dict[str, Any], segmentation: bool,
 
     from hybridmim import __version__
 
-    source = loaded.source
     channels, outputs = loaded.channels_in_out()
     names = meta.get("channel_names") or [meta.get("modality") or "image"] * channels
     crop = int(meta["crop"])
@@ -171,7 +170,7 @@ def metadata(loaded: LoadedModel, meta: dict[str, Any], segmentation: bool,
     return {
         "schema": META_SCHEMA,
         "version": "0.1.0",
-        "changelog": {"0.1.0": f"exported by hybridmim {__version__} from {source}"},
+        "changelog": {"0.1.0": f"exported by hybridmim {__version__} from {loaded.source}"},
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": numpy.__version__,
@@ -187,7 +186,7 @@ def metadata(loaded: LoadedModel, meta: dict[str, Any], segmentation: bool,
         "image_classes": f"{channels} channel(s): {', '.join(names)}",
         "label_classes": class_def,
         "pred_classes": class_def,
-        "eval_metrics": evaluation.get("metrics", {}) if evaluation else {},
+        "eval_metrics": evaluation.get("metrics", {}),
         "intended_use": "Research reproduction only; not for clinical use.",
         "network_data_format": {
             "inputs": {"image": {
@@ -203,7 +202,7 @@ def metadata(loaded: LoadedModel, meta: dict[str, Any], segmentation: bool,
                 "channel_def": class_def}}},
         "hybridmim": {**{key: meta.get(key) for key in ("stage", "labels", "regions", "window",
                                                         "preprocess", "spacing")},
-                      "training": training, "metrics": metrics, "exported_from": source},
+                      "training": training, "metrics": metrics, "exported_from": loaded.source},
     }
 
 

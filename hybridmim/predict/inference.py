@@ -32,13 +32,10 @@ def predict_volume(network: torch.nn.Module, image: torch.Tensor, crop: int,
                    overlap: float = 0.5, sw_batch_size: int = 4,
                    device: torch.device | str = "cpu", precision: str = "fp32",
                    regions: bool = False) -> torch.Tensor:
-    """Class probabilities (K, X, Y, Z) on the CPU for one image (C, X, Y, Z).
-
-    Windows are ``crop``³ (the training crop); volumes smaller than a window are padded by MONAI
-    and the output is cropped back, so the output always has the image's spatial shape. Logits are
-    blended first and turned into probabilities afterwards (softmax for label maps, sigmoid for
-    overlapping regions), as MONAI's reference pipelines do. The caller sets ``network.eval()``.
-    """
+    """Class probabilities (K, X, Y, Z) on the CPU for one image (C, X, Y, Z), of its shape even
+    when smaller than the ``crop``³ windows (the training crop; MONAI pads and crops back). Logits
+    are blended first and turned into probabilities afterwards (softmax for label maps, sigmoid
+    for overlapping regions), as MONAI's reference pipelines do. The caller sets eval mode."""
     if image.ndim != 4:
         raise ValueError(f"predict_volume expects an image of shape (C, X, Y, Z), got "
                          f"{tuple(image.shape)}")

@@ -1,13 +1,12 @@
 """One image as it came (NIfTI, any orientation and spacing) → a label map on that same grid.
 
-The model's recorded preprocessing (model.pt ``meta["preprocess"]``, the dataset recipe the cache
-was built with) is rebuilt from the same MONAI transforms the preprocessing step uses: channels
-first, reorient, resample, crop to the foreground box, z-score MRI. The fine-tuning intensity
-window follows (hybridmim.data.intensity). After sliding-window inference the class
-probabilities go back through MONAI's ``Invertd`` (un-crop, un-resample bilinearly, un-reorient)
-and only then become labels, as MONAI's reference pipelines do; a label map on the input grid
-results, with the dataset's own label values (regions such as BraTS TC/WT/ET are turned back
-into 0/1/2/4 by ``regions_to_label_values``).
+The model's recorded preprocessing (model.pt ``meta["preprocess"]``, the recipe its cache was
+built with) is rebuilt from the preprocessing step's own MONAI transforms (channels first,
+reorient, resample, crop to the foreground box, z-score MRI), then the fine-tuning intensity
+window (hybridmim.data.intensity). After sliding-window inference the class probabilities go back
+through MONAI's ``Invertd`` (un-crop, un-resample bilinearly, un-reorient) and only then become
+labels, as MONAI's reference pipelines do, in the dataset's own label values (BraTS TC/WT/ET
+regions back to 0/1/2/4 by ``regions_to_label_values``).
 """
 from __future__ import annotations
 
@@ -53,10 +52,9 @@ def recorded_preprocess(processed_dir: str | Path) -> dict[str, Any] | None:
 
 def preprocessing_steps(recipe: Mapping[str, Any], keys: str | list[str] = "image"
                         ) -> list[dict[str, Any]]:
-    """MONAI's invertible transforms for the recipe (same order and arguments as
-    hybridmim.data.prepare.preprocess) as MONAI config entries on the dict ``keys`` ("image" and maybe
-    "label"): `hybridmim export` writes them into the bundle, ``preprocessing_transforms``
-    instantiates them, so the bundle and `hybridmim predict` cannot drift apart."""
+    """The recipe's invertible MONAI transforms (hybridmim.data.prepare.preprocess's order and
+    arguments) as config entries on ``keys`` ("image", maybe "label"). The bundle of `hybridmim
+    export` holds them and `hybridmim predict` instantiates them, so the two cannot drift apart."""
     steps: list[dict[str, Any]] = [
         {"_target_": "Orientationd", "keys": keys, "axcodes": recipe["orientation"],
          "labels": [["L", "R"], ["P", "A"], ["I", "S"]]}]
@@ -207,8 +205,7 @@ class CasePredictor:
                                regions=bool(self.regions))
         affine = np.asarray(data["image"].affine, dtype=float)
         spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
-        data["pred"] = MetaTensor(probs, meta=dict(data["image"].meta))
-        data["pred"].applied_operations = list(data["image"].applied_operations)
+        data["pred"] = MetaTensor(probs)  # Invertd gives it the image's meta and transform trace
         inverted = Invertd(keys="pred", transform=transforms, orig_keys="image",
                            nearest_interp=False)(data)["pred"]
         original = inverted.as_tensor().float()

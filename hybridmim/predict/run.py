@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+
 from hybridmim.data.layout import NIFTI_SUFFIXES, strip_nifti_suffix
-from hybridmim.predict.pipeline import InputError
+from hybridmim.predict.inference import prepare_for_inference
+from hybridmim.predict.models import load_model
+from hybridmim.predict.pipeline import CasePredictor, InputError, check_headers, save_label_map
+from hybridmim.progress import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,6 @@ def predict_inputs(model: str, source: str | Path, out: str | Path,
                    tracking_uri: str | None = None, overlap: float = 0.5,
                    precision: str = "auto") -> list[Path]:
     """Segment every input; return the written label maps ``<out>/<case>.nii.gz``."""
-    from hybridmim.predict.inference import prepare_for_inference
-    from hybridmim.predict.models import load_model
-    from hybridmim.predict.pipeline import CasePredictor, check_headers, save_label_map
-    from hybridmim.progress import StepProgress
-
     loaded = load_model(model, tracking_uri)
     meta = loaded.meta
     if meta.get("stage") != "finetune" or "crop" not in meta:

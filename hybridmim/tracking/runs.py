@@ -81,6 +81,7 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
     if not enabled:
         yield NullRun()
         return
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     from hybridmim.tracking.store import init_store, resolve_tracking_uri
@@ -103,15 +104,12 @@ def tracked_run(stage: str, spec: dict[str, Any], data_dirs: list[str] | tuple[s
             log.warning("MLflow run %s not found in %s; opening a new run", resume_run_id, uri)
     if run_id is None:
         tags = provenance_tags(spec, shash, list(data_dirs), upstream_model, device)
-        tags["mlflow.runName"] = spec.get("run_name", stage)
-        tags["stage"] = stage
-        tags.update(catalog.source_tags(spec, stage, tags))
-        run = client.create_run(experiment_id, tags=tags, run_name=spec.get("run_name"))
+        tags.update(stage=stage, **catalog.source_tags(spec, stage, tags))
+        # MLflow records the run name as the mlflow.runName tag itself.
+        run = client.create_run(experiment_id, tags=tags, run_name=spec.get("run_name", stage))
         run_id = run.info.run_id
         catalog.log_datasets(client, run_id, list(data_dirs), tags,
                              "training" if stage in catalog.TRAINING_STAGES else "evaluation")
-        from mlflow.entities import Param
-
         # log_batch splits the params into batches of MLflow's size limit itself.
         client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(spec).items()])
         client.log_dict(run_id, spec, "spec.json")

@@ -39,8 +39,6 @@ DEFAULT_TRACKING_URI = "sqlite:///results/mlflow/mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "results/mlflow/artifacts"
 STAGES = ("pretrain", "finetune", "evaluate")
 _SQLITE_PREFIX = "sqlite:///"
-
-
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 
@@ -71,9 +69,8 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     uri = (os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI).strip()
     if uri.startswith(_SQLITE_PREFIX):
         path, sep, query = uri[len(_SQLITE_PREFIX):].partition("?")
-        if path and not path.startswith("/") and not path.startswith(":memory:"):
-            path = str(Path(path).absolute())
-            uri = f"{_SQLITE_PREFIX}{path}{sep}{query}"
+        if path and not path.startswith(("/", ":memory:")):
+            uri = f"{_SQLITE_PREFIX}{Path(path).absolute()}{sep}{query}"
     elif "://" not in uri:
         raise StoreError(
             f"tracking URI {uri!r} is a plain path; MLflow 3 no longer accepts a file store. "
