@@ -161,8 +161,8 @@ class _CaseTransforms:
         if data.ndim != 4:
             raise PreprocessError(f"{names}: expected a 3D volume (or 4D with channels last), got "
                                   f"array shape {tuple(data.shape)} after adding the channel axis")
-        if not bool(np.isfinite(data.numpy()).all()):
-            bad = int((~np.isfinite(data.numpy())).sum())
+        bad = int((~np.isfinite(data.numpy())).sum())
+        if bad:
             raise PreprocessError(f"{names}: {bad} voxel(s) are NaN or infinite; fix or drop this "
                                   f"case in the raw dataset")
         return data
@@ -183,8 +183,8 @@ class _CaseTransforms:
             self._check_label(case, image, label)
             data["label"] = label
         data = self.resample(data)
-        labelled_voxels = int((data["label"] > 0).sum()) if labelled else 0
         if labelled:
+            labelled_voxels = int((data["label"] > 0).sum())
             self.foreground.add(data["image"].numpy(), data["label"].numpy())
         out = self.crop(data)
         affine = np.asarray(out["image"].affine, dtype=float)
