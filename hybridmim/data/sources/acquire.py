@@ -164,10 +164,8 @@ def acquire(spec: DatasetSpec, raw_root: str | os.PathLike, downloads_dir: str |
 
         log.info("generating demo dataset %s (%s) into %s", name, source.get("generator", name),
                  raw_dir)
-        out = generate_demo(source.get("generator", name), raw_dir,
-                            num_cases=int(source.get("num_cases", 10)),
-                            num_test=int(source.get("num_test", 2)),
-                            seed=int(source.get("seed", 0)))
+        out = generate_demo(source.get("generator", name), raw_dir, **{
+            key: int(source[key]) for key in ("num_cases", "num_test", "seed") if key in source})
         assert_dataset_ok(out, labels, channels)
         return out
     if kind not in _SOURCES:
