@@ -125,8 +125,7 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
 
 
 def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Iterable[int],
-                  channels: Sequence[str], workers: int = 2,
-                  declared_by: str = "the registry entry") -> list[str]:
+                  channels: Sequence[str], declared_by: str = "the registry entry") -> list[str]:
     """Every problem of the dataset at ``raw_dir``, each prefixed by its case (or dataset.json).
     ``declared_by`` says where the expected labels/channels come from, for the messages."""
     raw_dir = Path(raw_dir)
@@ -166,7 +165,7 @@ def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Ite
     problems += [f"{rel}: present but not listed in dataset.json (remove it or add it to "
                  "dataset.json)" for rel in unlisted_files(raw_dir, listed_files(index))]
     progress = StepProgress(len(cases), "integrity check", every_s=30.0)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool:
         results = pool.map(lambda c: _check_case(raw_dir, c[0], c[1], c[2], label_values,
                                                  num_channels), cases)
         for done, case_problems in enumerate(results, 1):

@@ -305,7 +305,6 @@ def _locate_manual(r: _Request, info: ManualSource | None) -> Path:
 
 
 def _require_folder(folder: Path, name: str) -> None:
-    """A user's dataset folder must exist and be a folder (not the archive it came in)."""
     where = f"datasets.{name}.folder"
     if folder.is_file():
         raise NotADirectoryError(f"{folder} ({where}) is a file, not a folder: extract the "
