@@ -165,7 +165,7 @@ def test_brats_zip_in_downloads_folder_stacked_by_two_workers(tmp_path):
         for path in sorted((tmp_path / "src").rglob("*")):
             zf.write(path, path.relative_to(tmp_path / "src").as_posix())
     raw = acquire(get_dataset("brats2020"), tmp_path / "raw", tmp_path / "downloads",
-                  progress=False, workers=2, converter_options={"expect_all_cases": False})
+                  progress=False, converter_options={"expect_all_cases": False, "workers": 2})
     assert sorted(p.name for p in (raw / "labelsTr").iterdir()) == [
         "BraTS20_Training_005.nii.gz", "BraTS20_Training_006.nii.gz"]
 

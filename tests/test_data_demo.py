@@ -10,10 +10,12 @@ import pytest
 
 from hybridmim.data import demo
 from hybridmim.data.demo import generate_demo
-from hybridmim.data.layout import MSD_INDEX_FIELDS
 
 EXPECTED_LABELS = {"brats": {0, 1, 2, 4}, "btcv": set(range(14)), "liver": {0, 1, 2},
                    "spleen": {0, 1}}
+# Every field of a Decathlon dataset.json (MONAI's DecathlonDataset refuses fewer).
+MSD_INDEX_FIELDS = ("name", "description", "reference", "licence", "tensorImageSize",
+                    "modality", "labels", "numTraining", "numTest", "training", "test")
 
 
 @pytest.fixture(scope="module")

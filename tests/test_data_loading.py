@@ -89,7 +89,8 @@ def test_pretraining_corpus_excludes_val_and_test(cache):
         assert not set(corpus[str(folder)]) & (set(splits["val"]) | set(splits["test"]))
     out, spec = cache["spleen"]
     dataset = PretrainCropDataset([{"processed_dir": str(out), "window": spec.windows["pretrain"],
-                                    "modality": "CT"}], crop=16, crops_per_volume=1)
+                                    "modality": "CT"}], pretraining_cases([str(out)]), crop=16,
+                                  crops_per_volume=1)
     seen = {dataset[i]["case"] for i in range(len(dataset))}
     assert seen == set(load_splits(out)["train"])
 
@@ -129,11 +130,13 @@ def test_windows():
 def test_pretrain_crops_shape_window_and_padding_mask(cache):
     out, spec = cache["spleen"]
     entry = {"processed_dir": out, "window": spec.windows["pretrain"], "modality": "CT"}
-    small = PretrainCropDataset([entry], crop=16, crops_per_volume=3)
+    train = pretraining_cases([out])
+    small = PretrainCropDataset([entry], train, crop=16, crops_per_volume=3)
     item = small[0]
     assert item["image"].shape == (3, 1, 16, 16, 16) and item["valid"].shape == (3, 1, 16, 16, 16)
     assert item["valid"].all() and item["image"].min() >= 0.001 and item["image"].max() <= 1
-    big = PretrainCropDataset([entry], crop=64, crops_per_volume=2)  # volumes are < 64 in x, y
+    # the volumes are smaller than 64 in x and y
+    big = PretrainCropDataset([entry], train, crop=64, crops_per_volume=2)
     item = big[1]
     record = next(c for c in json.loads((out / "dataset.json").read_text())["cases"]
                   if c["case"] == item["case"])
@@ -153,10 +156,11 @@ def test_pretrain_refuses_mixed_channel_counts(cache):
     spleen, brats = cache["spleen"][0], cache["brats"][0]
     with pytest.raises(ValueError, match="mixes channel counts"):
         PretrainCropDataset([{"processed_dir": spleen, "window": CT_PRETRAIN_WINDOW},
-                             {"processed_dir": brats, "window": MRI_PRETRAIN_WINDOW}], crop=16)
+                             {"processed_dir": brats, "window": MRI_PRETRAIN_WINDOW}],
+                            pretraining_cases([spleen, brats]), crop=16)
     with pytest.raises(ValueError, match="preprocessed as CT"):
         PretrainCropDataset([{"processed_dir": spleen, "window": CT_PRETRAIN_WINDOW,
-                              "modality": "MRI"}], crop=16)
+                              "modality": "MRI"}], pretraining_cases([spleen]), crop=16)
     mri = PretrainCropDataset([{"processed_dir": brats, "window": MRI_PRETRAIN_WINDOW}],
                               split_ids={str(brats): ["brats_001"]}, crop=32)
     assert mri[0]["image"].shape == (2, 4, 32, 32, 32)

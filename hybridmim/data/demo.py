@@ -259,8 +259,10 @@ def generate_demo(kind: str, out_dir, num_cases: int = 10, num_test: int = 2,
     out_dir = Path(out_dir)
     parameters = {"kind": kind, "num_cases": num_cases, "num_test": num_test, "seed": seed,
                   "version": GENERATOR_VERSION}
-    if _already_generated(out_dir, parameters):
-        return out_dir
+    index = read_json_or_none(out_dir / "dataset.json")
+    if index and index.get("generator") == parameters and all(
+            (out_dir / path).is_file() for path in listed_files(index)):
+        return out_dir  # already generated with the same arguments
     with atomic_directory(out_dir) as temp:
         for sub in LAYOUT_DIRS:
             (temp / sub).mkdir()
@@ -286,10 +288,3 @@ def generate_demo(kind: str, out_dir, num_cases: int = 10, num_test: int = 2,
         index["generator"] = parameters
         write_json(temp / "dataset.json", index)
     return out_dir
-
-
-def _already_generated(out_dir: Path, parameters: dict) -> bool:
-    index = read_json_or_none(out_dir / "dataset.json")
-    if index is None or index.get("generator") != parameters:
-        return False
-    return all((out_dir / path).is_file() for path in listed_files(index))

@@ -64,7 +64,7 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
     def add(message: str) -> None:
         problems.append(f"{case}: {message}")
 
-    channels: list[np.ndarray] = []
+    num_found = 0  # image channels read so far
     grid: tuple[tuple[int, ...], np.ndarray, str] | None = None  # (spatial shape, affine, file)
     for rel in images:
         array, affine, error = _read(raw_dir, rel)
@@ -81,20 +81,18 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
         elif not np.allclose(affine, grid[1], atol=AFFINE_ATOL):
             add(f"{rel}: affine differs from {grid[2]} (channels not on one grid)")
         for channel in (np.moveaxis(array, 3, 0) if array.ndim == 4 else [array]):
-            where = f"{rel} channel {len(channels)}" if num_channels > 1 else rel
-            if np.issubdtype(channel.dtype, np.floating):
-                bad = int(np.count_nonzero(~np.isfinite(channel)))
-                if bad:
-                    add(f"{where}: {bad} NaN/Inf voxel(s)")
-                    channels.append(channel)
-                    continue
-            if channel.size == 0 or channel.min() == channel.max():
+            where = f"{rel} channel {num_found}" if num_channels > 1 else rel
+            num_found += 1
+            bad = (int(np.count_nonzero(~np.isfinite(channel)))
+                   if np.issubdtype(channel.dtype, np.floating) else 0)
+            if bad:
+                add(f"{where}: {bad} NaN/Inf voxel(s)")
+            elif channel.size == 0 or channel.min() == channel.max():
                 add(f"{where}: image is constant (empty) — value "
                     f"{channel.flat[0] if channel.size else 'n/a'} everywhere")
-            channels.append(channel)
-    if grid is not None and len(channels) != num_channels and not any(
+    if grid is not None and num_found != num_channels and not any(
             "unreadable" in p or "missing" in p for p in problems):
-        add(f"image has {len(channels)} channel(s), the dataset declares {num_channels}")
+        add(f"image has {num_found} channel(s), the dataset declares {num_channels}")
     if label is None:
         return problems
     array, affine, error = _read(raw_dir, label)
@@ -127,8 +125,7 @@ def _check_case(raw_dir: Path, case: str, images: list[str], label: str | None,
 
 
 def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Iterable[int],
-                  channels: Sequence[str], workers: int = 2,
-                  declared_by: str = "the registry entry") -> list[str]:
+                  channels: Sequence[str], declared_by: str = "the registry entry") -> list[str]:
     """Every problem of the dataset at ``raw_dir``, each prefixed by its case (or dataset.json).
     ``declared_by`` says where the expected labels/channels come from, for the messages."""
     raw_dir = Path(raw_dir)
@@ -145,7 +142,7 @@ def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Ite
     missing = [key for key in REQUIRED_INDEX_FIELDS if key not in index]
     if missing:
         problems.append(f"dataset.json: lacks field(s) {missing}")
-    if "training" not in index or not isinstance(index.get("training"), list):
+    if not isinstance(index.get("training"), list):
         return problems + ["dataset.json: no 'training' list"]
     if isinstance(index.get("modality"), dict) and len(index["modality"]) != num_channels:
         problems.append(f"dataset.json: declares {len(index['modality'])} channel(s) "
@@ -168,7 +165,7 @@ def check_dataset(raw_dir: str | os.PathLike, label_map: Mapping[int, str] | Ite
     problems += [f"{rel}: present but not listed in dataset.json (remove it or add it to "
                  "dataset.json)" for rel in unlisted_files(raw_dir, listed_files(index))]
     progress = StepProgress(len(cases), "integrity check", every_s=30.0)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool:
         results = pool.map(lambda c: _check_case(raw_dir, c[0], c[1], c[2], label_values,
                                                  num_channels), cases)
         for done, case_problems in enumerate(results, 1):

@@ -33,8 +33,6 @@ from hybridmim import atomic
 
 # What the code reads; every other MSD field is optional (and what make_index writes).
 REQUIRED_INDEX_FIELDS = ("modality", "labels", "training")
-MSD_INDEX_FIELDS = ("name", "description", "reference", "licence", "tensorImageSize",
-                    "modality", "labels", "numTraining", "numTest", "training", "test")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LAYOUT_DIRS = ("imagesTr", "labelsTr", "imagesTs")
 

@@ -24,7 +24,6 @@ from torch.utils.data import Dataset
 
 from hybridmim.data.intensity import apply_window, resolve_window
 from hybridmim.data.layout import read_processed_index
-from hybridmim.data.prepare.splits import load_splits
 from hybridmim.dataset_catalog import validate_window
 
 
@@ -53,12 +52,11 @@ class PretrainCropDataset(Dataset):
     with the dataset's pretraining window. A volume smaller than the crop along an axis is centred
     and padded with 0 there (``valid`` False).
 
-    ``datasets``: ``[{"processed_dir", "window", "modality"?, "name"?}]``. ``split_ids``: a split
-    name read from each dataset's splits.json (default "train", the only one a pretraining corpus
-    may use), or ``{processed_dir: [ids]}``."""
+    ``datasets``: ``[{"processed_dir", "window", "modality"?, "name"?}]``. ``split_ids``:
+    ``{processed_dir: [ids]}``, e.g. the training cases from ``splits.pretraining_cases``."""
 
-    def __init__(self, datasets: Sequence[Mapping], split_ids="train", crop: int = 96,
-                 crops_per_volume: int = 2):
+    def __init__(self, datasets: Sequence[Mapping], split_ids: Mapping[str, Sequence[str]],
+                 crop: int = 96, crops_per_volume: int = 2):
         self.crop = (int(crop),) * 3
         self.crops_per_volume = int(crops_per_volume)
         self.items: list[tuple[Path, dict, dict]] = []  # (processed_dir, case record, window)
@@ -72,12 +70,9 @@ class PretrainCropDataset(Dataset):
                                  f"spec says {entry['modality']}")
             window = validate_window(resolve_window(dict(entry["window"]), index),
                                      f"{processed_dir} window")
-            if isinstance(split_ids, str):
-                ids = load_splits(processed_dir)[split_ids]
-            else:
-                ids = split_ids.get(str(entry["processed_dir"]), split_ids.get(processed_dir))
-                if ids is None:
-                    raise KeyError(f"split_ids has no id list for {processed_dir}")
+            ids = split_ids.get(str(entry["processed_dir"]))
+            if ids is None:
+                raise KeyError(f"split_ids has no id list for {processed_dir}")
             channel_counts[str(processed_dir)] = len(index["channels"])
             self.items += [(processed_dir, record, window)
                            for record in _records(processed_dir, index, ids)]

@@ -20,6 +20,7 @@ import torch
 
 from hybridmim.data.intensity import apply_window
 from hybridmim.data.layout import read_processed_index
+from hybridmim.data.loading import labels_to_regions
 from hybridmim.dataset_catalog import validate_window
 from hybridmim.predict.inference import predict_volume
 
@@ -154,8 +155,7 @@ def masks_from_label_values(label: torch.Tensor, labels: Mapping[str, str],
     background: one per foreground label, or one per region."""
     label = label.reshape(label.shape[-3:]).long()
     if regions:
-        return torch.stack([torch.isin(label, torch.as_tensor([int(v) for v in vals]))
-                            for vals in regions.values()])
+        return labels_to_regions(label, regions).bool()
     values = [v for v in label_values(labels) if v != 0]
     unknown = sorted(set(torch.unique(label).tolist()) - set(values) - {0})
     if unknown:

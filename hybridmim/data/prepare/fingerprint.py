@@ -39,14 +39,14 @@ def resolve_spacing(spec: DatasetSpec, image_paths: Sequence[Path]) -> tuple[Dat
             readable.append(ras_spacing(path))
         except Exception:  # nibabel raises many types; the case's own load names the file later
             continue
+    fingerprint = {"modality": spec.modality, "num_cases": len(image_paths)}
     if not readable:
-        return spec, {"modality": spec.modality, "num_cases": len(image_paths)}
+        return spec, fingerprint
     spacings = np.array(readable)
     median = tuple(round(float(s), 4) for s in np.median(spacings, axis=0))
-    fingerprint = {"modality": spec.modality, "num_cases": len(image_paths),
-                   "median_spacing": list(median),
-                   "spacing_min": [round(float(s), 4) for s in spacings.min(axis=0)],
-                   "spacing_max": [round(float(s), 4) for s in spacings.max(axis=0)]}
+    fingerprint.update(median_spacing=list(median),
+                       spacing_min=[round(float(s), 4) for s in spacings.min(axis=0)],
+                       spacing_max=[round(float(s), 4) for s in spacings.max(axis=0)])
     if spec.preprocess.spacing == MEDIAN_SPACING:
         spec = dataclasses.replace(spec, preprocess=dataclasses.replace(spec.preprocess,
                                                                         spacing=median))

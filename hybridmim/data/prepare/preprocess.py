@@ -135,25 +135,21 @@ class _CaseTransforms:
         self.threshold = threshold = recipe.foreground_threshold
         self.loader = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")
 
-        def resample(keys: list[str]) -> Compose:
-            # Explicit axis labels: NIfTI world space is RAS+, whatever MONAI's default becomes.
-            steps = [Orientationd(keys=keys, axcodes=recipe.orientation,
-                                  labels=(("L", "R"), ("P", "A"), ("I", "S")))]
-            if recipe.spacing is not None:
-                steps.append(Spacingd(keys=keys, pixdim=recipe.spacing,
-                                      mode=["bilinear", "nearest"][: len(keys)]))
-            return Compose(steps)
-
-        def crop(keys: list[str]) -> Compose:
-            steps = [CropForegroundd(keys=keys, source_key="image",
-                                     select_fn=lambda x: x > threshold, allow_smaller=True)
-                     ] if recipe.crop_foreground else []
-            if recipe.normalize == "zscore_nonzero_channelwise":
-                steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
-            return Compose(steps)
-
-        self.stages = {True: (resample(["image", "label"]), crop(["image", "label"])),
-                       False: (resample(["image"]), crop(["image"]))}
+        # An unlabelled case has no "label" key: the transforms skip it (allow_missing_keys).
+        keys = ["image", "label"]
+        # Explicit axis labels: NIfTI world space is RAS+, whatever MONAI's default becomes.
+        resample = [Orientationd(keys=keys, axcodes=recipe.orientation,
+                                 labels=(("L", "R"), ("P", "A"), ("I", "S")),
+                                 allow_missing_keys=True)]
+        if recipe.spacing is not None:
+            resample.append(Spacingd(keys=keys, pixdim=recipe.spacing,
+                                     mode=["bilinear", "nearest"], allow_missing_keys=True))
+        crop = [CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x > threshold,
+                                allow_smaller=True, allow_missing_keys=True)
+                ] if recipe.crop_foreground else []
+        if recipe.normalize == "zscore_nonzero_channelwise":
+            crop.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
+        self.resample, self.crop = Compose(resample), Compose(crop)
 
     def _load(self, paths):
         names = ", ".join(str(p) for p in paths)
@@ -165,8 +161,8 @@ class _CaseTransforms:
         if data.ndim != 4:
             raise PreprocessError(f"{names}: expected a 3D volume (or 4D with channels last), got "
                                   f"array shape {tuple(data.shape)} after adding the channel axis")
-        if not bool(np.isfinite(data.numpy()).all()):
-            bad = int((~np.isfinite(data.numpy())).sum())
+        bad = int((~np.isfinite(data.numpy())).sum())
+        if bad:
             raise PreprocessError(f"{names}: {bad} voxel(s) are NaN or infinite; fix or drop this "
                                   f"case in the raw dataset")
         return data
@@ -186,12 +182,11 @@ class _CaseTransforms:
             label = self._load((case.label,))
             self._check_label(case, image, label)
             data["label"] = label
-        resample, crop = self.stages[labelled]
-        data = resample(data)
-        labelled_voxels = int((data["label"] > 0).sum()) if labelled else 0
+        data = self.resample(data)
         if labelled:
+            labelled_voxels = int((data["label"] > 0).sum())
             self.foreground.add(data["image"].numpy(), data["label"].numpy())
-        out = crop(data)
+        out = self.crop(data)
         affine = np.asarray(out["image"].affine, dtype=float)
         spacing = [round(float(s), 6) for s in np.linalg.norm(affine[:3, :3], axis=0)]
         image_array = out["image"].numpy().astype(np.float32)

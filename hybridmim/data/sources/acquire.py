@@ -126,14 +126,14 @@ def _folder_identity(folder: Path) -> dict:
 
 def acquire(spec: DatasetSpec, raw_root: str | os.PathLike, downloads_dir: str | os.PathLike,
             manual_paths: Mapping[str, str | os.PathLike] | None = None, *, progress: bool = True,
-            workers: int = 1, converter_options: Mapping[str, Any] | None = None,
+            converter_options: Mapping[str, Any] | None = None,
             environ: Mapping[str, str] | None = None) -> Path:
     """Make ``raw_root/<name>`` hold the dataset of registry entry ``spec``; return its path.
 
     ``manual_paths`` maps dataset names to a manually downloaded archive or extracted folder.
-    ``converter_options`` go to the converter (e.g. ``expect_all_cases=False`` for a subset);
-    ``workers``: processes for BraTS channel stacking. ``environ`` (default ``os.environ``) is
-    where ``SYNAPSE_AUTH_TOKEN`` (and, for a private mirror, ``SYNAPSE_REPO_ENDPOINT``) are read.
+    ``converter_options`` go to the converter (e.g. ``expect_all_cases=False`` for a subset,
+    ``workers`` for BraTS channel stacking). ``environ`` (default ``os.environ``) is where
+    ``SYNAPSE_AUTH_TOKEN`` (and, for a private mirror, ``SYNAPSE_REPO_ENDPOINT``) are read.
     """
     name, labels, channels = spec.name, spec.labels, spec.channels
     source = dict(spec.source or {})
@@ -164,10 +164,8 @@ def acquire(spec: DatasetSpec, raw_root: str | os.PathLike, downloads_dir: str |
 
         log.info("generating demo dataset %s (%s) into %s", name, source.get("generator", name),
                  raw_dir)
-        out = generate_demo(source.get("generator", name), raw_dir,
-                            num_cases=int(source.get("num_cases", 10)),
-                            num_test=int(source.get("num_test", 2)),
-                            seed=int(source.get("seed", 0)))
+        out = generate_demo(source.get("generator", name), raw_dir, **{
+            key: int(source[key]) for key in ("num_cases", "num_test", "seed") if key in source})
         assert_dataset_ok(out, labels, channels)
         return out
     if kind not in _SOURCES:
@@ -175,7 +173,7 @@ def acquire(spec: DatasetSpec, raw_root: str | os.PathLike, downloads_dir: str |
                          "manual, folder or generated)")
     located = _SOURCES[kind](_Request(
         name, source, raw_dir, downloads, manual, previous.get("source") if previous else None,
-        progress, workers, dict(converter_options or {}),
+        progress, dict(converter_options or {}),
         os.environ if environ is None else environ))
 
     marker = {"format": MARKER_FORMAT, "dataset": name, "source_kind": kind,
@@ -205,7 +203,6 @@ class _Request:
     manual: Path | None
     previous: dict | None  # the source identity the last acquisition recorded
     progress: bool
-    workers: int
     converter_options: dict
     environ: Mapping[str, str]
 
@@ -254,10 +251,8 @@ def _from_manual(r: _Request) -> _Located:
     """An archive or folder behind a registration (BTCV, BraTS): in the downloads folder, at the
     manual path, or (BTCV) fetched from Synapse with the user's token."""
     info = MANUAL_SOURCES.get(r.name)
-    converter_name = r.source.get("converter", r.name)
-    options = {"workers": r.workers} if converter_name == "brats2020" else {}
-    convert = functools.partial(get_converter(converter_name),
-                                **{**options, **r.converter_options})
+    convert = functools.partial(get_converter(r.source.get("converter", r.name)),
+                                **r.converter_options)
     location = _locate_manual(r, info)
     if location.is_dir():
         return _Located(location, _folder_identity(location), convert)
@@ -307,7 +302,6 @@ def _locate_manual(r: _Request, info: ManualSource | None) -> Path:
 
 
 def _require_folder(folder: Path, name: str) -> None:
-    """A user's dataset folder must exist and be a folder (not the archive it came in)."""
     where = f"datasets.{name}.folder"
     if folder.is_file():
         raise NotADirectoryError(f"{folder} ({where}) is a file, not a folder: extract the "

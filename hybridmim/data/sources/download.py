@@ -66,7 +66,6 @@ def _human(n: float) -> str:
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
-    return f"{n} B"
 
 
 def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:

@@ -51,7 +51,7 @@ def _safe_relative(name: str, archive: Path) -> PurePosixPath:
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
-def _tar_member_filter(archive: Path, counter: list[int]):
+def _tar_member_filter(archive: Path):
     """The standard library's ``data`` filter (no escape from the target, no device/FIFO, sane
     modes), with the refusals of zip members: absolute names (it would strip the ``/``), any
     ``..``, and links of any kind (the datasets have none; a link can redirect a later write)."""
@@ -70,22 +70,18 @@ def _tar_member_filter(archive: Path, counter: list[int]):
                                      "other special file; refusing to extract it.") from None
         except tarfile.FilterError as err:
             raise UnsafeArchiveError(f"{archive}: member {member.name!r} refused: {err}") from None
-        counter[0] += checked.isfile()
         return checked
     return check
 
 
-def _extract_tar(archive: Path, into: Path) -> int:
-    counter = [0]
+def _extract_tar(archive: Path, into: Path) -> None:
     # Stream mode ("r|*"): one sequential pass, any compression, no seeking back through a
     # multi-GB gzip stream; the filter checks each member before its bytes are written.
     with tarfile.open(archive, mode="r|*") as tar:
-        tar.extractall(into, filter=_tar_member_filter(archive, counter))
-    return counter[0]
+        tar.extractall(into, filter=_tar_member_filter(archive))
 
 
-def _extract_zip(archive: Path, into: Path) -> int:
-    count = 0
+def _extract_zip(archive: Path, into: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         # like tar members, each is checked before its bytes are written into the temporary folder
         for info in zf.infolist():
@@ -104,8 +100,6 @@ def _extract_zip(archive: Path, into: Path) -> int:
             # reading to the end checks the member's CRC
             with zf.open(info) as source, open(into / rel, "wb") as out:
                 shutil.copyfileobj(source, out, _COPY_BUFFER)
-            count += 1
-    return count
 
 
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -139,7 +133,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     with atomic_directory(target) as temp:
         log.info("Extracting %s into %s", archive, target)
         try:
-            count = extractor(archive, temp)
+            extractor(archive, temp)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError,
                 OSError) as err:
             if isinstance(err, OSError) and not _looks_like_corruption(err):
@@ -148,6 +142,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
                 f"{archive} is truncated or corrupt ({type(err).__name__}: {err}); nothing was "
                 "extracted. Delete it and download it again (a manual download may have been "
                 "interrupted).") from None
+        count = sum(path.is_file() for path in temp.rglob("*"))
         (temp / COMPLETE_MARKER).write_text(json.dumps(record))
     log.info("Extracted %d files from %s", count, archive.name)
     return target
