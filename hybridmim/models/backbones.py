@@ -67,7 +67,7 @@ def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
 
 def encoder_stride(backbone: dict[str, Any]) -> int:
     """Total downsampling of the encoder: 8 (unet), 32 (swinunetr), 16 (unetr)."""
-    return _ENCODER_STRIDE[resolve_backbone(backbone)["name"]]
+    return _ENCODER_STRIDE[backbone["name"]]
 
 
 def network_kwargs(backbone: dict[str, Any], out_channels: int, crop: int) -> tuple[str, dict]:
@@ -149,9 +149,8 @@ def encoder_dropout(backbone: dict[str, Any]) -> dict[str, float]:
     return {k: spec[k] for k in _ENCODER_DROPOUT_KEYS[spec["name"]]}
 
 
-def bottleneck_channels(backbone: dict[str, Any]) -> int:
-    """Channels of the encoder output the region and projection heads read."""
-    spec = resolve_backbone(backbone)
+def bottleneck_channels(spec: dict[str, Any]) -> int:
+    """Channels of the encoder output the region and projection heads read (resolved backbone)."""
     if spec["name"] == "unet":
         return spec["filters"][-1]
     if spec["name"] == "swinunetr":
