@@ -134,12 +134,6 @@ class FinetuneJob:
                 yield epoch, batch
             epoch += 1
 
-    def target(self, label: torch.Tensor) -> torch.Tensor:
-        """The loss target: class indices (N, 1, ...) or region channels (N, R, ...), as float."""
-        if not self.regions:  # region channels come one per region (labels_to_regions)
-            check_class_indices(label, self.out_channels)
-        return label.float()
-
     # ---- validation ---------------------------------------------------------------------------
     def validate(self, network: torch.nn.Module, val_dataset) -> dict[str, float]:
         """Mean Dice per class over the validation cases (sliding window, Gaussian blending)."""
@@ -216,11 +210,15 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
             extras["epoch"], batch = next(stream)
             # Items hold several crops of one volume: (B, N, C, ...) → a batch of B*N crops.
             image = batch["image"].flatten(0, 1).to(job.device, non_blocking=True)
-            target = job.target(batch["label"].flatten(0, 1).to(job.device, non_blocking=True))
+            # The target: class indices (N, 1, ...) or region channels (N, R, ...), one per region
+            # (labels_to_regions), so only class indices need a range check.
+            target = batch["label"].flatten(0, 1).to(job.device, non_blocking=True)
+            if not job.regions:
+                check_class_indices(target, job.out_channels)
             with runtime.autocast(job.device, job.precision):
                 logits = forward(image)
             # The loss (softmax/sigmoid, Dice ratios) runs in fp32 for stability.
-            loss = loss_fn(logits.float(), target)
+            loss = loss_fn(logits.float(), target.float())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {loop.step}; lower "
                                          "optim.lr or use precision fp32/bf16")
