@@ -24,6 +24,9 @@ from hybridmim.variants import VariantError, resolve_variants
 
 DATA_DIR = "data"
 RESULTS_DIR = "results"
+# The SimMIM-style baseline is defined, not configured: L_PR only (pretrain_spec writes it into
+# the spec, hybridmim.pretrain.spec refuses any other weights under that kind).
+SIMMIM_WEIGHTS = {"pr": 1.0, "num": 0.0, "loc": 0.0, "con": 0.0, "cl": 0.0}
 
 
 class ConfigError(ValueError):
@@ -262,9 +265,9 @@ def pretrain_spec(config: dict, backbone: str, method: str, corpus: str) -> dict
     block, geometry = method_block(config, method)
     meth = {"name": method, **block}
     if meth["kind"] == "simmim":
-        # The SimMIM-style baseline is defined, not configured: full reconstruction, L_PR only.
+        # Full reconstruction, L_PR only.
         meth["box"] = "full"
-        meth["loss_weights"] = {"pr": 1.0, "num": 0.0, "loc": 0.0, "con": 0.0, "cl": 0.0}
+        meth["loss_weights"] = dict(SIMMIM_WEIGHTS)
     optim = {**pre["optim"], **(config["backbones"][backbone].get("pretrain_optim") or {})}
     datasets = []
     for name in pre["corpora"][corpus]["datasets"]:

@@ -35,14 +35,6 @@ from hybridmim.training_loop import TrainingLoop, optimisation, optimiser_step
 
 log = logging.getLogger(__name__)
 
-def check_finetune_spec(spec: dict[str, Any]) -> None:
-    """Fail before any work with a message naming the bad key (the keys, types and ranges are in
-    workflow/schemas/finetune_spec.schema.yaml; here the checks between keys)."""
-    check_spec(spec, "finetune")
-    if spec["init"]["name"] != "scratch" and not spec["init"].get("checkpoint"):
-        raise ValueError(f"init.name is {spec['init']['name']!r} but init.checkpoint is empty; "
-                         "point it at a pretrained model.pt or use init.name 'scratch'")
-
 
 def dataset_spacing(processed_dir: str | Path) -> list[float] | None:
     """Voxel spacing of the preprocessed data (the recipe's target spacing, else the first
@@ -76,7 +68,12 @@ class FinetuneJob:
     """Everything one fine-tuning job needs, built from its spec."""
 
     def __init__(self, spec: dict[str, Any]):
-        check_finetune_spec(spec)
+        # Fail before any work, naming the bad key: the schema checks keys, types and ranges,
+        # this the one check between keys.
+        check_spec(spec, "finetune")
+        if spec["init"]["name"] != "scratch" and not spec["init"].get("checkpoint"):
+            raise ValueError(f"init.name is {spec['init']['name']!r} but init.checkpoint is "
+                             "empty; point it at a pretrained model.pt or use init.name 'scratch'")
         self.spec = spec
         self.spec_hash = compute_spec_hash(spec)
         self.out = Path(spec["out"])
@@ -137,17 +134,14 @@ class FinetuneJob:
                 yield epoch, batch
             epoch += 1
 
-    def target(self, label: torch.Tensor) -> torch.Tensor:
-        """The loss target: class indices (N, 1, ...) or region channels (N, R, ...), as float."""
-        if not self.regions:  # region channels come one per region (labels_to_regions)
-            check_class_indices(label, self.out_channels)
-        return label.float()
-
     # ---- validation ---------------------------------------------------------------------------
     def validate(self, network: torch.nn.Module, val_dataset) -> dict[str, float]:
         """Mean Dice per class over the validation cases (sliding window, Gaussian blending)."""
+        from monai.metrics import DiceMetric
+
+        # HD95 is not needed to pick the best checkpoint; Dice alone keeps validation cheap.
+        dice_metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
         network.eval()
-        per_case = []
         for index in range(len(val_dataset)):
             item = val_dataset[index]
             probs = predict_volume(network, torch.as_tensor(item["image"]), self.crop,
@@ -157,20 +151,13 @@ class FinetuneJob:
             truth = ground_truth_masks(torch.as_tensor(item["label"]), self.out_channels,
                                        bool(self.regions))
             pred, truth = foreground_masks(pred, truth, bool(self.regions))
-            # HD95 is not needed to pick the best checkpoint; Dice alone keeps validation cheap.
-            per_case.append(_dice_only(pred, truth, self.names))
+            dice_metric(pred.unsqueeze(0).float(), truth.unsqueeze(0).float())
         network.train()
-        dice = {name: nanmean([case[name] for case in per_case]) for name in self.names}
+        per_case = dice_metric.aggregate()  # (cases, classes)
+        dice = {name: nanmean([float(v) for v in per_case[:, i]])
+                for i, name in enumerate(self.names)}
         return {**{f"val_dice_{metric_key(n)}": v for n, v in dice.items()},
                 "val_dice_mean": nanmean(list(dice.values()))}
-
-
-def _dice_only(pred, truth, names) -> dict[str, float]:
-    from monai.metrics import DiceMetric
-
-    values = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(
-        pred.unsqueeze(0).float(), truth.unsqueeze(0).float())[0]
-    return {name: float(values[i]) for i, name in enumerate(names)}
 
 
 @guarded_job
@@ -223,11 +210,15 @@ def run_finetuning(spec: dict[str, Any]) -> dict[str, Any]:
             extras["epoch"], batch = next(stream)
             # Items hold several crops of one volume: (B, N, C, ...) → a batch of B*N crops.
             image = batch["image"].flatten(0, 1).to(job.device, non_blocking=True)
-            target = job.target(batch["label"].flatten(0, 1).to(job.device, non_blocking=True))
+            # The target: class indices (N, 1, ...) or region channels (N, R, ...), one per region
+            # (labels_to_regions), so only class indices need a range check.
+            target = batch["label"].flatten(0, 1).to(job.device, non_blocking=True)
+            if not job.regions:
+                check_class_indices(target, job.out_channels)
             with runtime.autocast(job.device, job.precision):
                 logits = forward(image)
             # The loss (softmax/sigmoid, Dice ratios) runs in fp32 for stability.
-            loss = loss_fn(logits.float(), target)
+            loss = loss_fn(logits.float(), target.float())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {loop.step}; lower "
                                          "optim.lr or use precision fp32/bf16")
@@ -254,10 +245,9 @@ def _validate_and_keep_best(job: FinetuneJob, loop: TrainingLoop, run, network, 
     run.log_metrics(scores, loop.step)
     extras["history"].append({"step": loop.step, **scores})
     # A NaN mean (no validation case holds any structure) still yields a best.pt.
-    score = scores["val_dice_mean"]
-    if (score if not math.isnan(score) else -0.5) > extras["best"]["val_dice_mean"]:
-        extras["best"] = {"val_dice_mean": score if not math.isnan(score) else -0.5,
-                          "step": loop.step}
+    score = -0.5 if math.isnan(scores["val_dice_mean"]) else scores["val_dice_mean"]
+    if score > extras["best"]["val_dice_mean"]:
+        extras["best"] = {"val_dice_mean": score, "step": loop.step}
         # The network's own weights (``network`` may be a compiled wrapper of it).
         checkpoints.save_state(job.state_dir, {"model": loop.objects["model"].state_dict(),
                                                "step": loop.step, "scores": scores},

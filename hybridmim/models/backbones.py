@@ -67,7 +67,7 @@ def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
 
 def encoder_stride(backbone: dict[str, Any]) -> int:
     """Total downsampling of the encoder: 8 (unet), 32 (swinunetr), 16 (unetr)."""
-    return _ENCODER_STRIDE[resolve_backbone(backbone)["name"]]
+    return _ENCODER_STRIDE[backbone["name"]]
 
 
 def network_kwargs(backbone: dict[str, Any], out_channels: int, crop: int) -> tuple[str, dict]:
@@ -119,21 +119,15 @@ def build_segmentation_network(backbone: dict[str, Any], out_channels: int,
     network = import_class(class_path)(**kwargs)
     if backbone["name"] == "unet":
         place_unet_dropout(network)
-    freeze_unused_parameters(network)
-    return network, class_path, kwargs
-
-
-def freeze_unused_parameters(network: nn.Module) -> None:
-    """Mark parameters the stock forward never uses as not trainable.
-
-    MONAI's TransformerBlock (UNETR's ViT) always creates `norm_cross_attn` but uses it only with
-    cross-attention, which UNETR never enables. Left trainable, these parameters get no gradient
-    and DistributedDataParallel fails unless `find_unused_parameters=True` (slower); frozen, DDP
-    ignores them. The state dict is unchanged, so model files are unaffected.
-    """
+    # Freeze the parameters the stock forward never uses: MONAI's TransformerBlock (UNETR's ViT)
+    # always creates `norm_cross_attn` but uses it only with cross-attention, which UNETR never
+    # enables. Left trainable, they get no gradient and DistributedDataParallel fails unless
+    # `find_unused_parameters=True` (slower); frozen, DDP ignores them. The state dict is
+    # unchanged, so model files are unaffected.
     for module in network.modules():
         if hasattr(module, "norm_cross_attn") and not getattr(module, "with_cross_attention", True):
             module.norm_cross_attn.requires_grad_(False)
+    return network, class_path, kwargs
 
 
 # The rates that make two passes of the ENCODER differ (the two views of the contrastive loss).
@@ -149,9 +143,8 @@ def encoder_dropout(backbone: dict[str, Any]) -> dict[str, float]:
     return {k: spec[k] for k in _ENCODER_DROPOUT_KEYS[spec["name"]]}
 
 
-def bottleneck_channels(backbone: dict[str, Any]) -> int:
-    """Channels of the encoder output the region and projection heads read."""
-    spec = resolve_backbone(backbone)
+def bottleneck_channels(spec: dict[str, Any]) -> int:
+    """Channels of the encoder output the region and projection heads read (resolved backbone)."""
     if spec["name"] == "unet":
         return spec["filters"][-1]
     if spec["name"] == "swinunetr":

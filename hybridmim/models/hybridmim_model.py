@@ -1,7 +1,7 @@
 """The pretraining model: a stock MONAI network (reconstruction head) plus the HybridMIM heads.
 
 `forward(x)` returns, for a masked crop x of shape (B, C_in, crop, crop, crop):
-  recon        (B, C_in, *box_shape) logits of the decoder run on the box only
+  recon        (B, C_in, *box size) logits of the decoder run on the box only
   box          tuple of 3 spatial slices in crop voxel coordinates; the loss slices the target
                and the voxel mask with `t[(..., *box)]`
   count_logits (B, N_regions, P_per_region + 1)
@@ -80,23 +80,16 @@ class HybridMIMModel(nn.Module):
         self.box_start = region if box == "partial" else 0
         self.box = (slice(self.box_start, self.crop),) * 3
 
-    @property
-    def box_shape(self) -> tuple[int, int, int]:
-        return (self.crop - self.box_start,) * 3
-
     def heads_record(self) -> dict[str, Any]:
         """The `heads` entry of a published model file (docs/contracts.md)."""
         return {"class": network_class_path(self.heads), "kwargs": dict(self.heads.kwargs),
                 "state_dict": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}}
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def encode(self, x: torch.Tensor) -> EncoderFeatures:
         expected = (self.backbone["in_channels"],) + (self.crop,) * 3
         if x.ndim != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"HybridMIMModel expects input (B, {expected[0]}, {self.crop}, "
                              f"{self.crop}, {self.crop}) (geometry.crop), got {tuple(x.shape)}")
-
-    def encode(self, x: torch.Tensor) -> EncoderFeatures:
-        self._check_input(x)
         return self._encode(self.network, x)
 
     def decode(self, feats: EncoderFeatures) -> torch.Tensor:

@@ -18,17 +18,8 @@ import statistics
 import time
 from typing import Any
 
+import psutil
 import torch
-
-
-def _rss_mb() -> float:
-    """The current resident set size (Linux /proc), MiB."""
-    try:
-        with open("/proc/self/statm") as fh:
-            pages = int(fh.read().split()[1])
-        return pages * resource.getpagesize() / 2**20
-    except OSError:
-        return float("nan")
 
 
 class CostMeter:
@@ -38,7 +29,7 @@ class CostMeter:
         self.device, self.crops_per_step = device, int(crops_per_step)
         self.started = time.perf_counter()
         self.previous_total_s, self.step_seconds = 0.0, []
-        self.baseline_rss_mb = _rss_mb()
+        self.baseline_rss_mb = psutil.Process().memory_info().rss / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 

@@ -10,13 +10,12 @@ import copy
 import logging
 from typing import Any
 
+from hybridmim.config import SIMMIM_WEIGHTS
 from hybridmim.pretrain.losses import DEFAULT_WEIGHTS, LOSS_TERMS
 from hybridmim.pretrain.masking import MaskGeometry
 from hybridmim.spec_schemas import SpecError, check_spec, config_defaults
 
 log = logging.getLogger(__name__)
-
-SIMMIM_WEIGHTS = {"pr": 1.0, "num": 0.0, "loc": 0.0, "con": 0.0, "cl": 0.0}
 
 
 class PretrainSpecError(SpecError):

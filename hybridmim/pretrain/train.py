@@ -111,9 +111,11 @@ class _PretrainJob:
         network: torch.nn.Module = runtime.prepare_network(self.model, self.device,
                                                            self.precision, spec)
         if dist.enabled:
+            # DDP must be told when a switched-off loss leaves a head without gradient.
+            on = self.loss_fn.enabled
             network = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None,
-                find_unused_parameters=self._has_unused_parameters())
+                find_unused_parameters=not (on("loc") and on("cl") and (on("num") or on("con"))))
         self.stepper = PretrainStep(
             model=self.model, forward_model=network, loss_fn=self.loss_fn,
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
@@ -123,11 +125,6 @@ class _PretrainJob:
             mask_rows=global_crop_rows(volumes, crops, dist))
 
     # ------------------------------------------------------------------------------------- state
-    def _has_unused_parameters(self) -> bool:
-        """DDP must be told when a switched-off loss leaves a head without gradient."""
-        on = self.loss_fn.enabled
-        return not (on("loc") and on("cl") and (on("num") or on("con")))
-
     def _restore(self, state: dict[str, Any] | None) -> None:
         """The pretraining's own part of the resume state (TrainingLoop restores the rest)."""
         if state is None:
