@@ -14,7 +14,8 @@ from hybridmim.data.layout import make_index, save_nifti, write_json
 from hybridmim.data.prepare.preprocess import (PreprocessError, preprocess_dataset,
                                                preprocessing_recipe)
 from hybridmim.data.prepare.splits import SplitError, load_splits, make_splits
-from hybridmim.dataset_catalog import REGISTRY, DatasetConfigError, dataset_from_config, get_dataset
+from hybridmim.dataset_catalog import (REGISTRY, DatasetConfigError, dataset_from_config,
+                                       get_dataset)
 from hybridmim.hashing import spec_hash
 
 from conftest import REAL_CT  # noqa: E402
@@ -43,14 +44,14 @@ def test_registry_has_real_and_demo_datasets():
 
 @pytest.mark.parametrize("variant, train, test", [("monai", 24, 6), ("transunet", 18, 12)])
 def test_btcv_published_splits(variant, train, test):
-    split = get_dataset("btcv", {"split": variant}).split
+    split = dataset_from_config("btcv", {"split": variant}).split
     assert (len(split.fixed["train"]), len(split.fixed["test"])) == (train, test)
     assert not set(split.fixed["train"]) & set(split.fixed["test"])
     assert "img0035" in split.fixed["test"] and "img0011" not in split.fixed["train"]
 
 
 def test_overrides_and_user_blocks():
-    coarse = get_dataset("msd_spleen", {"spacing": [2, 2, 3], "include_unlabelled": True})
+    coarse = dataset_from_config("msd_spleen", {"spacing": [2, 2, 3], "include_unlabelled": True})
     assert coarse.preprocess.spacing == (2.0, 2.0, 3.0) and coarse.preprocess.include_unlabelled
     assert get_dataset("msd_spleen").preprocess.spacing == (1.5, 1.5, 2.0)  # entry unchanged
     own = dataset_from_config("my_kidneys", {
@@ -71,15 +72,16 @@ def test_overrides_and_user_blocks():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: get_dataset("nope"), "unknown dataset 'nope'"),
-    (lambda: get_dataset("btcv", {"spacingg": [1, 1, 1]}), "'spacingg'"),
-    (lambda: get_dataset("btcv", {"split": "nnunet"}), "unknown split 'nnunet'"),
-    (lambda: get_dataset("btcv", {"spacing": [1, 1]}),
+    (lambda: dataset_from_config("btcv", {"spacingg": [1, 1, 1]}), "'spacingg'"),
+    (lambda: dataset_from_config("btcv", {"split": "nnunet"}), "unknown split 'nnunet'"),
+    (lambda: dataset_from_config("btcv", {"spacing": [1, 1]}),
      r"datasets.btcv.spacing: \[1, 1\] is too short \(Target voxel size: three positive"),
-    (lambda: get_dataset("btcv", {"split": {"kind": "fixed", "train": []}}),
+    (lambda: dataset_from_config("btcv", {"split": {"kind": "fixed", "train": []}}),
      r"datasets.btcv.split.train: \[\] should be non-empty"),
-    (lambda: get_dataset("btcv", {"split": {"kind": "fraction", "train": 0.8, "val": 0.2}}),
+    (lambda: dataset_from_config("btcv", {"split": {"kind": "fraction", "train": 0.8, "val": 0.2}}),
      r"missing \['datasets.btcv.split.test'\]"),
-    (lambda: get_dataset("btcv", {"normalize": "minmax"}), "datasets.btcv.normalize: 'minmax'"),
+    (lambda: dataset_from_config("btcv", {"normalize": "minmax"}),
+     "datasets.btcv.normalize: 'minmax'"),
     (lambda: dataset_from_config("mine", {"modality": "CT", "folder": "/x"}), r"\['labels'\]"),
     (lambda: dataset_from_config("mine", {"modality": "MRI", "lables": {0: "bg"},
                                           "folder": "/x"}),
@@ -92,9 +94,9 @@ def test_overrides_and_user_blocks():
                                           "folder": "/x"}), "modality must be CT or MRI"),
     (lambda: dataset_from_config("mine", {"modality": "CT", "labels": {1: "x"}, "folder": "/x"}),
      "must include 0"),
-    (lambda: get_dataset("btcv", {"windows": {"finetune": {"kind": "ct", "a_min": 0}}}),
+    (lambda: dataset_from_config("btcv", {"windows": {"finetune": {"kind": "ct", "a_min": 0}}}),
      "windows.finetune"),
-    (lambda: get_dataset("btcv", {"split": {"kind": "fraction", "train": 0.5, "val": 0.1,
+    (lambda: dataset_from_config("btcv", {"split": {"kind": "fraction", "train": 0.5, "val": 0.1,
                                             "test": 0.1}}), "sum to 1"),
 ])
 def test_bad_registry_use_names_dataset_and_key(call, message):
@@ -164,7 +166,7 @@ def test_idempotent_and_recipe_or_raw_change_rebuilds(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
     splits = make_splits(out, spec)
-    coarse = get_dataset("demo_spleen", {"spacing": [3.0, 3.0, 4.0]})
+    coarse = dataset_from_config("demo_spleen", {"spacing": [3.0, 3.0, 4.0]})
     preprocess_dataset(raw, out, coarse)
     assert load_splits(out) == splits  # a rebuild keeps the splits
     index = _index(out)
@@ -173,7 +175,7 @@ def test_idempotent_and_recipe_or_raw_change_rebuilds(tmp_path):
     assert np.allclose(index["cases"][0]["spacing"], [3, 3, 4])
     assert max(index["cases"][0]["shape"][1:]) <= 32
 
-    with_test = get_dataset("demo_spleen", {"spacing": [3.0, 3.0, 4.0],
+    with_test = dataset_from_config("demo_spleen", {"spacing": [3.0, 3.0, 4.0],
                                             "include_unlabelled": True})
     preprocess_dataset(raw, out, with_test)
     assert [c["label"] for c in _index(out)["cases"]][-1] is None
