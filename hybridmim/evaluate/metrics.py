@@ -66,6 +66,12 @@ def foreground_masks(prediction: torch.Tensor, truth: torch.Tensor, regions: boo
     return prediction[1:].bool(), truth[1:].bool()
 
 
+def dice_metric() -> DiceMetric:
+    """Per-case, per-class Dice with the convention above; validation and the test set share it,
+    so the checkpoint is chosen by the same Dice the evaluation reports."""
+    return DiceMetric(include_background=True, reduction="none", ignore_empty=True)
+
+
 def case_metrics(prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float],
                  names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Dice and HD95 (mm) of one case as ``{name: {"dice", "hd95", "gt_empty", "pred_empty"}}``,
@@ -81,7 +87,7 @@ def case_metrics(prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequenc
         raise ValueError(f"spacing {list(spacing)} must have one value per spatial axis")
     y_pred = prediction.unsqueeze(0).float()
     y = truth.unsqueeze(0).float()
-    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(y_pred, y)[0]
+    dice = dice_metric()(y_pred, y)[0]
     with warnings.catch_warnings():
         # MONAI warns for every empty mask; the table above says what we do with them.
         warnings.simplefilter("ignore")

@@ -24,8 +24,8 @@ from monai.losses import DiceCELoss
 
 from hybridmim import checkpoints, runtime
 from hybridmim.data.layout import read_processed_index
-from hybridmim.evaluate.metrics import (check_class_indices, class_names, foreground_masks,
-                                        ground_truth_masks, metric_key, nanmean)
+from hybridmim.evaluate.metrics import (check_class_indices, class_names, dice_metric,
+                                        foreground_masks, ground_truth_masks, metric_key, nanmean)
 from hybridmim.hashing import spec_hash as compute_spec_hash
 from hybridmim.jobguard import guarded_job
 from hybridmim.runtime import prepare_network
@@ -137,10 +137,8 @@ class FinetuneJob:
     # ---- validation ---------------------------------------------------------------------------
     def validate(self, network: torch.nn.Module, val_dataset) -> dict[str, float]:
         """Mean Dice per class over the validation cases (sliding window, Gaussian blending)."""
-        from monai.metrics import DiceMetric
-
         # HD95 is not needed to pick the best checkpoint; Dice alone keeps validation cheap.
-        dice_metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
+        validation_dice = dice_metric()
         network.eval()
         for index in range(len(val_dataset)):
             item = val_dataset[index]
@@ -151,9 +149,9 @@ class FinetuneJob:
             truth = ground_truth_masks(torch.as_tensor(item["label"]), self.out_channels,
                                        bool(self.regions))
             pred, truth = foreground_masks(pred, truth, bool(self.regions))
-            dice_metric(pred.unsqueeze(0).float(), truth.unsqueeze(0).float())
+            validation_dice(pred.unsqueeze(0).float(), truth.unsqueeze(0).float())
         network.train()
-        per_case = dice_metric.aggregate()  # (cases, classes)
+        per_case = validation_dice.aggregate()  # (cases, classes)
         dice = {name: nanmean([float(v) for v in per_case[:, i]])
                 for i, name in enumerate(self.names)}
         return {**{f"val_dice_{metric_key(n)}": v for n, v in dice.items()},
